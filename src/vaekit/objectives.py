@@ -1,0 +1,56 @@
+"""Likelihoods and bounds, as pure tensor functions.
+
+Every function returns one value per example ([B], in nats); callers sum or average. The
+ELBO's two parts are kept apart: distortion = -log p(x|z), rate = KL(q(z|x) || p(z)).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def log_normal_pdf(sample: torch.Tensor, mean, logvar) -> torch.Tensor:
+    """log N(sample; mean, exp(logvar)) summed over the last dim: [B,D] -> [B]. The seed's formula."""
+    mean = torch.as_tensor(mean, dtype=sample.dtype, device=sample.device)
+    logvar = torch.as_tensor(logvar, dtype=sample.dtype, device=sample.device)
+    return torch.sum(-0.5 * ((sample - mean) ** 2 * torch.exp(-logvar) + logvar + LOG_2PI), dim=-1)
+
+
+def bernoulli_log_likelihood(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """log p(x|z) for binary x [B,...] under Bernoulli(sigmoid(logits)), summed per example -> [B]."""
+    ce = F.binary_cross_entropy_with_logits(logits.float(), x.float(), reduction="none")
+    return -ce.flatten(1).sum(dim=1)
+
+
+def analytic_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, I)) in closed form: [B,D] -> [B]."""
+    return 0.5 * torch.sum(mean.pow(2) + logvar.exp() - 1.0 - logvar, dim=-1)
+
+
+def single_sample_elbo(x, logits, z, mean, logvar) -> torch.Tensor:
+    """The seed's `compute_loss` estimator, per example [B]:
+    log p(x|z) + log p(z) - log q(z|x) with one z ~ q(z|x). Its batch mean, negated, is the loss."""
+    return bernoulli_log_likelihood(x, logits) + log_normal_pdf(z, 0.0, 0.0) - log_normal_pdf(z, mean, logvar)
+
+
+def analytic_elbo_terms(x, logits, mean, logvar) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distortion, rate) per example [B]: -log p(x|z) with one z ~ q, and the closed-form KL."""
+    return -bernoulli_log_likelihood(x, logits), analytic_kl(mean, logvar)
+
+
+def importance_weights(x, logits, z, mean, logvar) -> torch.Tensor:
+    """log w = log p(x|z) + log p(z) - log q(z|x) for K draws per example.
+
+    x [B,...]; logits [K,B,...]; z, mean, logvar broadcastable to [K,B,D]. Returns [K,B]."""
+    k = logits.shape[0]
+    log_px_z = bernoulli_log_likelihood(x.expand(k, *x.shape).flatten(0, 1), logits.flatten(0, 1)).view(k, -1)
+    return log_px_z + log_normal_pdf(z, 0.0, 0.0) - log_normal_pdf(z, mean, logvar)
+
+
+def iwae_bound(log_w: torch.Tensor) -> torch.Tensor:
+    """log (1/K) sum_k w_k from log weights [K,B] -> [B], stable through logsumexp."""
+    return torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0])

@@ -1,0 +1,81 @@
+"""The real `vaekit` entry point, end to end, in a subprocess, on the shipped MNIST sample."""
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from conftest import cli_env
+
+
+def vaekit(*args, check=True):
+    result = subprocess.run([sys.executable, "-m", "vaekit", *map(str, args)], capture_output=True, text=True,
+                            env=cli_env(), timeout=300)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    from conftest import SAMPLE
+
+    run = tmp_path_factory.mktemp("cli") / "run"
+    result = vaekit("train", "--data-dir", SAMPLE, "--epochs", "2", "--lr", "1e-3", "--device", "cpu",
+                    "--out", run)
+    return run, result
+
+
+def test_train_prints_the_seed_lines_and_writes_every_file(trained_run):
+    run, result = trained_run
+    lines = [line for line in result.stdout.splitlines() if line.startswith("Epoch: ")]
+    assert len(lines) == 2 and lines[0].startswith("Epoch: 1, Test set ELBO: -")
+    assert "time elapse for current epoch" in lines[0]
+    for name in ["config.json", "metrics.jsonl", "fixed_z.safetensors", "training.gif", "checkpoints/latest",
+                 "images/image_at_epoch_0000.png", "images/image_at_epoch_0002.png"]:
+        assert (run / name).is_file(), name
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    grid = Image.open(run / "images" / "image_at_epoch_0002.png")
+    assert grid.mode == "L" and grid.width == grid.height          # the seed's 4x4 grid
+    gif = Image.open(run / "training.gif")
+    assert gif.n_frames >= 2
+
+
+def test_generation_commands_write_pngs(trained_run):
+    run, _ = trained_run
+    out = vaekit("sample", run, "--n", "100", "--device", "cpu").stdout.strip()
+    assert Image.open(out).size == (4 * (10 * 30 + 2),) * 2      # 10x10 cells of 28+2 px, enlarged 4x
+    rec = vaekit("reconstruct", run, "--n", "8", "--device", "cpu").stdout.strip()
+    assert Image.open(rec).size == (4 * (8 * 30 + 2), 4 * (2 * 30 + 2))   # 4 pairs a row, 2 rows
+    (run / "training.gif").unlink()
+    assert vaekit("gif", run).stdout.strip().endswith("training.gif")
+    assert (run / "training.gif").is_file()
+
+
+def test_resume_via_cli_extends_the_run(trained_run, tmp_path):
+    import shutil
+
+    run, _ = trained_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    vaekit("train", "--resume", copy, "--epochs", "3")
+    assert [json.loads(line)["epoch"] for line in (copy / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sample", "{tmp}"], "not a vaekit run directory"),
+    (["train", "--out", "{run}", "--epochs", "1"], "already exists"),
+    (["train", "--latent-dim", "0", "--out", "{tmp}/x"], "latent_dim"),
+    (["train", "--epochs", "-1", "--out", "{tmp}/x"], "epochs"),
+    (["train", "--binarization", "fuzzy", "--out", "{tmp}/x"], "binarization"),
+    (["train", "--resume", "{run}", "--latent-dim", "3"], "only --epochs"),
+    (["sample", "{run}", "--n", "0"], "--n"),
+])
+def test_bad_input_gets_one_line(trained_run, tmp_path, args, message):
+    run, _ = trained_run
+    result = vaekit(*[a.format(tmp=tmp_path, run=run) for a in args], check=False)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("vaekit: error: ")
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
