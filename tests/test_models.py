@@ -52,3 +52,57 @@ def test_reparameterize_is_seeded_and_matches_moments():
 def test_latent_dim_zero_is_refused():
     with pytest.raises(ValueError, match="latent_dim"):
         ConvVAEConfig(latent_dim=0)
+
+
+@pytest.mark.parametrize("stride, padding, output_padding, size", [(2, 1, 1, 7), (2, 0, 0, 14), (1, 1, 0, 28)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fast_transposed_conv_matches_autograd(stride, padding, output_padding, size, channels_last):
+    """layers.ConvTranspose2d computes its backward with ordinary convolutions: same values."""
+    from vaekit.models.layers import ConvTranspose2d
+
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    ref = torch.nn.ConvTranspose2d(8, 4, 3, stride=stride, padding=padding, output_padding=output_padding).double()
+    fast = ConvTranspose2d(8, 4, 3, stride=stride, padding=padding, output_padding=output_padding).double()
+    fast.load_state_dict(ref.state_dict())
+    ref, fast = ref.to(memory_format=fmt), fast.to(memory_format=fmt)
+    x = torch.randn(3, 8, size, size, dtype=torch.float64).to(memory_format=fmt)
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    g = torch.randn_like(ref(xr))
+    ref(xr).backward(g)
+    fast(xf).backward(g)
+    torch.testing.assert_close(fast(x), ref(x))
+    torch.testing.assert_close(xf.grad, xr.grad)
+    torch.testing.assert_close(fast.weight.grad, ref.weight.grad)
+    torch.testing.assert_close(fast.bias.grad, ref.bias.grad)
+
+
+def test_fast_transposed_conv_under_bf16_autocast():
+    """Under autocast it computes in bf16 like nn.ConvTranspose2d and returns fp32 parameter grads."""
+    from vaekit.models.layers import ConvTranspose2d
+
+    torch.manual_seed(0)
+    ref = torch.nn.ConvTranspose2d(16, 8, 3, stride=2, padding=1, output_padding=1)
+    fast = ConvTranspose2d(16, 8, 3, stride=2, padding=1, output_padding=1)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 16, 7, 7)
+    outs = []
+    for layer in (ref, fast):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        assert y.dtype == torch.bfloat16
+        y.float().square().sum().backward()
+        assert layer.weight.grad.dtype == torch.float32
+        outs.append((y, layer.weight.grad, layer.bias.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_flatten_follows_tf_nhwc_order():
+    from vaekit.models.layers import FlattenHWC, UnflattenHWC
+
+    x = torch.arange(2 * 3 * 2 * 2.0).view(2, 3, 2, 2)
+    flat = FlattenHWC()(x)
+    assert flat[0, :3].tolist() == x[0, :, 0, 0].tolist()     # channels vary fastest, as in NHWC
+    torch.testing.assert_close(UnflattenHWC(3, 2, 2)(flat), x)
+    assert UnflattenHWC(3, 2, 2)(flat).is_contiguous(memory_format=torch.channels_last)

@@ -253,4 +253,4 @@ def load_model(path: str | Path, device: str = "auto"):
         first = str(e).strip().splitlines()[0]
         raise RunError(f"the weights in {run.path} do not fit its config.json ({first}); "
                        "the checkpoint belongs to another model") from None
-    return model.to(runtime.device).eval(), config, runtime
+    return model.to(runtime.device, memory_format=torch.channels_last).eval(), config, runtime

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .layers import ConvTranspose2d, FlattenHWC, UnflattenHWC
+
 
 @dataclass
 class ConvVAEConfig:
@@ -40,7 +42,7 @@ class UpConvReLU(nn.Module):
         super().__init__()
         self.tf_padding = tf_padding
         pad = 0 if tf_padding else 1
-        self.conv = nn.ConvTranspose2d(in_ch, out_ch, 3, stride=2, padding=pad, output_padding=pad)
+        self.conv = ConvTranspose2d(in_ch, out_ch, 3, stride=2, padding=pad, output_padding=pad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)                 # [B,out,2H+1,2W+1] with tf_padding, else [B,out,2H,2W]
@@ -57,15 +59,15 @@ class ConvVAE(nn.Module):
         self.encoder = nn.Sequential(
             nn.Conv2d(c, 32, 3, stride=2), nn.ReLU(),
             nn.Conv2d(32, 64, 3, stride=2), nn.ReLU(),
-            nn.Flatten(),
+            FlattenHWC(),                                   # TF's NHWC order
             nn.Linear(64 * 6 * 6, 2 * latent),
         )
         self.decoder = nn.Sequential(
             nn.Linear(latent, 7 * 7 * 32), nn.ReLU(),
-            nn.Unflatten(1, (32, 7, 7)),
+            UnflattenHWC(32, 7, 7),                         # Keras Reshape((7, 7, 32))
             UpConvReLU(32, 64, config.tf_padding),          # [B,64,14,14]
             UpConvReLU(64, 32, config.tf_padding),          # [B,32,28,28]
-            nn.ConvTranspose2d(32, c, 3, stride=1, padding=1),  # no activation: logits
+            ConvTranspose2d(32, c, 3, stride=1, padding=1),  # no activation: logits
         )
         self._keras_init()
 
