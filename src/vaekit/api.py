@@ -1,21 +1,46 @@
 """Task-level functions over run directories: what the CLI calls, one function per command."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from .config import ConfigError
-from .data import dataset_info, fetch, load_splits
-from .generate import interleave, reconstruct, sample
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .config import BINARIZATIONS, ConfigError
+from .data import dataset_info, fetch, load_splits, preprocess
+from .evaluate import evaluate, inpainting_log_likelihood
+from .generate import (INPAINT_METHODS, MASKS, PATHS, apply_attribute, attribute_vector, inpaint, interleave,
+                       interpolate, manifold, mean_image, posterior, project_2d, rate_per_dim, reconstruct,
+                       region_mask, sample, traverse)
 from .runs import Run, load_model
 from .train import train
-from .viz import gif_from_pngs, save_grid
+from .viz import gif_from_pngs, grid_image, save_gif, save_grid, scatter_image
 
-__all__ = ["train", "fetch", "dataset_info", "sample_to_png", "reconstruct_to_png", "make_gif"]
+__all__ = ["train", "fetch", "dataset_info", "sample_to_png", "reconstruct_to_png", "make_gif", "evaluate_run",
+           "interpolate_to_png", "traverse_to_png", "attribute_to_png", "inpaint_to_png", "latent_map_to_png"]
 
 
 def _positive(name: str, value: int) -> None:
     if value < 1:
         raise ConfigError(f"--{name} must be at least 1, got {value}")
+
+
+def _open(run: str | Path, device: str, data_dir: str | Path | None):
+    """(model, config, runtime, splits): a run's model on its device and its dataset in memory."""
+    model, config, rt = load_model(run, device)
+    return model, config, rt, load_splits(config.data.dataset, data_dir or config.data.data_dir)
+
+
+def _check_index(flag: str, index: int, n: int) -> None:
+    if not 0 <= index < n:
+        raise ConfigError(f"{flag} {index} is out of range: the test set has {n} images (0..{n - 1})")
+
+
+def _ping_pong(frames: list) -> list:
+    """frames 0..n-1 then back n-2..1, so a looping GIF runs smoothly forth and back."""
+    return frames + frames[-2:0:-1]
 
 
 def sample_to_png(run: str | Path, n: int = 100, seed: int = 0, out: str | Path | None = None,
@@ -31,8 +56,8 @@ def reconstruct_to_png(run: str | Path, n: int = 16, seed: int = 0, out: str | P
                        data_dir: str | Path | None = None, device: str = "auto") -> Path:
     """The first `n` test images beside their decodes (z ~ q(z|x)); returns the PNG's path."""
     _positive("n", n)
-    model, config, rt = load_model(run, device)
-    test = load_splits(config.data.dataset, data_dir or config.data.data_dir).test
+    model, config, rt, splits = _open(run, device, data_dir)
+    test = splits.test
     if n > len(test):
         raise ConfigError(f"--n {n} is more than the {len(test)} test images")
     x, decoded = reconstruct(model, test.images[:n].to(rt.device), config.data.binarization, rt.generator(seed))
@@ -48,3 +73,147 @@ def make_gif(run: str | Path) -> Path:
     if not pngs:
         raise ConfigError(f"{r.images} holds no image_at_epoch_*.png; train the run first")
     return gif_from_pngs(pngs, r.gif_path)
+
+
+def evaluate_run(run: str | Path, k: int = 5000, binarization: str | None = None, seed: int = 0,
+                 batch_size: int = 2000, data_dir: str | Path | None = None, device: str = "auto") -> dict:
+    """`vaekit eval`: test ELBO (rate, distortion), IWAE bound with `k` draws, active units, over the
+    whole test set binarised as `binarization` (default: as the run was trained). The record is
+    also kept in RUN/eval.json under its binarization, one entry per protocol; returns it."""
+    _positive("k", k)
+    _positive("batch-size", batch_size)
+    if binarization is not None and binarization not in BINARIZATIONS:
+        raise ConfigError(f"--binarization must be one of {', '.join(BINARIZATIONS)}; got {binarization!r}")
+    model, config, rt, splits = _open(run, device, data_dir)
+    binarization = binarization or config.data.binarization
+    result = evaluate(model, splits.test.images.to(rt.device), binarization, rt, k, batch_size, seed)
+    path = Path(run) / "eval.json"
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    saved[binarization] = result
+    path.write_text(json.dumps(saved, indent=1) + "\n")
+    return result
+
+
+def interpolate_to_png(run: str | Path, index: tuple[int, int] = (0, 1), steps: int = 10, gif: bool = False,
+                       seed: int = 0, out: str | Path | None = None, data_dir: str | Path | None = None,
+                       device: str = "auto") -> list[Path]:
+    """Two rows, the linear and the spherical path between test images index[0] and index[1], each
+    framed by the two binary originals; with `gif`, an animation of both paths beside the PNG."""
+    _positive("steps", steps)
+    model, config, rt, splits = _open(run, device, data_dir)
+    for i in index:
+        _check_index("--index", i, len(splits.test))
+    images = splits.test.images[list(index)].to(rt.device)
+    ends = preprocess(images, config.data.binarization, rt.generator(seed))
+    paths = [interpolate(model, images, steps, p, config.data.binarization, rt.generator(seed)) for p in PATHS]
+    rows = torch.cat([torch.cat([ends[:1], path, ends[1:]]) for path in paths])
+    png = save_grid(rows, out or Path(run) / "samples" / f"interpolate_{index[0]}_{index[1]}.png", nrow=steps + 2)
+    if not gif:
+        return [png]
+    frames = [grid_image(torch.stack([p[t] for p in paths]), nrow=len(paths)) for t in range(steps)]
+    return [png, save_gif(_ping_pong(frames), png.with_suffix(".gif"))]
+
+
+def traverse_to_png(run: str | Path, index: int = 0, dims: int = 8, steps: int = 9, seed: int = 0,
+                    out: str | Path | None = None, data_dir: str | Path | None = None,
+                    device: str = "auto") -> list[Path]:
+    """One row per latent dimension, the `dims` with the most KL over the test set first: test image
+    `index` decoded with that dimension set to -3..3 (`steps` values). A PNG and a GIF."""
+    _positive("dims", dims)
+    _positive("steps", steps)
+    model, config, rt, splits = _open(run, device, data_dir)
+    _check_index("--index", index, len(splits.test))
+    if dims > model.latent_dim:
+        raise ConfigError(f"--dims {dims} is more than the model's {model.latent_dim} latent dimensions")
+    gen = rt.generator(seed)
+    test = splits.test.images.to(rt.device)
+    mean, logvar = posterior(model, preprocess(test, config.data.binarization, gen))
+    ranked = rate_per_dim(mean, logvar).argsort(descending=True)[:dims].tolist()
+    values = torch.linspace(-3, 3, steps)
+    _, images = traverse(model, test[index:index + 1], ranked, values, config.data.binarization, gen)
+    png = save_grid(images.flatten(0, 1), out or Path(run) / "samples" / f"traverse_{index}.png", nrow=steps)
+    frames = [grid_image(images[:, s], nrow=dims) for s in range(steps)]
+    return [png, save_gif(_ping_pong(frames), png.with_suffix(".gif"))]
+
+
+def attribute_to_png(run: str | Path, to: int, from_: int | None = None, n: int = 8, strength: float = 2.0,
+                     steps: int = 7, seed: int = 0, out: str | Path | None = None,
+                     data_dir: str | Path | None = None, device: str = "auto") -> Path:
+    """Morphs the first `n` test images labelled `from_` (or, without it, not labelled `to`) toward
+    `to`: their posterior means plus s times the attribute vector (class means over the training
+    set), s = 0..strength in `steps`. One row per image: the binary original, then the sweep."""
+    _positive("n", n)
+    _positive("steps", steps)
+    model, config, rt, splits = _open(run, device, data_dir)
+    labels = set(splits.train.labels.tolist())
+    for flag, label in (("--to", to), ("--from", from_)):
+        if label is not None and label not in labels:
+            raise ConfigError(f"{flag} {label} is not a label of {config.data.dataset}; "
+                              f"its labels are {', '.join(map(str, sorted(labels)))}")
+    if from_ == to:
+        raise ConfigError(f"--from and --to are both {to}; give two different labels")
+    gen = rt.generator(seed)
+    b = config.data.binarization
+    train_codes = posterior(model, preprocess(splits.train.images.to(rt.device), b, gen))[0]
+    vector = attribute_vector(train_codes, splits.train.labels.to(rt.device), to, from_)
+    chosen = splits.test.labels == from_ if from_ is not None else splits.test.labels != to
+    x = preprocess(splits.test.images[chosen][:n].to(rt.device), b, gen)
+    morphs = apply_attribute(model, posterior(model, x)[0], vector, torch.linspace(0, strength, steps))
+    grid = torch.cat([x[:, None], morphs], dim=1).flatten(0, 1)
+    name = f"attribute_{'not' if from_ is None else from_}_to_{to}.png"
+    return save_grid(grid, out or Path(run) / "samples" / name, nrow=steps + 1)
+
+
+def _mask(spec: str, shape: tuple[int, int, int]) -> torch.Tensor:
+    """A named region (see generate.MASKS) or a PNG of the image's size, white = missing -> bool [C,H,W]."""
+    if spec in MASKS:
+        return region_mask(spec, shape)
+    try:
+        img = Image.open(spec).convert("L")
+    except (OSError, UnidentifiedImageError):
+        raise ConfigError(f"--mask {spec!r} is neither one of {', '.join(MASKS)} nor a readable PNG file") from None
+    if img.size != (shape[2], shape[1]):
+        raise ConfigError(f"--mask {spec} is {img.width}x{img.height}; the images are {shape[2]}x{shape[1]}")
+    return torch.from_numpy(np.array(img) >= 128).expand(shape)
+
+
+def inpaint_to_png(run: str | Path, mask: str = "centre", n: int = 8, steps: int = 50, chains: int = 4,
+                   method: str = "pseudo-gibbs", score_n: int | None = None, seed: int = 0,
+                   out: str | Path | None = None, data_dir: str | Path | None = None,
+                   device: str = "auto") -> tuple[Path, dict]:
+    """Fills the `mask` region of the first `n` test images (rows: binary original, the input with
+    the missing pixels grey, the completion) and scores the first `score_n` test images (all by
+    default) against the training set's mean image (see evaluate.inpainting_log_likelihood)."""
+    for flag, value in (("n", n), ("steps", steps), ("chains", chains)):
+        _positive(flag, value)
+    if score_n is not None:
+        _positive("score-n", score_n)
+    if method not in INPAINT_METHODS:
+        raise ConfigError(f"--method must be one of {', '.join(INPAINT_METHODS)}; got {method!r}")
+    model, config, rt, splits = _open(run, device, data_dir)
+    test = splits.test.images.to(rt.device)
+    m = _mask(mask, tuple(test.shape[1:])).to(rt.device)
+    b, gen = config.data.binarization, rt.generator(seed)
+    start = mean_image(preprocess(splits.train.images.to(rt.device), b, gen))
+    x, filled, _ = inpaint(model, test[:n], m, steps, chains, method, start, b, gen)
+    rows = torch.cat([x, torch.where(m, 0.5, x), filled])
+    name = f"inpaint_{Path(mask).stem if mask not in MASKS else mask}_{method}.png"
+    png = save_grid(rows, out or Path(run) / "samples" / name, nrow=len(x))
+    scores = inpainting_log_likelihood(model, test[:score_n], m, start, b, rt, steps, chains, method, seed=seed)
+    return png, scores
+
+
+def latent_map_to_png(run: str | Path, n: int = 20, seed: int = 0, out: str | Path | None = None,
+                      data_dir: str | Path | None = None, device: str = "auto") -> list[Path]:
+    """The test set's posterior means as a scatter coloured by label (a PCA projection beyond two
+    dimensions); for a 2-D latent also the decoded manifold, n x n, beside it (`*_manifold.png`)."""
+    _positive("n", n)
+    model, config, rt, splits = _open(run, device, data_dir)
+    x = preprocess(splits.test.images.to(rt.device), config.data.binarization, rt.generator(seed))
+    coords, axes = project_2d(posterior(model, x)[0])
+    png = Path(out or Path(run) / "samples" / "latent_scatter.png")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    scatter_image(coords, splits.test.labels, axes).save(png)
+    if model.latent_dim != 2:
+        return [png]
+    return [png, save_grid(manifold(model, n), png.with_name(png.stem + "_manifold.png"), nrow=n, scale=2)]

@@ -11,6 +11,7 @@ from pathlib import Path
 from . import api
 from .config import Config, ConfigError
 from .data import DataError
+from .evaluate import eval_table
 from .runs import RunError
 
 USER_ERRORS = (ConfigError, DataError, RunError)
@@ -80,6 +81,44 @@ def _cmd_gif(args) -> None:
     print(api.make_gif(args.run))
 
 
+def _cmd_eval(args) -> None:
+    result = api.evaluate_run(args.run, k=args.k, binarization=args.binarization, seed=args.seed,
+                              batch_size=args.batch_size, data_dir=args.data_dir, device=args.device)
+    print(eval_table(result))
+    print(f"saved in {args.run / 'eval.json'}")
+
+
+def _where(args) -> dict:
+    """The flags every generation command shares."""
+    return {"seed": args.seed, "out": args.out, "data_dir": args.data_dir, "device": args.device}
+
+
+def _cmd_interpolate(args) -> None:
+    print(*api.interpolate_to_png(args.run, tuple(args.index), args.steps, args.gif, **_where(args)), sep="\n")
+
+
+def _cmd_traverse(args) -> None:
+    print(*api.traverse_to_png(args.run, args.index, args.dims, args.steps, **_where(args)), sep="\n")
+
+
+def _cmd_attribute(args) -> None:
+    print(api.attribute_to_png(args.run, args.to, args.from_, args.n, args.strength, args.steps, **_where(args)))
+
+
+def _cmd_inpaint(args) -> None:
+    png, s = api.inpaint_to_png(args.run, args.mask, args.n, args.steps, args.chains, args.method, args.score_n,
+                                **_where(args))
+    print(png)
+    print(f"log p(true masked pixels), nats/image over {s['n']} test images, {s['masked_pixels']} masked pixels "
+          f"each ({s['protocol']}; {s['method']}, {s['chains']} chains x {s['steps']} steps): "
+          f"inpainting {s['inpainting']:.2f}, "
+          f"mean-image baseline {s['mean_image_baseline']:.2f}, gain {s['gain']:.2f}")
+
+
+def _cmd_latent(args) -> None:
+    print(*api.latent_map_to_png(args.run, args.n, **_where(args)), sep="\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vaekit", description="Train variational autoencoders on images "
                                      "and generate new ones.")
@@ -112,6 +151,52 @@ def build_parser() -> argparse.ArgumentParser:
     p = run_command("reconstruct", "test images beside their decodes (codes drawn from q(z|x))", _cmd_reconstruct)
     p.add_argument("--n", type=int, default=16, help="how many test images (default 16)")
     p.add_argument("--data-dir", type=Path, help="a folder holding the IDX files, to use instead of fetching")
+
+    def data_command(name: str, help: str, func) -> argparse.ArgumentParser:
+        p = run_command(name, help, func)
+        p.add_argument("--data-dir", type=Path, help="a folder holding the IDX files, to use instead of fetching")
+        return p
+
+    p = sub.add_parser("eval", help="test ELBO (rate, distortion), importance-sampled NLL, active units "
+                       "-> RUN/eval.json")
+    p.add_argument("run", type=Path, metavar="RUN", help="a run directory made by `vaekit train`")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--data-dir", type=Path, help="a folder holding the IDX files, to use instead of fetching")
+    p.set_defaults(func=_cmd_eval)
+    p.add_argument("--k", type=int, default=5000, help="importance samples per test image (default 5000, as Burda "
+                   "et al.); N*K decodes: minutes on a GPU, hours on a CPU (--k 100 for a quick look)")
+    p.add_argument("--binarization", help="static or dynamic (default: as the run was trained); dynamic draws "
+                   "the test set once from --seed")
+    p.add_argument("--batch-size", type=int, default=2000, help="images decoded at once (default 2000)")
+    p = data_command("interpolate", "linear and spherical paths between two test images' codes", _cmd_interpolate)
+    p.add_argument("--index", type=int, nargs=2, default=[0, 1], metavar=("A", "B"),
+                   help="the two test images (default 0 1)")
+    p.add_argument("--steps", type=int, default=10, help="images on each path (default 10)")
+    p.add_argument("--gif", action="store_true", help="also write an animation beside the PNG")
+    p = data_command("traverse", "vary the most used latent dimensions one at a time over -3..3", _cmd_traverse)
+    p.add_argument("--index", type=int, default=0, help="the test image whose code is varied (default 0)")
+    p.add_argument("--dims", type=int, default=8, help="how many dimensions, most KL first (default 8)")
+    p.add_argument("--steps", type=int, default=9, help="values from -3 to 3 (default 9)")
+    p = data_command("attribute", "morph test images of one label toward another by the class-mean code "
+                     "difference", _cmd_attribute)
+    p.add_argument("--to", type=int, required=True, help="the label to morph toward")
+    p.add_argument("--from", dest="from_", type=int, help="the label to morph from (default: every other label)")
+    p.add_argument("--n", type=int, default=8, help="how many test images (default 8)")
+    p.add_argument("--strength", type=float, default=2.0, help="the largest multiple of the vector (default 2)")
+    p.add_argument("--steps", type=int, default=7, help="strengths from 0 to --strength (default 7)")
+    p = data_command("inpaint", "fill a masked region of test images; score it against the mean image", _cmd_inpaint)
+    p.add_argument("--mask", default="centre", help="top, bottom, left, right, centre (default) or a PNG of the "
+                   "image's size, white = missing")
+    p.add_argument("--n", type=int, default=8, help="test images in the picture (default 8)")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
+    p.add_argument("--chains", type=int, default=4, help="independent chains per image (default 4)")
+    p.add_argument("--method", default="pseudo-gibbs", help="pseudo-gibbs (default) or metropolis "
+                   "(Metropolis-within-Gibbs, Mattei & Frellsen 2018)")
+    p.add_argument("--score-n", type=int, help="score the first N test images (default: all)")
+    p = data_command("latent", "scatter of the test set's codes by label (PCA beyond 2-D); 2-D: the manifold too",
+                     _cmd_latent)
+    p.add_argument("--n", type=int, default=20, help="manifold side, for a 2-D latent (default 20)")
 
     p = sub.add_parser("gif", help="make RUN/training.gif again from RUN/images")
     p.add_argument("run", type=Path, metavar="RUN")

@@ -1,11 +1,28 @@
-"""Evaluation: exact sums over the whole test set (no dropped or padded tail), then one division."""
+"""Evaluation: exact sums over the whole test set (no dropped or padded tail), then one division.
+
+Every number is stated with its binarization protocol: the seed's static threshold, or one
+seeded Bernoulli draw of the test set ("dynamic"), so that numbers are reproducible."""
 from __future__ import annotations
 
+import time
+
 import torch
+from tqdm import tqdm
 
 from .data import preprocess
 from .distributed import Runtime
-from .objectives import analytic_kl, bernoulli_log_likelihood, single_sample_elbo
+from .generate import inpaint, posterior, rate_per_dim
+from .objectives import (analytic_kl, bernoulli_log_likelihood, importance_weights, iwae_bound,
+                         single_sample_elbo)
+
+ACTIVE_UNIT_THRESHOLD = 0.01   # Burda et al. 2016: a unit is active when Cov_x(E_q[z_u]) > 0.01
+
+
+def protocol(binarization: str, seed: int) -> str:
+    """The binarization protocol in words, printed and saved beside every number."""
+    if binarization == "static":
+        return "static: threshold pixel >= 128, as the seed"
+    return f"dynamic: one Bernoulli draw of the test set from seed {seed}"
 
 
 @torch.inference_mode()
@@ -15,12 +32,16 @@ def evaluate_elbo(model, images: torch.Tensor, binarization: str, runtime: Runti
 
     `elbo` is the seed's single-sample estimator (what it prints every epoch); `distortion`
     (-log p(x|z)) and `rate` (analytic KL) are the same pass's parts, and `elbo_analytic_kl`
-    = -(distortion + rate), a lower-variance estimate of the same bound."""
+    = -(distortion + rate), a lower-variance estimate of the same bound. The test set is
+    binarised once with a generator seeded by `seed` (then used for z), so `evaluate` scores
+    the very same binary images."""
+    was_training = model.training
     model.eval()
     gen = runtime.generator(seed)
+    x_all = preprocess(images, binarization, gen)   # [N,C,H,W] in {0,1}
     sums = torch.zeros(3, dtype=torch.float64, device=runtime.device)
-    for start in range(0, len(images), batch_size):
-        x = preprocess(images[start:start + batch_size], binarization, gen)
+    for start in range(0, len(x_all), batch_size):
+        x = x_all[start:start + batch_size]
         with runtime.autocast():
             mean, logvar = model.encode(x)
             z = model.reparameterize(mean, logvar, gen)
@@ -28,7 +49,94 @@ def evaluate_elbo(model, images: torch.Tensor, binarization: str, runtime: Runti
         elbo = single_sample_elbo(x, logits, z, mean, logvar)
         sums += torch.stack([elbo.sum(), -bernoulli_log_likelihood(x, logits).sum(),
                              analytic_kl(mean, logvar).sum()]).double()
-    model.train()
+    model.train(was_training)
     elbo, distortion, rate = (sums / len(images)).tolist()
     return {"elbo": elbo, "distortion": distortion, "rate": rate,
             "elbo_analytic_kl": -(distortion + rate), "n": len(images)}
+
+
+@torch.inference_mode()
+def iwae_bounds(model, x: torch.Tensor, k: int, generator: torch.Generator | None = None,
+                batch_size: int = 2000) -> torch.Tensor:
+    """The IWAE bound log (1/K) sum_k p(x,z_k)/q(z_k|x), z_k ~ q(z|x), for each binary image of
+    x [N,C,H,W] -> [N] (nats; -bound is an upper bound on the NLL that tightens as K grows).
+
+    At most `batch_size` images are decoded at once: max(1, batch_size // K) images at a time,
+    their K draws in chunks, the log weights [K,B] joined and reduced with one logsumexp."""
+    per_pass = max(1, batch_size // k)              # images per pass
+    chunk = max(1, batch_size // per_pass)          # draws per decode, per image
+    bounds = []
+    for start in tqdm(range(0, len(x), per_pass), desc=f"IWAE K={k}", unit="batch", leave=False, disable=None):
+        xb = x[start:start + per_pass]
+        mean, logvar = model.encode(xb)             # [B,D] each
+        log_w = []
+        for done in range(0, k, chunk):
+            kc = min(chunk, k - done)
+            z = model.reparameterize(mean.expand(kc, *mean.shape), logvar.expand(kc, *logvar.shape), generator)
+            logits = model.decode(z.flatten(0, 1)).unflatten(0, (kc, len(xb)))   # [kc,B,C,H,W]
+            log_w.append(importance_weights(xb, logits, z, mean, logvar))         # [kc,B]
+        bounds.append(iwae_bound(torch.cat(log_w)))
+    return torch.cat(bounds)
+
+
+@torch.inference_mode()
+def evaluate(model, images: torch.Tensor, binarization: str, runtime: Runtime, k: int = 5000,
+             batch_size: int = 2000, seed: int = 0) -> dict:
+    """Everything `vaekit eval` reports, in nats per image over all of `images` (uint8 [N,C,H,W]):
+    the ELBO (single-sample and analytic-KL, with rate and distortion apart), the IWAE bound
+    with K draws and the NLL it bounds, active units and the rate of each latent dimension."""
+    start = time.perf_counter()
+    n = len(images)
+    elbo = evaluate_elbo(model, images, binarization, runtime, batch_size, seed)
+    x = preprocess(images, binarization, runtime.generator(seed))   # the binary images evaluate_elbo scored
+    mean, logvar = posterior(model, x, batch_size)                   # [N,D] each
+    unit_variance = mean.double().var(dim=0)                         # diagonal of Cov_x(E_q[z]), [D]
+    bound = iwae_bounds(model, x, k, runtime.generator(seed + 1), batch_size).double().sum().item() / n
+    return {
+        "protocol": protocol(binarization, seed), "binarization": binarization, "seed": seed, "n": n, **elbo,
+        "k": k, "iwae_bound": bound, "nll_upper_bound": -bound,
+        "active_units": int((unit_variance > ACTIVE_UNIT_THRESHOLD).sum()), "latent_dim": mean.shape[1],
+        "rate_per_dim": [round(r, 4) for r in rate_per_dim(mean, logvar).tolist()],
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def eval_table(result: dict) -> str:
+    """The record of `evaluate` as a table for the terminal, the protocol beside each number."""
+    b, k = result["binarization"], result["k"]
+    rows = [
+        ("test ELBO, single-sample (the seed's)", f"{result['elbo']:.2f}"),
+        ("test ELBO, analytic KL", f"{result['elbo_analytic_kl']:.2f}"),
+        ("  distortion  -log p(x|z)", f"{result['distortion']:.2f}"),
+        ("  rate  KL(q(z|x) || p(z))", f"{result['rate']:.2f}"),
+        (f"IWAE bound, K={k}", f"{result['iwae_bound']:.2f}"),
+        (f"NLL <= -IWAE bound, K={k}", f"{result['nll_upper_bound']:.2f}"),
+        (f"active units (Cov > {ACTIVE_UNIT_THRESHOLD})", f"{result['active_units']}/{result['latent_dim']}"),
+    ]
+    lines = [f"{result['n']} test images, binarization {result['protocol']}; {result['seconds']} s",
+             f"{'':40}{'nats/image':>12}  binarization"]
+    lines += [f"{name:40}{value:>12}  {b}" for name, value in rows]
+    return "\n".join(lines)
+
+
+@torch.inference_mode()
+def inpainting_log_likelihood(model, images: torch.Tensor, mask: torch.Tensor, mean_image: torch.Tensor,
+                              binarization: str, runtime: Runtime, steps: int, chains: int, method: str,
+                              batch_size: int = 2000, seed: int = 0) -> dict:
+    """log p of the true masked pixels of `images` (uint8 [N,C,H,W]), nats per image, under the
+    predictive of `inpaint` (its chains start from `mean_image`) and under the baseline that
+    fills them with `mean_image` [C,H,W] (probabilities in (0,1), see generate.mean_image).
+    mask [C,H,W], True = missing; `batch_size` bounds the decodes at once (images x chains)."""
+    gen = runtime.generator(seed)
+    baseline_logits = torch.logit(mean_image.to(runtime.device))
+    sums = torch.zeros(2, dtype=torch.float64, device=runtime.device)
+    per_pass = max(1, batch_size // chains)
+    for start in range(0, len(images), per_pass):
+        x, _, logits = inpaint(model, images[start:start + per_pass], mask, steps, chains, method, mean_image,
+                               binarization, gen)
+        sums += torch.stack([bernoulli_log_likelihood(x, logits, mask).sum(),
+                             bernoulli_log_likelihood(x, baseline_logits.expand_as(x), mask).sum()]).double()
+    inpainted, baseline = (sums / len(images)).tolist()
+    return {"protocol": protocol(binarization, seed), "n": len(images), "masked_pixels": int(mask.sum()),
+            "steps": steps, "chains": chains, "method": method, "inpainting": inpainted,
+            "mean_image_baseline": baseline, "gain": inpainted - baseline}

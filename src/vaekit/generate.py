@@ -1,11 +1,17 @@
 """Generation tasks. Each is one small function over a model and tensors, shared by the CLI,
 the Python API and the web demo. Inputs are uint8 images [N,C,H,W] or codes [N,latent];
-outputs are probabilities in [0,1], [N,C,H,W]."""
+outputs are probabilities in [0,1], [N,C,H,W] (or [rows,cols,C,H,W] for sweeps)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .data import preprocess
+from .objectives import analytic_kl_per_dim, importance_weights
+
+PATHS = ("linear", "slerp")
+MASKS = ("top", "bottom", "left", "right", "centre")
+INPAINT_METHODS = ("pseudo-gibbs", "metropolis")
 
 
 @torch.inference_mode()
@@ -27,3 +33,150 @@ def reconstruct(model, images: torch.Tensor, binarization: str = "static",
 def interleave(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """[N,...], [N,...] -> [2N,...] as a0, b0, a1, b1, ...: originals beside their decodes in a grid."""
     return torch.stack([a, b], dim=1).flatten(0, 1)
+
+
+@torch.inference_mode()
+def posterior(model, x: torch.Tensor, batch_size: int = 2000) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, logvar) of q(z|x), each [N,latent], for binary images x [N,C,H,W], a batch at a time."""
+    parts = [model.encode(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+    return torch.cat([m for m, _ in parts]), torch.cat([v for _, v in parts])
+
+
+def rate_per_dim(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """The mean over N of each dimension's KL(q(z_d|x) || N(0,1)), nats, [N,D] -> [D] (float64).
+    Its sum is the rate; a dimension near 0 is unused (the posterior equals the prior there)."""
+    return analytic_kl_per_dim(mean.double(), logvar.double()).sum(0) / len(mean)
+
+
+@torch.inference_mode()
+def interpolate(model, images: torch.Tensor, steps: int = 10, path: str = "linear", binarization: str = "static",
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Decodes `steps` codes on a path between the posterior means a, b of two images [2,C,H,W]:
+    "linear" (1-t) a + t b, or "slerp", the great circle (Shoemake 1985), which avoids the
+    straight line's dip in norm midway, where prior draws never lie. Returns [steps,C,H,W]; the
+    ends are the decodes of a and b."""
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {', '.join(PATHS)}; got {path!r}")
+    a, b = posterior(model, preprocess(images, binarization, generator))[0]
+    t = torch.linspace(0, 1, steps, device=a.device)[:, None]          # [steps,1]
+    omega = torch.arccos(F.cosine_similarity(a, b, dim=0).clamp(-1, 1))
+    if path == "linear" or omega < 1e-4:    # (nearly) parallel codes: slerp is the straight line
+        z = (1 - t) * a + t * b
+    else:
+        z = (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
+    return model.decode(z, apply_sigmoid=True)
+
+
+@torch.inference_mode()
+def traverse(model, image: torch.Tensor, dims: list[int], values: torch.Tensor, binarization: str = "static",
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Varies one latent dimension at a time around an image's code: row r sets dimension dims[r]
+    of the posterior mean of `image` [1,C,H,W] to each of `values` [S] and keeps the others.
+    Returns (codes [R,S,D], decodes [R,S,C,H,W])."""
+    code = posterior(model, preprocess(image, binarization, generator))[0][0]          # [D]
+    rows, cols = len(dims), len(values)
+    z = code.repeat(rows, cols, 1)
+    z[torch.arange(rows)[:, None], torch.arange(cols), torch.as_tensor(dims)[:, None]] = values.to(z)
+    return z, model.decode(z.flatten(0, 1), apply_sigmoid=True).unflatten(0, (rows, cols))
+
+
+def attribute_vector(codes: torch.Tensor, labels: torch.Tensor, to: int, from_: int | None = None) -> torch.Tensor:
+    """The mean code [D] of the images labelled `to` minus that of those labelled `from_` (of all
+    the others when None); codes [N,D], labels [N]. Added to a code, it moves toward `to`."""
+    others = labels == from_ if from_ is not None else labels != to
+    return codes[labels == to].double().mean(0).float() - codes[others].double().mean(0).float()
+
+
+@torch.inference_mode()
+def apply_attribute(model, codes: torch.Tensor, vector: torch.Tensor, strengths: torch.Tensor) -> torch.Tensor:
+    """Decodes codes [N,D] + s * vector [D] for each strength s of [S] -> [N,S,C,H,W]."""
+    z = codes[:, None] + strengths.to(codes)[None, :, None] * vector        # [N,S,D]
+    return model.decode(z.flatten(0, 1), apply_sigmoid=True).unflatten(0, z.shape[:2])
+
+
+def mean_image(x: torch.Tensor) -> torch.Tensor:
+    """The add-one smoothed mean of binary images x [N,C,H,W] -> probabilities [C,H,W], never 0 or 1."""
+    return ((x.double().sum(0) + 1) / (len(x) + 2)).float()
+
+
+def region_mask(name: str, shape: tuple[int, int, int]) -> torch.Tensor:
+    """A boolean mask [C,H,W], True = missing: the top/bottom/left/right half or a centre square
+    of half the side."""
+    c, h, w = shape
+    mask = torch.zeros(c, h, w, dtype=torch.bool)
+    region = {"top": (slice(0, h // 2), slice(None)), "bottom": (slice(h // 2, h), slice(None)),
+              "left": (slice(None), slice(0, w // 2)), "right": (slice(None), slice(w // 2, w)),
+              "centre": (slice(h // 4, h // 4 + h // 2), slice(w // 4, w // 4 + w // 2))}
+    if name not in region:
+        raise ValueError(f"mask must be one of {', '.join(MASKS)}; got {name!r}")
+    mask[(slice(None), *region[name])] = True
+    return mask
+
+
+@torch.inference_mode()
+def inpaint(model, images: torch.Tensor, mask: torch.Tensor, steps: int = 50, chains: int = 4,
+            method: str = "pseudo-gibbs", start: torch.Tensor | None = None, binarization: str = "static",
+            generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fills the pixels of images [N,C,H,W] where mask [C,H,W] is True, observed pixels clamped.
+
+    Each of `chains` independent chains per image starts with the missing pixels drawn from
+    Bernoulli(start) (start [C,H,W], e.g. the training set's mean image; default: all off), then
+    each step encodes the completion, draws z ~ q(z|x), decodes, and draws the missing pixels from
+    p(x|z) ("pseudo-gibbs", Rezende et al. 2014). "metropolis" keeps the new z only with the
+    Metropolis-Hastings ratio w(z')/w(z), w = p(x,z)/q(z|x) (Mattei & Frellsen 2018), so the
+    chain targets the model's true conditional p(z, x_missing | x_observed).
+    Returns (binary images x, completion: x with the missing pixels' predictive probabilities,
+    predictive logits [N,C,H,W]: logit of the mean of p(x_j|z) over all chains and steps). One
+    sharp decode is confidently wrong wherever a stroke lands a pixel off; the mean over many
+    steps and chains is what makes the predictive fit the truth (longer chains help most)."""
+    if method not in INPAINT_METHODS:
+        raise ValueError(f"method must be one of {', '.join(INPAINT_METHODS)}; got {method!r}")
+    x = preprocess(images, binarization, generator)
+    xs = x.repeat(chains, 1, 1, 1)                          # [chains*N,C,H,W], chain-major
+    missing = mask.to(x.device).expand_as(xs)
+    init = torch.zeros_like(xs) if start is None else torch.bernoulli(start.to(xs).expand_as(xs), generator=generator)
+    current = torch.where(missing, init, xs)
+    log_on = log_off = torch.full_like(xs, -torch.inf)      # log sum_t p_t(x_j = 1), log sum_t p_t(x_j = 0)
+    z = logits = None
+    for _ in range(steps):
+        mean, logvar = model.encode(current)
+        z_new = model.reparameterize(mean, logvar, generator)
+        logits_new = model.decode(z_new)
+        if method == "metropolis" and z is not None:
+            log_w_new, log_w = importance_weights(current, torch.stack([logits_new, logits]),
+                                                  torch.stack([z_new, z]), mean, logvar)
+            u = torch.rand(len(xs), generator=generator, device=x.device)
+            accept = u.log() < log_w_new - log_w                                 # [chains*N]
+            z = torch.where(accept[:, None], z_new, z)
+            logits = torch.where(accept[:, None, None, None], logits_new, logits)
+        else:
+            z, logits = z_new, logits_new
+        current = torch.where(missing, torch.bernoulli(torch.sigmoid(logits), generator=generator), xs)
+        log_on = torch.logaddexp(log_on, F.logsigmoid(logits))
+        log_off = torch.logaddexp(log_off, F.logsigmoid(-logits))
+    chain_axis = (chains, len(x))
+    predictive = log_on.unflatten(0, chain_axis).logsumexp(0) - log_off.unflatten(0, chain_axis).logsumexp(0)
+    return x, torch.where(mask.to(x.device), torch.sigmoid(predictive), x), predictive
+
+
+@torch.inference_mode()
+def manifold(model, n: int = 20) -> torch.Tensor:
+    """For a 2-D latent: decodes an n x n grid of codes at equal prior-probability steps, the
+    inverse normal CDF of 0.05..0.95 (Kingma & Welling 2014, fig. 4); z1 grows to the right,
+    z2 upward. Returns [n*n,C,H,W], row by row."""
+    if model.latent_dim != 2:
+        raise ValueError(f"the manifold needs a 2-D latent, this model has {model.latent_dim}")
+    v = torch.special.ndtri(torch.linspace(0.05, 0.95, n, device=next(model.parameters()).device))
+    z2, z1 = torch.meshgrid(v.flip(0), v, indexing="ij")
+    return model.decode(torch.stack([z1, z2], dim=-1).flatten(0, 1), apply_sigmoid=True)
+
+
+def project_2d(codes: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+    """codes [N,D] -> (coordinates [N,2], axis names): the codes themselves for D = 2, else their
+    first two principal components, each named with the share of the variance it explains."""
+    if codes.shape[1] == 2:
+        return codes, ["z1", "z2"]
+    centred = codes.double() - codes.double().mean(0)
+    _, s, v = torch.linalg.svd(centred, full_matrices=False)
+    share = s.pow(2) / s.pow(2).sum()
+    return (centred @ v[:2].T).float(), [f"PC{i + 1} ({100 * share[i]:.0f}% of variance)" for i in range(2)]

@@ -20,15 +20,23 @@ def log_normal_pdf(sample: torch.Tensor, mean, logvar) -> torch.Tensor:
     return torch.sum(-0.5 * ((sample - mean) ** 2 * torch.exp(-logvar) + logvar + LOG_2PI), dim=-1)
 
 
-def bernoulli_log_likelihood(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """log p(x|z) for binary x [B,...] under Bernoulli(sigmoid(logits)), summed per example -> [B]."""
+def bernoulli_log_likelihood(x: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """log p(x|z) for binary x [B,...] under Bernoulli(sigmoid(logits)), summed per example -> [B].
+    With a boolean `mask` (broadcastable to x), only the pixels where it is True count."""
     ce = F.binary_cross_entropy_with_logits(logits.float(), x.float(), reduction="none")
+    if mask is not None:
+        ce = ce * mask
     return -ce.flatten(1).sum(dim=1)
+
+
+def analytic_kl_per_dim(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean_d, exp(logvar_d)) || N(0, 1)) for each latent dimension: [B,D] -> [B,D]."""
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)
 
 
 def analytic_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mean, exp(logvar)) || N(0, I)) in closed form: [B,D] -> [B]."""
-    return 0.5 * torch.sum(mean.pow(2) + logvar.exp() - 1.0 - logvar, dim=-1)
+    return analytic_kl_per_dim(mean, logvar).sum(dim=-1)
 
 
 def single_sample_elbo(x, logits, z, mean, logvar) -> torch.Tensor:

@@ -5,7 +5,11 @@ import math
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
+
+# matplotlib's "tab10": ten colours that stay apart, one per class
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
 
 def grid_image(images: torch.Tensor, nrow: int | None = None, scale: int = 4, padding: int = 2) -> Image.Image:
@@ -57,3 +61,32 @@ def gif_from_pngs(pngs: list[Path], path: str | Path, duration_ms: int = 100) ->
     if not frames:
         raise ValueError(f"no images to animate for {path}")
     return save_gif(frames, path, duration_ms)
+
+
+def scatter_image(coords: torch.Tensor, labels: torch.Tensor, axes: list[str], size: int = 640,
+                  radius: int = 2) -> Image.Image:
+    """A scatter plot of points coords [N,2] coloured by integer labels [N] (classes beyond ten reuse
+    colours), with axis names and a legend, drawn with Pillow (no plotting library needed)."""
+    coords, labels = coords.detach().double().cpu(), labels.cpu()
+    margin, legend = 40, 70
+    lo, hi = coords.min(0).values, coords.max(0).values
+    span = (hi - lo).clamp_min(1e-12)
+    inner = size - 2 * margin
+    px = margin + (coords - lo) / span * inner                   # [N,2] in pixels
+    px[:, 1] = size - px[:, 1]                                   # y grows upward
+    img = Image.new("RGB", (size + legend, size), "white")
+    font = ImageFont.load_default()
+    vertical = Image.new("RGB", (size, margin), "white")
+    ImageDraw.Draw(vertical).text((size / 2, margin / 2), axes[1], fill="black", font=font, anchor="mm")
+    img.paste(vertical.rotate(90, expand=True), (0, 0))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([margin - radius - 1, margin - radius - 1, size - margin + radius + 1, size - margin + radius + 1],
+                   outline="black")
+    for (x, y), label in zip(px.tolist(), labels.tolist()):
+        draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=PALETTE[label % len(PALETTE)])
+    draw.text((size / 2, size - margin / 2), axes[0], fill="black", font=font, anchor="mm")
+    for i, label in enumerate(sorted(set(labels.tolist()))):
+        y = margin + 18 * i
+        draw.ellipse([size + 8, y - 5, size + 18, y + 5], fill=PALETTE[label % len(PALETTE)])
+        draw.text((size + 26, y), str(label), fill="black", font=font, anchor="lm")
+    return img

@@ -1,0 +1,185 @@
+"""The generation tools on a model trained briefly on the shipped MNIST sample: their real
+properties, the files they write, and each CLI subcommand end to end."""
+import pytest
+import torch
+from PIL import Image
+
+from conftest import sample_config
+from test_cli import vaekit
+from vaekit import load_model, load_splits, train
+from vaekit.cli import main
+from vaekit.data import preprocess
+from vaekit.evaluate import inpainting_log_likelihood
+from vaekit.generate import (MASKS, PATHS, apply_attribute, attribute_vector, inpaint, interpolate, manifold,
+                             mean_image, posterior, project_2d, region_mask, traverse)
+from vaekit.viz import scatter_image
+
+
+def quiet(*_):
+    pass
+
+
+@torch.inference_mode()
+def decode(model, z: torch.Tensor) -> torch.Tensor:
+    return model.decode(z, apply_sigmoid=True)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    config = sample_config(epochs=5, lr=1e-3, batch_size=32)    # 315 steps: enough for real digits
+    return train(config, out=tmp_path_factory.mktemp("gen") / "run", log=quiet).path
+
+
+@pytest.fixture(scope="module")
+def loaded(run):
+    model, config, rt = load_model(run, "cpu")
+    return model, rt, load_splits("mnist", config.data.data_dir)
+
+
+def test_interpolation_ends_are_the_reconstructions_of_the_ends(loaded):
+    model, _, splits = loaded
+    images = splits.test.images[[0, 1]]
+    ends = decode(model, posterior(model, preprocess(images, "static"))[0])
+    for path in PATHS:
+        line = interpolate(model, images, steps=6, path=path)
+        assert line.shape == (6, 1, 28, 28)
+        torch.testing.assert_close(line[[0, -1]], ends, atol=1e-5, rtol=0)
+        assert (line[3] - ends).abs().amax(dim=(1, 2, 3)).min() > 0.05     # the middle is neither end
+
+
+def test_traversal_changes_only_the_chosen_dimension(loaded):
+    model, _, splits = loaded
+    image = splits.test.images[:1]
+    code = posterior(model, preprocess(image, "static"))[0][0]
+    values = torch.linspace(-3, 3, 5)
+    z, images = traverse(model, image, [4, 17], values)
+    assert z.shape == (2, 5, 50) and images.shape == (2, 5, 1, 28, 28)
+    for row, dim in enumerate([4, 17]):
+        changed = (z[row] != code).any(dim=0)
+        assert changed.nonzero().flatten().tolist() == [dim]
+        assert torch.equal(z[row, :, dim], values)
+    torch.testing.assert_close(images, decode(model, z.flatten(0, 1)).view_as(images))
+
+
+def test_attribute_vector_moves_codes_toward_the_target_class(loaded):
+    model, _, splits = loaded
+    codes = posterior(model, preprocess(splits.train.images, "static"))[0]
+    labels = splits.train.labels
+    vector = attribute_vector(codes, labels, to=8, from_=3)
+    torch.testing.assert_close(vector, codes[labels == 8].mean(0) - codes[labels == 3].mean(0))
+    threes = preprocess(splits.test.images[splits.test.labels == 3][:20], "static")
+    morphs = apply_attribute(model, posterior(model, threes)[0], vector, torch.tensor([0.0, 1.0]))
+    # re-encoded, the morphed images sit nearer the 8s' mean code than the 3s'
+    again = posterior(model, (morphs[:, 1] > 0.5).float())[0]
+    to_8 = (again - codes[labels == 8].mean(0)).norm(dim=1).mean()
+    to_3 = (again - codes[labels == 3].mean(0)).norm(dim=1).mean()
+    assert to_8 < to_3
+    torch.testing.assert_close(morphs[:, 0], decode(model, posterior(model, threes)[0]))
+    others = attribute_vector(codes, labels, to=8)       # against all other labels
+    torch.testing.assert_close(others, codes[labels == 8].mean(0) - codes[labels != 8].mean(0))
+
+
+def test_region_masks_cover_the_named_region():
+    masks = {name: region_mask(name, (1, 28, 28)) for name in MASKS}
+    assert all(m.sum() == 14 * 28 for name, m in masks.items() if name != "centre")
+    assert masks["top"][0, :14].all() and masks["left"][0, :, :14].all() and masks["centre"].sum() == 14 * 14
+    assert torch.equal(masks["top"] | masks["bottom"], torch.ones(1, 28, 28, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("method", ["pseudo-gibbs", "metropolis"])
+def test_inpainting_keeps_observed_pixels(loaded, method):
+    model, rt, splits = loaded
+    mask = region_mask("top", (1, 28, 28))
+    x, filled, logits = inpaint(model, splits.test.images[:6], mask, steps=4, chains=2, method=method,
+                                generator=rt.generator(0))
+    assert torch.equal(filled[:, ~mask], x[:, ~mask])
+    assert filled.shape == logits.shape == (6, 1, 28, 28) and 0 <= filled.min() and filled.max() <= 1
+    assert (filled[:, mask] - 0.5).abs().mean() > 0.2        # decided pixels, not a grey fill
+
+
+def test_inpainting_beats_the_mean_image(loaded):
+    model, rt, splits = loaded
+    start = mean_image(preprocess(splits.train.images, "static"))
+    scores = inpainting_log_likelihood(model, splits.test.images[:100], region_mask("bottom", (1, 28, 28)), start,
+                                       "static", rt, steps=20, chains=4, method="pseudo-gibbs")
+    assert scores["n"] == 100 and scores["masked_pixels"] == 392
+    assert scores["gain"] > 8, scores          # nats per image (11.8 here, on a baseline of -104)
+
+
+def test_latent_maps(loaded):
+    model, _, splits = loaded
+    codes = posterior(model, preprocess(splits.test.images, "static"))[0]
+    coords, axes = project_2d(codes)
+    assert coords.shape == (500, 2) and axes[0].startswith("PC1")
+    assert coords[:, 0].var() >= coords[:, 1].var() and abs(coords.mean(0)).max() < 1e-3
+    image = scatter_image(coords, splits.test.labels, axes)
+    assert image.size == (640 + 70, 640) and len(image.getcolors(10_000)) > 10   # ten classes' colours
+    same, names = project_2d(codes[:, :2])
+    assert torch.equal(same, codes[:, :2]) and names == ["z1", "z2"]
+
+
+def test_manifold_of_a_2d_latent(tmp_path):
+    config = sample_config(epochs=1, lr=1e-3)
+    config.model.latent_dim = 2
+    run = train(config, out=tmp_path / "run2", log=quiet).path
+    model, _, _ = load_model(run, "cpu")
+    assert manifold(model, n=5).shape == (25, 1, 28, 28)
+    paths = vaekit("latent", run, "--n", "5", "--device", "cpu").stdout.split()
+    assert [p.split("/")[-1] for p in paths] == ["latent_scatter.png", "latent_scatter_manifold.png"]
+    assert Image.open(paths[1]).size == (2 * (5 * 30 + 2),) * 2
+
+
+def readable(path: str) -> Image.Image:
+    image = Image.open(path)
+    image.load()
+    return image
+
+
+def test_cli_commands_write_readable_pictures(run, tmp_path):
+    interp = vaekit("interpolate", run, "--index", "3", "7", "--steps", "5", "--gif", "--device", "cpu").stdout.split()
+    assert readable(interp[0]).size == (4 * (7 * 30 + 2), 4 * (2 * 30 + 2)) and readable(interp[1]).n_frames == 8
+    trav = vaekit("traverse", run, "--dims", "3", "--steps", "5", "--device", "cpu").stdout.split()
+    assert readable(trav[0]).size == (4 * (5 * 30 + 2), 4 * (3 * 30 + 2)) and readable(trav[1]).n_frames == 8
+    attr = vaekit("attribute", run, "--from", "3", "--to", "8", "--n", "4", "--steps", "5", "--device", "cpu")
+    assert readable(attr.stdout.strip()).size == (4 * (6 * 30 + 2), 4 * (4 * 30 + 2))
+    inp = vaekit("inpaint", run, "--mask", "left", "--n", "4", "--steps", "3", "--chains", "2", "--score-n", "20",
+                 "--device", "cpu").stdout.splitlines()
+    assert readable(inp[0]).size == (4 * (4 * 30 + 2), 4 * (3 * 30 + 2))
+    assert "over 20 test images" in inp[1] and "mean-image baseline" in inp[1]
+    assert readable(vaekit("latent", run, "--device", "cpu").stdout.strip()).mode == "RGB"
+    mask = tmp_path / "mask.png"
+    Image.new("L", (28, 28), 255).save(mask)                 # a PNG mask: every pixel missing
+    custom = vaekit("inpaint", run, "--mask", mask, "--n", "2", "--steps", "2", "--chains", "1", "--score-n", "2",
+                    "--out", tmp_path / "m.png", "--device", "cpu").stdout.splitlines()
+    assert custom[0] == str(tmp_path / "m.png") and "784 masked pixels" in custom[1]
+
+
+def assert_one_error_line(err: str, message: str) -> None:
+    """The error is the last line, alone (the sample data's own warning may come before it)."""
+    lines = err.splitlines()
+    assert lines[-1].startswith("vaekit: error: ") and message in lines[-1], err
+    assert sum("error" in line for line in lines) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["interpolate", "{run}", "--index", "0", "500"], "--index 500 is out of range: the test set has 500 images"),
+    (["traverse", "{run}", "--dims", "51"], "--dims 51 is more than the model's 50 latent dimensions"),
+    (["attribute", "{run}", "--to", "3", "--from", "3"], "give two different labels"),
+    (["attribute", "{run}", "--to", "42"], "--to 42 is not a label of mnist"),
+    (["inpaint", "{run}", "--mask", "middle"], "is neither one of top, bottom, left, right, centre"),
+    (["inpaint", "{run}", "--mask", "{small}"], "is 8x8; the images are 28x28"),
+    (["inpaint", "{run}", "--method", "gibbs"], "--method must be one of pseudo-gibbs, metropolis"),
+    (["latent", "{tmp}"], "not a vaekit run directory"),
+])
+def test_bad_input_gets_one_line(run, tmp_path, capsys, args, message):
+    small = tmp_path / "small.png"
+    Image.new("L", (8, 8)).save(small)
+    argv = [a.format(run=run, tmp=tmp_path, small=small) for a in args]
+    assert main([*argv, "--device", "cpu"]) == 2
+    assert_one_error_line(capsys.readouterr().err, message)
+
+
+def test_bad_input_through_the_real_entry_point(run):
+    result = vaekit("traverse", run, "--index", "-1", check=False)
+    assert result.returncode == 2
+    assert_one_error_line(result.stderr, "--index -1 is out of range")
