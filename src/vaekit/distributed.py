@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .allocator import keep_freed_memory
 from .config import ConfigError
 
 
@@ -45,6 +46,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def setup(device: str = "auto", precision: str = "auto") -> Runtime:
+    keep_freed_memory()
     dev = resolve_device(device)
     use_bf16 = precision == "bf16" or (precision == "auto" and bf16_is_fast(dev))
     return Runtime(dev, torch.bfloat16 if use_bf16 else None)
