@@ -67,7 +67,7 @@ class ConvVAE(nn.Module):
             UnflattenHWC(32, 7, 7),                         # Keras Reshape((7, 7, 32))
             UpConvReLU(32, 64, config.tf_padding),          # [B,64,14,14]
             UpConvReLU(64, 32, config.tf_padding),          # [B,32,28,28]
-            ConvTranspose2d(32, c, 3, stride=1, padding=1),  # no activation: logits
+            nn.ConvTranspose2d(32, c, 3, stride=1, padding=1),  # logits; autograd's backward is the faster one here
         )
         self._keras_init()
 
