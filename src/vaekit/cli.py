@@ -11,8 +11,10 @@ from pathlib import Path
 from . import api
 from .config import Config, ConfigError
 from .data import DataError
+from .distributed import launch, launched_by_torchrun
 from .evaluate import eval_table
 from .runs import RunError
+from .train import Interrupted
 
 USER_ERRORS = (ConfigError, DataError, RunError)
 
@@ -45,18 +47,41 @@ def _config_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
-def _cmd_train(args) -> None:
+def _config_flags(overrides: dict) -> list[str]:
+    """The flags that give `overrides` (the inverse of _config_overrides), for the ranks --nproc starts."""
+    flags = []
+    for part in overrides.values():
+        for name, value in part.items():
+            flag = "--" + name.replace("_", "-")
+            if isinstance(value, bool):
+                flags.append(flag if value else "--no-" + flag[2:])
+            else:
+                flags += [flag, str(value)]
+    return flags
+
+
+def _cmd_train(args) -> int | None:
     overrides = _config_overrides(args)
     if args.resume:
         extra = {k for part in overrides.values() for k in part} - {"epochs"}
         if extra:
             raise ConfigError(f"--resume continues a run with its own config.json; only --epochs may change "
                               f"(got {', '.join(sorted(extra))})")
+    else:
+        config = Config.from_dict(overrides, source="command line")
+        out = args.out or Path("runs") / f"cvae-{config.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.nproc > 1:
+        if launched_by_torchrun():
+            raise ConfigError("--nproc starts torchrun itself; under torchrun, leave it out")
+        where = ["--resume", str(args.resume)] if args.resume else ["--out", str(out)]
+        return launch(args.nproc, ["train", *where, *_config_flags(overrides)], args.max_restarts)
+    if args.resume:
         api.train(resume=args.resume, epochs=overrides.get("train", {}).get("epochs"))
-        return
-    config = Config.from_dict(overrides, source="command line")
-    out = args.out or Path("runs") / f"cvae-{config.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    api.train(config, out=out)
+    else:
+        api.train(config, out=out)
+    return None
 
 
 def _cmd_data(args) -> None:
@@ -128,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--out", type=Path, help="the new run directory (default: runs/cvae-DATASET-TIME)")
     where.add_argument("--resume", type=Path, metavar="RUN", help="go on with this run from its last checkpoint")
+    launcher = p.add_argument_group("processes (see README: several GPUs and machines)")
+    launcher.add_argument("--nproc", type=int, default=1, metavar="N",
+                          help="train on N processes of this machine (one per GPU, or CPU processes) through "
+                               "torchrun; the batch size stays the global batch (default 1)")
+    launcher.add_argument("--max-restarts", type=int, default=0, metavar="N",
+                          help="with --nproc: restart all processes up to N times after a failure, going on "
+                               "from the last checkpoint (default 0)")
     _add_config_flags(p)
     p.set_defaults(func=_cmd_train)
 
@@ -207,11 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)
     except USER_ERRORS as e:
         print(f"vaekit: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:   # training saved a checkpoint and said how to go on
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("vaekit: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0

@@ -39,14 +39,15 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"           # "auto": bf16 where the hardware runs it fast, else fp32
     device: str = "auto"              # "auto": cuda if available, else cpu
-    eval_batch_size: int = 2000       # evaluation needs no gradients: large batches are cheap
+    eval_batch_size: int = 500        # no gradients; 500 keeps activations under the mmap threshold (allocator.py)
     keep_checkpoints: int = 2         # epoch checkpoints kept on disk (the newest ones)
+    checkpoint_every: int = 0         # also checkpoint every N steps within epochs (0: at epoch ends only)
 
     def __post_init__(self) -> None:
         _choice("precision", self.precision, PRECISIONS)
         _choice("device", self.device, DEVICES)
-        for name in ("epochs", "batch_size", "eval_batch_size", "keep_checkpoints"):
-            minimum = 0 if name == "epochs" else 1
+        for name in ("epochs", "batch_size", "eval_batch_size", "keep_checkpoints", "checkpoint_every"):
+            minimum = 0 if name in ("epochs", "checkpoint_every") else 1
             if getattr(self, name) < minimum:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{name} must be >= {minimum}, got {getattr(self, name)}: fix {flag}")
@@ -79,8 +80,9 @@ class Config:
                 raise ConfigError(f"{source}: {f.name}: {e}") from None
         return cls(**parts)
 
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+    def to_json(self) -> str:
+        """config.json's text (a run writes it atomically: see Run.save_config)."""
+        return json.dumps(self.to_dict(), indent=2) + "\n"
 
     @classmethod
     def load(cls, path: Path) -> "Config":

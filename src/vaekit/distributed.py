@@ -1,10 +1,17 @@
-"""Device, precision and process setup, in one place, so the rest of the code never asks."""
+"""Device, precision and process setup, in one place, so the rest of the code never asks.
+
+The same training code runs as one process or as one of N torchrun ranks (RANK, LOCAL_RANK,
+WORLD_SIZE in the environment): gloo on CPUs, nccl on GPUs with rank r on cuda:LOCAL_RANK.
+Ranks also agree on CPU-side facts (a stop signal) through a gloo group, so doing so never
+waits on the GPU."""
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from .allocator import keep_freed_memory
 from .config import ConfigError
@@ -14,10 +21,19 @@ from .config import ConfigError
 class Runtime:
     device: torch.device
     autocast_dtype: torch.dtype | None   # None: plain fp32
+    rank: int = 0
+    local_rank: int = 0                  # the rank among this machine's processes
+    world_size: int = 1
+    cpu_group: object = None             # gloo group for CPU tensors (None: the default group, when it is gloo)
 
     @property
     def precision(self) -> str:
         return "bf16" if self.autocast_dtype == torch.bfloat16 else "fp32"
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that writes the run directory and prints."""
+        return self.rank == 0
 
     def autocast(self):
         """Mixed precision for the forward pass; losses are computed in fp32 (see objectives)."""
@@ -26,8 +42,52 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def generator(self, seed: int) -> torch.Generator:
-        """A seeded generator on this runtime's device (noise is drawn where it is used)."""
+        """A seeded generator on this runtime's device (noise is drawn where it is used). The
+        same seed on every rank gives every rank the same stream."""
         return torch.Generator(self.device).manual_seed(seed)
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model to train: DDP around it across ranks (it averages gradients), else itself."""
+        if self.world_size == 1:
+            return model
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+    def shard(self, n: int) -> slice:
+        """This rank's rows of a global batch of `n`: contiguous, sizes differing by at most one."""
+        return slice(n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size)
+
+    def sum_all(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sums `tensor` (on the device) over ranks, in place; returns it."""
+        if self.world_size > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def max_all(self, value: int) -> int:
+        """The largest of every rank's `value`."""
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.cpu_group)
+        return int(t.item())
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier(group=self.cpu_group)
+
+    @contextlib.contextmanager
+    def local_main_first(self):
+        """Runs the body on each machine's local rank 0 first, then on the other ranks: one
+        process per machine downloads into the cache, the others then read it."""
+        if self.local_rank != 0:
+            self.barrier()
+        yield
+        if self.local_rank == 0:
+            self.barrier()
+
+    def close(self) -> None:
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def bf16_is_fast(device: torch.device) -> bool:
@@ -45,8 +105,62 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def setup(device: str = "auto", precision: str = "auto") -> Runtime:
+def setup(device: str = "auto", precision: str = "auto", distributed: bool = False) -> Runtime:
+    """The runtime for `device` and `precision`. With `distributed`, under torchrun with more than
+    one process, this also joins the process group (the caller ends it with `Runtime.close`)."""
     keep_freed_memory()
     dev = resolve_device(device)
     use_bf16 = precision == "bf16" or (precision == "auto" and bf16_is_fast(dev))
-    return Runtime(dev, torch.bfloat16 if use_bf16 else None)
+    autocast_dtype = torch.bfloat16 if use_bf16 else None
+    world_size = int(os.environ.get("WORLD_SIZE", "1")) if distributed else 1
+    if world_size == 1:
+        return Runtime(dev, autocast_dtype)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    cpu_group = None
+    if dev.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"local rank {local_rank} has no GPU (torch sees {torch.cuda.device_count()}); "
+                              "start at most one process per GPU (--nproc-per-node)")
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+        dist.init_process_group("nccl", device_id=dev, **_attempt_store())
+        cpu_group = dist.new_group(backend="gloo")
+    else:
+        dist.init_process_group("gloo", **_attempt_store())
+    return Runtime(dev, autocast_dtype, dist.get_rank(), local_rank, dist.get_world_size(), cpu_group)
+
+
+def _attempt_store() -> dict:
+    """torchrun's store (env://) under a prefix of its own for each restart. torchrun keeps one
+    store across restarts, so without it a restarted group finds the addresses its failed
+    predecessor left there and its connections are refused (pytorch/pytorch#167288)."""
+    store, rank, world_size = next(dist.rendezvous("env://"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {"store": dist.PrefixStore(f"vaekit/attempt_{attempt}", store), "rank": rank, "world_size": world_size}
+
+
+def restarted() -> bool:
+    """Whether torchrun started this process again after a failure (--max-restarts)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
+def launched_by_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ
+
+
+def launch(nproc: int, args: list[str], max_restarts: int = 0) -> int:
+    """Runs `vaekit ARGS` as `nproc` ranks on this machine through torchrun's own launcher
+    (`torchrun --standalone`); returns the exit code to leave with (a worker's, when one fails)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(["--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
+                        "--module", "vaekit", *args]))
+    except ChildFailedError as e:
+        _, failure = e.get_first_failure()
+        return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode   # -N: killed by signal N
+    except SignalException as e:
+        return 128 + e.sigval
+    return 0

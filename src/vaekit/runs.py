@@ -6,17 +6,21 @@ RUN/
   fixed_z.safetensors          the 16 codes decoded into every progress grid
   images/image_at_epoch_NNNN.png
   training.gif
-  checkpoints/epoch_NNNN/      model.safetensors, optimizer.safetensors, rng.safetensors, state.json
+  checkpoints/epoch_NNNN/      after epoch NNNN: model.safetensors, optimizer.safetensors,
+                               rng.safetensors, state.json (where training stands, optimizer scalars)
+  checkpoints/step_NNNNNNNN/   the same, within an epoch (--checkpoint-every, or on a stop signal);
+                               only the newest is kept
   checkpoints/latest           the name of the newest complete checkpoint
-  .lock                        held (flock) by the one training process writing here
+  .lock                        held (flock) by the one training process writing here; holds its pid
 """
 from __future__ import annotations
 
 import fcntl
 import json
 import os
+import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,18 +29,55 @@ from safetensors.torch import load_file, save_file
 
 from .config import Config, ConfigError
 
+CHECKPOINT_NAME = re.compile(r"(epoch_\d{4,}|step_\d{8,})")
+
 
 class RunError(Exception):
     """A run directory or checkpoint that cannot be used; the message says which and what to do."""
 
 
 @dataclass
+class Progress:
+    """Where training stands: `epoch` epochs done, `batch` batches of the next one done, `step`
+    optimizer steps in all."""
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+
+    @property
+    def checkpoint_name(self) -> str:
+        return f"epoch_{self.epoch:04d}" if self.batch == 0 else f"step_{self.step:08d}"
+
+
+@dataclass
 class Checkpoint:
-    epoch: int
-    step: int
+    """Everything an exact resume needs. rng["order"] is the epoch-order generator's state at the
+    start of the epoch in progress, so a resume draws the same permutation and skips `batch`
+    batches of it; `step_losses` are those batches' summed losses (for the epoch's mean)."""
+    progress: Progress
     model: dict[str, torch.Tensor]
     optimizer: dict            # a torch optimizer state_dict
     rng: dict[str, torch.Tensor]
+    step_losses: list[float] = field(default_factory=list)
+
+    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                generators: dict[str, torch.Generator], source: Path) -> None:
+        """Loads the weights, optimizer and generator states; RunError when they do not fit."""
+        load_weights_into(model, self.model, source)
+        try:
+            optimizer.load_state_dict(self.optimizer)
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    for key, value in optimizer.state.get(p, {}).items():
+                        if torch.is_tensor(value) and value.dim() and value.shape != p.shape:
+                            raise ValueError(f"optimizer {key} of shape {list(value.shape)} "
+                                             f"for a parameter of shape {list(p.shape)}")
+            for name, generator in generators.items():
+                generator.set_state(self.rng[name])
+        except (KeyError, ValueError, RuntimeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RunError(f"checkpoint {source} does not fit this run ({first}); it belongs to another "
+                           "model or device: resume on the device it was trained on, or start a new run") from None
 
 
 class Run:
@@ -54,13 +95,13 @@ class Run:
     @classmethod
     def create(cls, path: str | Path, config: Config) -> "Run":
         run = cls(path)
-        if run.path.exists() and any(run.path.iterdir()):
+        if run.path.exists() and (not run.path.is_dir() or any(run.path.iterdir())):
             raise RunError(f"{run.path} already exists and is not empty: resume it with "
                            f"`vaekit train --resume {run.path}` or choose another --out")
         try:
             run.images.mkdir(parents=True, exist_ok=True)
             run.checkpoints.mkdir(exist_ok=True)
-            config.save(run.config_path)
+            run.save_config(config)
         except OSError as e:
             raise RunError(f"cannot write the run directory {run.path}: {e.strerror}; choose a writable --out") from None
         return run
@@ -73,6 +114,9 @@ class Run:
                            "pass the folder `vaekit train` made")
         return run
 
+    def save_config(self, config: Config) -> None:
+        _atomic_write_text(self.config_path, config.to_json())
+
     def config(self) -> Config:
         try:
             return Config.load(self.config_path)
@@ -80,8 +124,12 @@ class Run:
             raise RunError(str(e)) from None
 
     def lock(self) -> None:
-        """Refuses a second training process on this run (the lock dies with its process)."""
-        f = open(self.path / ".lock", "a+")
+        """Refuses a second training process on this run. flock, not the file's existence, is the
+        lock: the kernel releases it when its process dies, even by kill -9, so no stale lock remains."""
+        try:
+            f = open(self.path / ".lock", "a+")
+        except OSError as e:
+            raise RunError(f"cannot write the run directory {self.path}: {e.strerror}; fix its permissions") from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -105,9 +153,15 @@ class Run:
         return self.images / f"image_at_epoch_{epoch:04d}.png"
 
     def metrics(self) -> list[dict]:
+        """The metrics lines. A last line without its newline is a write cut short (a crash, a full
+        disk) and is left out; the next resume rewrites the file without it."""
         if not self.metrics_path.exists():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        complete = self.metrics_path.read_text().split("\n")[:-1]
+        try:
+            return [json.loads(line) for line in complete if line.strip()]
+        except json.JSONDecodeError as e:
+            raise RunError(f"{self.metrics_path} is damaged ({e}); remove its broken lines") from None
 
     def append_metrics(self, record: dict) -> None:
         with open(self.metrics_path, "a") as f:
@@ -129,44 +183,54 @@ class Run:
     # -- checkpoints ----------------------------------------------------------------------
     def save_checkpoint(self, ckpt: Checkpoint, keep: int) -> Path:
         """Writes a complete checkpoint directory, then moves `latest` to it; both steps atomic,
-        so a crash at any point leaves the previous checkpoint as `latest`."""
-        name = f"epoch_{ckpt.epoch:04d}"
+        so a crash at any point leaves the previous checkpoint as `latest`. The caller holds the
+        lock, so any `.tmp-*` directory is a crashed write's leftover."""
+        name = ckpt.progress.checkpoint_name
         final = self.checkpoints / name
-        tmp = self.checkpoints / f".tmp-{name}-{os.getpid()}"
+        tmp = self.checkpoints / f".tmp-{name}"
         opt_tensors, opt_meta = _flatten_optimizer(ckpt.optimizer)
+        state = {**vars(ckpt.progress), "step_losses": ckpt.step_losses, "optimizer": opt_meta}
         try:
-            shutil.rmtree(tmp, ignore_errors=True)
+            for leftover in self.checkpoints.glob(".tmp-*"):
+                shutil.rmtree(leftover)
             tmp.mkdir(parents=True)
             save_file({k: v.detach().cpu().contiguous() for k, v in ckpt.model.items()}, str(tmp / "model.safetensors"))
             save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
             save_file({k: v.cpu().contiguous() for k, v in ckpt.rng.items()}, str(tmp / "rng.safetensors"))
-            (tmp / "state.json").write_text(json.dumps({"epoch": ckpt.epoch, "step": ckpt.step,
-                                                        "optimizer": opt_meta}, indent=1))
+            (tmp / "state.json").write_text(json.dumps(state, indent=1))
             for f in tmp.iterdir():
                 _fsync(f)
             _fsync(tmp)
-            if final.exists():
+            if final.exists():   # renamed into place by a run that crashed before moving `latest`: never `latest`
                 shutil.rmtree(final)
             os.rename(tmp, final)
             _fsync(self.checkpoints)
             _atomic_write_text(self.checkpoints / "latest", name + "\n")
-        except OSError as e:
+        except (OSError, SafetensorError) as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise RunError(f"cannot write a checkpoint in {self.checkpoints}: {e.strerror}; "
-                           "free disk space or fix permissions, then resume (the previous checkpoint is intact)") from None
-        self._prune(keep)
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            previous = self.latest_checkpoint()
+            kept = f"the last checkpoint, {previous.name}, is intact" if previous else "no checkpoint was written yet"
+            raise RunError(f"cannot write a checkpoint in {self.checkpoints}: {reason}; free disk space or fix "
+                           f"permissions, then `vaekit train --resume {self.path}` ({kept})") from None
+        self._prune(keep, latest=name)
         return final
 
-    def _prune(self, keep: int) -> None:
-        complete = sorted(p for p in self.checkpoints.glob("epoch_*") if p.is_dir())
-        for old in complete[:-keep]:
+    def _prune(self, keep: int, latest: str) -> None:
+        """Keeps the newest `keep` epoch checkpoints, and of the within-epoch ones only `latest`."""
+        epochs = sorted(p for p in self.checkpoints.glob("epoch_*") if p.is_dir())
+        steps = [p for p in self.checkpoints.glob("step_*") if p.is_dir() and p.name != latest]
+        for old in epochs[:-keep] + steps:
             shutil.rmtree(old, ignore_errors=True)
 
     def latest_checkpoint(self) -> Path | None:
         pointer = self.checkpoints / "latest"
         if not pointer.exists():
             return None
-        path = self.checkpoints / pointer.read_text().strip()
+        name = pointer.read_text(errors="replace").strip()
+        if not CHECKPOINT_NAME.fullmatch(name):
+            raise RunError(f"{pointer} holds {name[:40]!r}, not a checkpoint name; the run directory was altered")
+        path = self.checkpoints / name
         if not path.is_dir():
             raise RunError(f"{pointer} names {path.name}, which is missing; the run directory was altered by hand")
         return path
@@ -177,11 +241,16 @@ class Run:
             raise RunError(f"{self.path} has no checkpoint yet; train it first (`vaekit train --out {self.path}`)")
         try:
             state = json.loads((path / "state.json").read_text())
+            progress = Progress(*(int(state[k]) for k in ("epoch", "batch", "step")))
+            step_losses = [float(v) for v in state["step_losses"]]
+            if min(vars(progress).values()) < 0 or len(step_losses) != progress.batch:
+                raise ValueError(f"inconsistent progress {vars(progress)} with {len(step_losses)} step losses")
             model = _load_tensors(path / "model.safetensors")
             optimizer = _unflatten_optimizer(_load_tensors(path / "optimizer.safetensors"), state["optimizer"])
             rng = _load_tensors(path / "rng.safetensors")
-            return Checkpoint(int(state["epoch"]), int(state["step"]), model, optimizer, rng)
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            return Checkpoint(progress, model, optimizer, rng, step_losses)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError,
+                AttributeError) as e:
             raise RunError(f"checkpoint {path} is damaged ({type(e).__name__}: {e}); "
                            "delete it and its `latest` entry to fall back to an older one") from None
 
@@ -191,6 +260,16 @@ class Run:
         if path is None:
             raise RunError(f"{self.path} has no checkpoint yet; train it first (`vaekit train --out {self.path}`)")
         return _load_tensors(path / "model.safetensors")
+
+
+def load_weights_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
+    """model.load_state_dict, with a one-line RunError when the weights belong to another model."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise RunError(f"the weights in {source} do not fit its config.json ({first}); "
+                       "the checkpoint belongs to another model") from None
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -229,12 +308,14 @@ def _fsync(path: Path) -> None:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
+    """Writes `path` whole or not at all, durably (the rename is synced too)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync(path.parent)
 
 
 def load_model(path: str | Path, device: str = "auto"):
@@ -247,10 +328,5 @@ def load_model(path: str | Path, device: str = "auto"):
     config = run.config()
     runtime = setup(device, "fp32")
     model = build_model(config.model)
-    try:
-        model.load_state_dict(run.load_weights())
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise RunError(f"the weights in {run.path} do not fit its config.json ({first}); "
-                       "the checkpoint belongs to another model") from None
+    load_weights_into(model, run.load_weights(), run.path)
     return model.to(runtime.device, memory_format=torch.channels_last).eval(), config, runtime

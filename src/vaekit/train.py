@@ -1,58 +1,91 @@
-"""The training loop: short, explicit, resumable. One function per step of an epoch."""
+"""The training loop: short, explicit, resumable; the same code on one process or N torchrun ranks.
+
+Where training stands is a Progress (epochs done, batches of the next epoch done, steps). A
+checkpoint holds it with the epoch-order generator's state at the start of that epoch, so a
+resume draws the same permutation, skips the batches done and goes on with the same noise:
+its weights equal an uninterrupted run's, bit for bit.
+
+Across ranks the configured batch is the global batch. Every rank draws the same permutation
+and the same noise for the whole global batch, then trains on its own rows of it, so the result
+does not depend on the number of ranks (up to float rounding in the gradient all-reduce).
+"""
 from __future__ import annotations
 
+import signal
+import sys
+import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from .config import Config
+from .config import Config, ConfigError
 from .data import load_splits, preprocess
-from .distributed import Runtime, setup
+from .distributed import Runtime, restarted, setup
 from .evaluate import evaluate_elbo
 from .models import build_model
 from .objectives import single_sample_elbo
-from .runs import Checkpoint, Run, RunError
+from .runs import Checkpoint, Progress, Run, RunError
 from .viz import gif_from_pngs, save_grid
 
 NUM_EXAMPLES_TO_GENERATE = 16   # the seed's 4x4 progress grid
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGINT or SIGTERM after writing a checkpoint; `signum` says which."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 def train(config: Config | None = None, out: str | Path | None = None, resume: str | Path | None = None,
           epochs: int | None = None, log=print) -> Run:
-    """Trains a new run in `out` with `config`, or goes on with the run in `resume`
-    (from its last completed epoch; `epochs` may extend it). Returns the run."""
+    """Trains a new run in `out` with `config`, or goes on with the run in `resume` from its
+    newest checkpoint (`epochs` may extend it). Returns the run.
+
+    Under torchrun every rank calls this; rank 0 alone writes the run directory. When torchrun
+    restarts the ranks after a failure (--max-restarts), `out` holding a run of this very config
+    is resumed rather than refused. Raises RunError, ConfigError or DataError with a one-line
+    message, and Interrupted after a stop signal (a checkpoint is written first)."""
     if (resume is None) == (out is None):
         raise ValueError("train() needs exactly one of out= (a new run) or resume= (an existing run)")
+    config = config or Config()
+    if out is not None and restarted() and Run(out).config_path.is_file() and Run(out).config() == config:
+        resume, out = out, None
     if resume is not None:
         run = Run.open(resume)
         config = run.config()
         if epochs is not None:
             config.train.epochs = epochs
-            config.save(run.config_path)
     else:
-        config = config or Config()
-        run = Run.create(out, config)
-    run.lock()
+        run = Run(out)
+    rt = setup(config.train.device, config.train.precision, distributed=True)
     try:
-        _train(run, config, resuming=resume is not None, log=log)
+        if rt.is_main:
+            if resume is None:
+                run = Run.create(out, config)
+            run.lock()
+        _train(run, config, rt, resuming=resume is not None, log=log if rt.is_main else _silent)
+    except OSError as e:   # a full disk or a run directory made read-only while training
+        raise RunError(f"cannot write {e.filename or run.path}: {e.strerror}; free disk space or fix permissions, "
+                       f"then `vaekit train --resume {run.path}` (its last checkpoint is intact)") from None
     finally:
         run.unlock()
+        rt.close()
     return run
 
 
-def _train(run: Run, config: Config, resuming: bool, log) -> None:
-    tc = config.train
-    rt = setup(tc.device, tc.precision)
-    torch.manual_seed(tc.seed)
-    splits = load_splits(config.data.dataset, config.data.data_dir, log=log)
-    train_images = splits.train.images.to(rt.device)
-    test_images = splits.test.images.to(rt.device)
-    if tc.batch_size > len(train_images):
-        raise RunError(f"batch_size {tc.batch_size} is larger than the {len(train_images)} training images; "
-                       "lower --batch-size")
+def _silent(*_) -> None:
+    """The log of ranks other than 0: one process speaks for the job."""
 
+
+def _train(run: Run, config: Config, rt: Runtime, resuming: bool, log) -> None:
+    tc = config.train
+    torch.manual_seed(tc.seed)
     # channels_last: the layout oneDNN's and cuDNN's fast convolution kernels want (CPU: +30%)
     model = build_model(config.model).to(rt.device, memory_format=torch.channels_last)
     # not fused=True: on CPU its results vary from run to run (seen in torch 2.13), which would break
@@ -61,74 +94,175 @@ def _train(run: Run, config: Config, resuming: bool, log) -> None:
     order_gen = torch.Generator().manual_seed(tc.seed)          # epoch permutations (CPU)
     noise_gen = rt.generator(tc.seed + 1)                       # reparameterization, dynamic binarization
 
-    start_epoch, step = 0, 0
-    if resuming and run.latest_checkpoint() is not None:
-        ckpt = run.load_checkpoint()
-        model.load_state_dict(ckpt.model)
-        optimizer.load_state_dict(ckpt.optimizer)
-        torch.set_rng_state(ckpt.rng["torch"])
-        order_gen.set_state(ckpt.rng["order"])
-        noise_gen.set_state(ckpt.rng["noise"])
-        start_epoch, step = ckpt.epoch, ckpt.step
-        run.truncate_metrics(start_epoch)
-        log(f"Resuming {run.path} after epoch {start_epoch} (step {step})")
-    else:
-        fixed_z = torch.randn(NUM_EXAMPLES_TO_GENERATE, config.model.latent_dim,
-                              generator=torch.Generator().manual_seed(tc.seed + 2))
-        run.save_fixed_z(fixed_z)
-        save_grid(model.sample(fixed_z.to(rt.device)).detach(), run.image_path(0))
-    fixed_z = run.fixed_z().to(rt.device)
+    at, step_losses = Progress(), []
+    latest = run.latest_checkpoint() if resuming else None
+    if latest is not None:
+        ckpt = run.load_checkpoint(latest)
+        ckpt.restore(model, optimizer, {"torch": torch.default_generator, "order": order_gen, "noise": noise_gen},
+                     latest)
+        at, step_losses = ckpt.progress, ckpt.step_losses
+        if tc.epochs < at.epoch:
+            raise ConfigError(f"--epochs {tc.epochs} is fewer than the {at.epoch} epochs {run.path} has done")
+        log(f"Resuming {run.path} from {latest.name} (step {at.step}: epoch {at.epoch + 1}, batch {at.batch})")
+    with rt.local_main_first():    # one download per machine; the other ranks then read the cache
+        splits = load_splits(config.data.dataset, config.data.data_dir, log=log)
+    train_images = splits.train.images.to(rt.device)
+    test_images = splits.test.images.to(rt.device)
+    if tc.batch_size > len(train_images):
+        raise RunError(f"batch_size {tc.batch_size} is larger than the {len(train_images)} training images; "
+                       "lower --batch-size")
+    if tc.batch_size < rt.world_size:
+        raise ConfigError(f"batch_size {tc.batch_size} (the global batch) is smaller than the {rt.world_size} "
+                          "processes; raise --batch-size")
+    if rt.is_main:
+        if resuming:
+            run.save_config(config)     # --epochs may have changed
+        run.truncate_metrics(at.epoch)
+        if latest is None:
+            fixed_z = torch.randn(NUM_EXAMPLES_TO_GENERATE, config.model.latent_dim,
+                                  generator=torch.Generator().manual_seed(tc.seed + 2))
+            run.save_fixed_z(fixed_z)
+            save_grid(model.sample(fixed_z.to(rt.device)).detach(), run.image_path(0))
+        fixed_z = run.fixed_z().to(rt.device)
 
-    log(f"Training {run.path} on {rt.device.type} ({rt.precision}): {len(train_images)} train / "
-        f"{len(test_images)} test images, epochs {start_epoch + 1}..{tc.epochs}")
-    for epoch in range(start_epoch + 1, tc.epochs + 1):
-        start_time = time.perf_counter()
-        train_loss, steps = train_epoch(model, optimizer, train_images, config, rt, order_gen, noise_gen,
-                                        desc=f"epoch {epoch}/{tc.epochs}")
-        end_time = time.perf_counter()
-        step += steps
-        test = evaluate_elbo(model, test_images, config.data.binarization, rt, tc.eval_batch_size,
-                             seed=tc.seed * 1_000_003 + epoch)
-        eval_seconds = time.perf_counter() - end_time
-        log("============================")
-        log(f"Epoch: {epoch}, Test set ELBO: {test['elbo']:.2f}, "
-            f"time elapse for current epoch {end_time - start_time:.1f}")
-        with torch.inference_mode():
-            save_grid(model.sample(fixed_z), run.image_path(epoch))
-        run.append_metrics({
-            "epoch": epoch, "step": step, "train_loss": train_loss,
-            "test_elbo": test["elbo"], "test_distortion": test["distortion"], "test_rate": test["rate"],
-            "epoch_seconds": round(end_time - start_time, 3), "eval_seconds": round(eval_seconds, 3),
-            "images_per_second": round(len(train_images) / (end_time - start_time), 1),
-        })
-        run.save_checkpoint(Checkpoint(epoch, step, model.state_dict(), optimizer.state_dict(), {
-            "torch": torch.get_rng_state(), "order": order_gen.get_state(), "noise": noise_gen.get_state(),
-        }), keep=tc.keep_checkpoints)
-    gif_from_pngs(sorted(run.images.glob("image_at_epoch_*.png")), run.gif_path)
-    log(f"Done: {run.path} (grid images in {run.images}, animation {run.gif_path})")
+    trained = rt.wrap(model)
+    processes = f"{rt.world_size} processes on {rt.device.type}" if rt.world_size > 1 else rt.device.type
+    log(f"Training {run.path} on {processes} ({rt.precision}): {len(train_images)} train / "
+        f"{len(test_images)} test images, epochs {at.epoch + 1}..{tc.epochs}")
+    with _StopSignals(rt) as stop:
+        for epoch in range(at.epoch + 1, tc.epochs + 1):
+            epoch_order = order_gen.get_state()    # what a mid-epoch checkpoint saves: a resume redraws this order
+            batches = torch.randperm(len(train_images), generator=order_gen).to(rt.device).split(tc.batch_size)
+            if at.batch > len(batches):
+                raise RunError(f"the checkpoint is at batch {at.batch} of an epoch that now has {len(batches)}; "
+                               "the training data changed since")
+            losses = torch.zeros(len(batches), dtype=torch.float64, device=rt.device)  # each step's summed loss
+            losses[:at.batch] = torch.tensor(step_losses, dtype=torch.float64)
+            first_batch, start_time = at.batch, time.perf_counter()
+            with tqdm(total=len(batches), initial=at.batch, desc=f"epoch {epoch}/{tc.epochs}", unit="batch",
+                      leave=False, disable=None if rt.is_main else True, dynamic_ncols=True) as bar:
+                while at.batch < len(batches):
+                    first = at.batch
+                    train_epoch(trained, optimizer, train_images, batches, at, losses, config, rt, noise_gen, stop, bar)
+                    rt.sum_all(losses[first:at.batch])     # this rank's sums -> the global batches'
+                    _check_finite(losses, first, at, run)
+                    if rt.is_main and (stop.signum or at.batch < len(batches)):
+                        _save(run, at, model, optimizer, epoch_order, noise_gen, losses, tc.keep_checkpoints)
+                    if stop.signum:
+                        rt.barrier()   # a rank that exits makes torchrun stop the others: not before rank 0 saved
+                        message = (f"Stopped by {signal.Signals(stop.signum).name} after step {at.step} "
+                                   f"(checkpoint {at.checkpoint_name}); go on with `vaekit train --resume {run.path}`")
+                        log(message)
+                        raise Interrupted(stop.signum, message)
+            end_time = time.perf_counter()
+            at = Progress(epoch, 0, at.step)
+            if rt.is_main:   # the test set is small: rank 0 evaluates all of it, with the single-process noise
+                test = evaluate_elbo(model, test_images, config.data.binarization, rt, tc.eval_batch_size,
+                                     seed=tc.seed * 1_000_003 + epoch)
+                eval_seconds = time.perf_counter() - end_time
+                log("============================")
+                log(f"Epoch: {epoch}, Test set ELBO: {test['elbo']:.2f}, "
+                    f"time elapse for current epoch {end_time - start_time:.1f}")
+                with torch.inference_mode():
+                    save_grid(model.sample(fixed_z), run.image_path(epoch))
+                trained_images = sum(len(idx) for idx in batches[first_batch:])
+                run.append_metrics({
+                    "epoch": epoch, "step": at.step, "train_loss": losses.sum().item() / len(train_images),
+                    "test_elbo": test["elbo"], "test_distortion": test["distortion"], "test_rate": test["rate"],
+                    "epoch_seconds": round(end_time - start_time, 3), "eval_seconds": round(eval_seconds, 3),
+                    "images_per_second": round(trained_images / (end_time - start_time), 1),
+                })
+                _save(run, at, model, optimizer, order_gen.get_state(), noise_gen, losses, tc.keep_checkpoints)
+            step_losses = []
+    if rt.is_main:
+        gif_from_pngs(sorted(run.images.glob("image_at_epoch_*.png")), run.gif_path)
+        log(f"Done: {run.path} (grid images in {run.images}, animation {run.gif_path})")
 
 
-def train_epoch(model, optimizer, images: torch.Tensor, config: Config, rt: Runtime,
-                order_gen: torch.Generator, noise_gen: torch.Generator, desc: str = "") -> tuple[float, int]:
-    """One pass over `images` (uint8, on the device) in a fresh random order, keeping the
-    last partial batch as the seed's tf.data pipeline does. Returns (mean loss, steps)."""
-    batch_size = config.train.batch_size
-    order = torch.randperm(len(images), generator=order_gen).to(images.device)
-    batches = order.split(batch_size)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=images.device)
-    bar = tqdm(batches, desc=desc, unit="batch", leave=False, disable=None, dynamic_ncols=True)
-    start = time.perf_counter()
-    for i, idx in enumerate(bar, 1):
-        x = preprocess(images[idx], config.data.binarization, noise_gen)
+def train_epoch(model, optimizer, images: torch.Tensor, batches: tuple[torch.Tensor, ...], at: Progress,
+                losses: torch.Tensor, config: Config, rt: Runtime, noise_gen: torch.Generator, stop, bar) -> None:
+    """Trains on the epoch's `batches` (global batches of indices into `images`, uint8 on the
+    device) from batch `at.batch` on, advancing `at`, until the epoch ends, a checkpoint is due
+    (every `checkpoint_every` steps) or every rank knows of a stop signal. losses[i] receives
+    batch i's loss summed over this rank's rows.
+
+    Each rank trains on its rows of every global batch, but binarization and reparameterization
+    noise are drawn for the whole global batch on every rank: each example gets the same draws
+    whatever the number of ranks."""
+    every = config.train.checkpoint_every
+    for idx in batches[at.batch:]:
+        rows = rt.shard(len(idx))
+        x = preprocess(images[idx], config.data.binarization, noise_gen)[rows]          # [b,C,H,W], b = len(rows)
+        eps = torch.randn(len(idx), config.model.latent_dim, generator=noise_gen, device=images.device)[rows]
         with rt.autocast():
-            logits, z, mean, logvar = model(x, noise_gen)
-        loss = -single_sample_elbo(x, logits, z, mean, logvar).mean()
+            logits, z, mean, logvar = model(x, eps=eps)
+        loss_per_example = -single_sample_elbo(x, logits, z, mean, logvar)             # [b]
+        # DDP averages gradients over ranks: scaled so, each rank's sum gives the global batch mean's gradient
+        loss = loss_per_example.sum() * (rt.world_size / len(idx))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += loss.detach() * len(idx)
-        if not bar.disable and (i % 25 == 0 or i == len(batches)):
-            seen = min(i * batch_size, len(images))
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.2f}",
-                            img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
-    return loss_sum.item() / len(images), len(batches)
+        losses[at.batch] = loss_per_example.detach().sum()
+        at.batch += 1
+        at.step += 1
+        bar.update()
+        if not bar.disable and at.batch % 25 == 0:
+            bar.set_postfix(loss=f"{loss_per_example.detach().mean().item():.2f}", refresh=False)
+        if stop.agreed() or (every and at.step % every == 0):
+            return
+
+
+def _check_finite(losses: torch.Tensor, first: int, at: Progress, run: Run) -> None:
+    """Stops training at a NaN or infinite loss among batches first..at.batch, before anything
+    of it is saved."""
+    bad = torch.nonzero(~torch.isfinite(losses[first:at.batch]))
+    if len(bad):
+        batch = first + int(bad[0])
+        latest = run.latest_checkpoint()
+        kept = f"the last good checkpoint, {latest.name}, is kept" if latest else "no checkpoint was written"
+        raise RunError(f"the loss is {losses[batch].item()} at step {at.step - at.batch + batch + 1} (epoch "
+                       f"{at.epoch + 1}, batch {batch + 1}); training diverged and stopped ({kept}): "
+                       "start again with a lower --lr or with --precision fp32")
+
+
+def _save(run: Run, at: Progress, model, optimizer, order_state: torch.Tensor, noise_gen: torch.Generator,
+          losses: torch.Tensor, keep: int) -> None:
+    """Checkpoints the unwrapped model at `at`; `order_state` is the order generator's state at the
+    start of the epoch `at` is in."""
+    run.save_checkpoint(Checkpoint(replace(at), model.state_dict(), optimizer.state_dict(), {
+        "torch": torch.get_rng_state(), "order": order_state, "noise": noise_gen.get_state(),
+    }, losses[:at.batch].tolist()), keep=keep)
+
+
+class _StopSignals:
+    """SIGINT and SIGTERM ask training to stop after the current step and checkpoint. Ranks agree
+    on it after every step, so all stop after the same one. The first signal restores the
+    default action: a second one ends the process at once, whatever it is doing, and the newest
+    complete checkpoint stays (checkpoints are committed atomically)."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.signum = 0
+        self._previous = {}
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():   # the only thread Python lets set handlers
+            self._previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_DFL)
+        self.signum = signum
+        if self.rt.is_main:
+            print(f"vaekit: {signal.Signals(signum).name}: stopping after this step to write a checkpoint "
+                  "(signal again to exit at once)", file=sys.stderr, flush=True)
+
+    def agreed(self) -> bool:
+        """Whether any rank has had a stop signal (then `signum` is the largest one)."""
+        self.signum = self.rt.max_all(self.signum)
+        return bool(self.signum)

@@ -88,10 +88,12 @@ class ConvVAE(nn.Module):
         return mean, logvar
 
     @staticmethod
-    def reparameterize(mean: torch.Tensor, logvar: torch.Tensor,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
-        """z = mean + exp(logvar/2) * eps, eps ~ N(0, I); [B,latent]."""
-        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    def reparameterize(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None,
+                       eps: torch.Tensor | None = None) -> torch.Tensor:
+        """z = mean + exp(logvar/2) * eps, eps ~ N(0, I) drawn from `generator` unless given; [B,latent].
+        Distributed training passes `eps`: its rows of noise drawn for the whole global batch."""
+        if eps is None:
+            eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return eps * torch.exp(logvar * 0.5) + mean
 
     def decode(self, z: torch.Tensor, apply_sigmoid: bool = False) -> torch.Tensor:
@@ -107,8 +109,9 @@ class ConvVAE(nn.Module):
             eps = torch.randn(n, self.latent_dim, generator=generator, device=device)
         return self.decode(eps, apply_sigmoid=True)
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):
-        """One pass of the seed's estimator: returns (logits, z, mean, logvar)."""
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None, eps: torch.Tensor | None = None):
+        """One pass of the seed's estimator: returns (logits, z, mean, logvar). `eps` [B,latent]: the
+        reparameterization noise, when the caller draws it (see `reparameterize`)."""
         mean, logvar = self.encode(x)
-        z = self.reparameterize(mean, logvar, generator)
+        z = self.reparameterize(mean, logvar, generator, eps)
         return self.decode(z), z, mean, logvar

