@@ -155,7 +155,7 @@ def test_sigterm_to_the_launcher_stops_every_rank_after_one_step_with_a_checkpoi
     proc.send_signal(signal.SIGTERM)    # torchrun's agent passes it on to each rank once
     stdout, stderr = finish(proc)
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
-    assert f"go on with `vaekit train --resume {run}`" in stdout
+    assert f"go on with `vaekit train --resume {run}`" in stdout, stderr[-3000:]
     assert 5 <= latest_step(run) < 42
     run_to_end(["-m", "vaekit", "train", "--nproc", "2", "--resume", run])
     resumed, uninterrupted = weights(run), weights(two_ranks / "run")

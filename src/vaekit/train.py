@@ -70,6 +70,7 @@ def train(config: Config | None = None, out: str | Path | None = None, resume: s
                 run = Run.create(out, config)
             run.lock()
         _train(run, config, rt, resuming=resume is not None, log=log if rt.is_main else _silent)
+        rt.barrier()   # no rank leaves the process group while rank 0 still writes: gloo may abort the leaver
     except OSError as e:   # a full disk or a run directory made read-only while training
         raise RunError(f"cannot write {e.filename or run.path}: {e.strerror}; free disk space or fix permissions, "
                        f"then `vaekit train --resume {run.path}` (its last checkpoint is intact)") from None
@@ -139,8 +140,10 @@ def _train(run: Run, config: Config, rt: Runtime, resuming: bool, log) -> None:
             losses = torch.zeros(len(batches), dtype=torch.float64, device=rt.device)  # each step's summed loss
             losses[:at.batch] = torch.tensor(step_losses, dtype=torch.float64)
             first_batch, start_time = at.batch, time.perf_counter()
-            with tqdm(total=len(batches), initial=at.batch, desc=f"epoch {epoch}/{tc.epochs}", unit="batch",
-                      leave=False, disable=None if rt.is_main else True, dynamic_ncols=True) as bar:
+            # counts batches, shown as images (and images/s) by scaling with the batch size
+            with tqdm(total=len(batches), initial=at.batch, desc=f"epoch {epoch}/{tc.epochs}", unit="img",
+                      unit_scale=tc.batch_size, leave=False, disable=None if rt.is_main else True,
+                      dynamic_ncols=True) as bar:
                 while at.batch < len(batches):
                     first = at.batch
                     train_epoch(trained, optimizer, train_images, batches, at, losses, config, rt, noise_gen, stop, bar)
@@ -242,7 +245,8 @@ class _StopSignals:
 
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
-        self.signum = 0
+        self.received = 0    # the signal this process had (set by the handler, at any moment)
+        self.signum = 0      # the signal the ranks agreed on after the last step: what the loop acts on
         self._previous = {}
 
     def __enter__(self) -> "_StopSignals":
@@ -257,12 +261,12 @@ class _StopSignals:
     def _on_signal(self, signum: int, frame) -> None:
         for s in STOP_SIGNALS:
             signal.signal(s, signal.SIG_DFL)
-        self.signum = signum
+        self.received = signum
         if self.rt.is_main:
             print(f"vaekit: {signal.Signals(signum).name}: stopping after this step to write a checkpoint "
                   "(signal again to exit at once)", file=sys.stderr, flush=True)
 
     def agreed(self) -> bool:
         """Whether any rank has had a stop signal (then `signum` is the largest one)."""
-        self.signum = self.rt.max_all(self.signum)
+        self.signum = self.rt.max_all(self.received)
         return bool(self.signum)
