@@ -79,3 +79,10 @@ def test_bad_input_gets_one_line(trained_run, tmp_path, args, message):
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("vaekit: error: ")
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args", [["sample", "RUN", "--device", "gpu"], ["trian"], ["train", "--epochs", "many"]])
+def test_usage_mistakes_are_one_line_too(args):
+    result = vaekit(*args, check=False)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "error: " in result.stderr and "--help" in result.stderr

@@ -19,6 +19,14 @@ from .train import Interrupted
 USER_ERRORS = (ConfigError, DataError, RunError)
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line naming the problem and where the fix is
+    (subcommand parsers inherit this class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per Config field (e.g. --latent-dim, --batch-size), default None = "not given"."""
     for part in dataclasses.fields(Config):
@@ -145,7 +153,7 @@ def _cmd_latent(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vaekit", description="Train variational autoencoders on images "
+    parser = OneLineErrorParser(prog="vaekit", description="Train variational autoencoders on images "
                                      "and generate new ones.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
