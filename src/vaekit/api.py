@@ -12,7 +12,7 @@ from .config import BINARIZATIONS, ConfigError
 from .data import dataset_info, fetch, load_splits, preprocess
 from .evaluate import evaluate, inpainting_log_likelihood
 from .generate import (INPAINT_METHODS, MASKS, PATHS, apply_attribute, attribute_vector, inpaint, interleave,
-                       interpolate, manifold, mean_image, posterior, project_2d, rate_per_dim, reconstruct,
+                       interpolate, manifold, mean_image, most_active_dims, posterior, project_2d, reconstruct,
                        region_mask, sample, traverse)
 from .runs import Run, load_model
 from .train import train
@@ -127,8 +127,7 @@ def traverse_to_png(run: str | Path, index: int = 0, dims: int = 8, steps: int =
         raise ConfigError(f"--dims {dims} is more than the model's {model.latent_dim} latent dimensions")
     gen = rt.generator(seed)
     test = splits.test.images.to(rt.device)
-    mean, logvar = posterior(model, preprocess(test, config.data.binarization, gen))
-    ranked = rate_per_dim(mean, logvar).argsort(descending=True)[:dims].tolist()
+    ranked, _ = most_active_dims(model, preprocess(test, config.data.binarization, gen), dims)
     values = torch.linspace(-3, 3, steps)
     _, images = traverse(model, test[index:index + 1], ranked, values, config.data.binarization, gen)
     png = save_grid(images.flatten(0, 1), out or Path(run) / "samples" / f"traverse_{index}.png", nrow=steps)

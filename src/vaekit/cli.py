@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import sys
 import time
 import typing
@@ -152,6 +153,16 @@ def _cmd_latent(args) -> None:
     print(*api.latent_map_to_png(args.run, args.n, **_where(args)), sep="\n")
 
 
+def _cmd_serve(args) -> None:
+    """The web demo lives in an extra; without it, say how to get it instead of a traceback."""
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(f"the web demo needs {' and '.join(missing)}: pip install 'vaekit[demo]'")
+    from .serve import serve
+
+    serve(args.run, args.host, args.port, args.device, args.data_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="vaekit", description="Train variational autoencoders on images "
                                      "and generate new ones.")
@@ -237,6 +248,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = data_command("latent", "scatter of the test set's codes by label (PCA beyond 2-D); 2-D: the manifold too",
                      _cmd_latent)
     p.add_argument("--n", type=int, default=20, help="manifold side, for a 2-D latent (default 20)")
+
+    p = sub.add_parser("serve", help="a web page to play with a run: samples, sliders, drawing, inpainting "
+                       "(needs pip install 'vaekit[demo]')")
+    p.add_argument("run", type=Path, metavar="RUN", help="a run directory made by `vaekit train`")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this "
+                   "machine only)")
+    p.add_argument("--port", type=int, default=8000, help="the TCP port (default 8000)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--data-dir", type=Path, help="a folder holding the IDX files, to use instead of fetching")
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("gif", help="make RUN/training.gif again from RUN/images")
     p.add_argument("run", type=Path, metavar="RUN")

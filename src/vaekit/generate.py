@@ -80,6 +80,24 @@ def traverse(model, image: torch.Tensor, dims: list[int], values: torch.Tensor, 
     return z, model.decode(z.flatten(0, 1), apply_sigmoid=True).unflatten(0, (rows, cols))
 
 
+@torch.inference_mode()
+def set_dims(model, image: torch.Tensor, dims: list[int], values: torch.Tensor, binarization: str = "static",
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Decodes the posterior mean of `image` [1,C,H,W] with dimension dims[i] set to values[i] [K], all
+    at once (the web demo's sliders; `traverse` varies one at a time). Returns [1,C,H,W]."""
+    z = posterior(model, preprocess(image, binarization, generator))[0]                  # [1,D]
+    z[:, dims] = values.to(z)
+    return model.decode(z, apply_sigmoid=True)
+
+
+def most_active_dims(model, x: torch.Tensor, n: int) -> tuple[list[int], list[float]]:
+    """The `n` latent dimensions with the most KL over binary images x [N,C,H,W], most first, and
+    their KL in nats (see rate_per_dim)."""
+    rate = rate_per_dim(*posterior(model, x))
+    order = rate.argsort(descending=True)[:n]
+    return order.tolist(), rate[order].tolist()
+
+
 def attribute_vector(codes: torch.Tensor, labels: torch.Tensor, to: int, from_: int | None = None) -> torch.Tensor:
     """The mean code [D] of the images labelled `to` minus that of those labelled `from_` (of all
     the others when None); codes [N,D], labels [N]. Added to a code, it moves toward `to`."""
