@@ -365,7 +365,8 @@ def test_vaekit_serve_serves_until_ctrl_c(run):
         status, _, body = request(url, "GET", "/api/info")
         assert status == 200 and json.loads(body)["latent_dim"] == 50
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=20) == 0
+        assert proc.wait(timeout=20) == 0                   # Ctrl-C is how the demo is meant to stop
+        assert proc.stderr.read() == "vaekit: the demo stopped\n"
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -57,6 +57,10 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, device: st
     try:
         app = create_app(load(run, device, data_dir))
         print(f"vaekit: the demo of {run} is on {url_of(sock)} (Ctrl-C stops it)", file=sys.stderr)
-        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+        try:
+            uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+        except KeyboardInterrupt:   # uvicorn stops gracefully on Ctrl-C, then raises it again for its caller
+            pass
+        print("vaekit: the demo stopped", file=sys.stderr)
     finally:
         sock.close()
