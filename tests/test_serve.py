@@ -278,6 +278,8 @@ BAD = [
     ("/api/reconstruct", {"image": "iVBORw0KGgo="}, 400, "image must be a PNG data URL (data:image/png;base64,...)"),
     ("/api/reconstruct", {"image": "data:image/png;base64,@@@@"}, 400, "image is not valid base64"),
     ("/api/reconstruct", {"image": png_bytes_url(b"GIF89a not a png")}, 400, "image is not a readable PNG image"),
+    ("/api/reconstruct", {"image": "data:image/png;base64," + "A" * 1_400_000}, 400,
+     "image is more than 1000000 bytes; send a smaller PNG"),
     ("/api/reconstruct", {"image": png_url(Image.new("L", (2000, 10)))}, 400,
      "image is 2000x10; the limit is 1024 pixels a side"),
     ("/api/inpaint", {"index": 0, "mask": "middle"}, 400, "mask must be one of top, bottom, left, right, centre or a PNG"),

@@ -214,7 +214,7 @@ def create_app(demo: Demo) -> FastAPI:
     def api_traverse(req: TraverseRequest):
         image = test_image("index", req.index)
         if len(req.dims) != len(req.values):
-            raise BadInput(f"dims has {len(req.dims)} entries but values has {len(req.values)}; give one value a dim")
+            raise BadInput(f"dims has {len(req.dims)} entries but values has {len(req.values)}; give one value per dim")
         if len(set(req.dims)) != len(req.dims) or not all(0 <= d < demo.model.latent_dim for d in req.dims):
             raise BadInput(f"dims must be distinct latent dimensions 0..{demo.model.latent_dim - 1}; got {req.dims}")
         with model_work():
