@@ -2,8 +2,6 @@
 sample, labels from subfolders, explicit mode conversion, resize and crop, a deterministic and
 stable split, bad files, the decoded-array cache; and `--binarization none`."""
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,20 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import SAMPLE, cli_env
+from conftest import SAMPLE, Log
+from test_cli import vaekit
 from vaekit import Config, ConfigError, DataConfig
 from vaekit.data import DataError, cache_root, dataset_info, load_data, load_folder, preprocess, read_idx
-
-
-class Log(list):
-    """A `log` callable that keeps its lines."""
-
-    def __call__(self, line: str) -> None:
-        assert "\n" not in line
-        self.append(line)
-
-    def has(self, text: str) -> bool:
-        return any(text in line for line in self)
 
 
 def sample_digits(n: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -263,14 +251,6 @@ def test_binarization_none_keeps_the_8_bit_value_exactly():
 
 def test_cli_trains_on_an_image_folder_and_shows_its_info(tmp_path):
     write_digit_folder(tmp_path / "digits", n=300)
-    env = cli_env()
-
-    def vaekit(*args):
-        result = subprocess.run([sys.executable, "-m", "vaekit", *map(str, args)], capture_output=True, text=True,
-                                env=env, timeout=300)
-        assert result.returncode == 0, result.stderr
-        return result
-
     info = vaekit("data", "info", "folder", "--data-dir", tmp_path / "digits").stdout
     assert "image_shape: [1, 28, 28]" in info and "class_names: ['0', '1'," in info
     run = tmp_path / "run"

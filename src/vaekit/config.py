@@ -38,6 +38,8 @@ class DataConfig:
     split_seed: int = field(default=0, metadata={"help": "folder: another seed puts other files in the test split"})
 
     def __post_init__(self) -> None:
+        from .data.sources import DATASETS   # here, not at the top: vaekit.data imports this module
+        _choice("dataset", self.dataset, (*DATASETS, "folder"))
         _choice("binarization", self.binarization, BINARIZATIONS)
         if self.dataset == "folder":
             if not self.data_dir:
