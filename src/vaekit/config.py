@@ -39,9 +39,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         from .data.sources import DATASETS   # here, not at the top: vaekit.data imports this module
-        _choice("dataset", self.dataset, (*DATASETS, "folder"))
+        _choice("dataset", self.dataset, (*DATASETS, FOLDER))
         _choice("binarization", self.binarization, BINARIZATIONS)
-        if self.dataset == "folder":
+        if self.dataset == FOLDER:
             if not self.data_dir:
                 raise ConfigError("dataset folder reads its images from --data-dir DIR; pass it")
         else:
@@ -59,6 +59,7 @@ class DataConfig:
             raise ConfigError(f"test_fraction must be between 0 and 1, got {self.test_fraction}: fix --test-fraction")
 
 
+FOLDER = "folder"   # the dataset of the images under data_dir (vaekit.data.folders)
 FOLDER_SETTINGS = ("resize", "channels", "test_fraction", "split_seed")   # DataConfig fields of folder datasets
 
 

@@ -14,11 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import BINARIZATIONS, DataConfig
+from ..config import BINARIZATIONS, FOLDER, DataConfig
 from .folders import FolderData, load_folder
 from .sources import DATASETS, Log, fetch_idx, idx_info, resolve, to_stderr
 
-FOLDER = "folder"   # the DataConfig.dataset of an image folder (DataConfig.data_dir)
 
 
 @dataclass
