@@ -6,6 +6,17 @@ import pytest
 SAMPLE = Path(__file__).parent / "data" / "mnist-sample"   # real MNIST: 2,000 train / 500 test images
 
 
+class Log(list):
+    """A `log` callable that keeps its lines."""
+
+    def __call__(self, line: str) -> None:
+        assert "\n" not in line
+        self.append(line)
+
+    def has(self, text: str) -> bool:
+        return any(text in line for line in self)
+
+
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path_factory, monkeypatch):
     """No test reads or writes the user's ~/.cache/vaekit, and none reaches a real mirror."""

@@ -19,6 +19,9 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import Log
+from test_cli import vaekit
+from vaekit import ConfigError, DataConfig
 from vaekit.data import (
     DATASETS,
     DataError,
@@ -26,6 +29,7 @@ from vaekit.data import (
     cache_root,
     dataset_info,
     fetch,
+    load_data,
     load_splits,
     preprocess,
     read_idx,
@@ -64,17 +68,6 @@ def recognise_sample_as(monkeypatch, name: str, **changes) -> None:
     """Make the registry treat the shipped sample's files as dataset `name`'s release."""
     changes.setdefault("md5", {role: md5(SAMPLE / fname) for role, fname in FILES.items()})
     monkeypatch.setitem(DATASETS, name, dataclasses.replace(DATASETS[name], **changes))
-
-
-class Log(list):
-    """A `log` callable that keeps its lines."""
-
-    def __call__(self, line: str) -> None:
-        assert "\n" not in line
-        self.append(line)
-
-    def has(self, text: str) -> bool:
-        return any(text in line for line in self)
 
 
 def one_line(error: pytest.ExceptionInfo) -> str:
@@ -207,8 +200,10 @@ def test_dataset_info_on_the_sample():
 
 
 def test_unknown_dataset():
-    with pytest.raises(DataError, match="choose one of: mnist, fashion-mnist, kmnist"):
+    with pytest.raises(ConfigError, match="dataset must be one of mnist, fashion-mnist, kmnist, folder; got 'cifar10'"):
         fetch("cifar10")
+    with pytest.raises(DataError, match="choose one of: mnist, fashion-mnist, kmnist, or folder"):
+        sources.fetch_idx("cifar10")
 
 
 # --- mirrors and the cache ---------------------------------------------------------------
@@ -497,3 +492,65 @@ def test_preprocess_rejects_unknown_binarization_and_non_uint8():
 
 def test_data_error_is_always_one_line():
     assert str(DataError("a.gz: bad\n  detail")) == "a.gz: bad detail"
+
+
+# --- Fashion-MNIST and KMNIST through the same chain ---------------------------------------
+
+
+def write_subset(directory: Path, n_train: int, n_test: int, gzipped: bool) -> None:
+    """The first images of the shipped sample as the 4 canonical IDX files (not the canonical release)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays = sample_arrays()
+    counts = {"train": n_train, "t10k": n_test}
+    for role, fname in FILES.items():
+        fname = fname if gzipped else fname.removesuffix(".gz")
+        write_idx(directory / fname, arrays[role][: counts[fname.split("-")[0]]])
+
+
+@pytest.mark.parametrize("name, gzipped", [("fashion-mnist", True), ("kmnist", False)])
+def test_fashion_mnist_and_kmnist_from_data_dir(tmp_path, name, gzipped):
+    write_subset(tmp_path / name, 300, 100, gzipped)
+    log = Log()
+    splits = load_data(DataConfig(dataset=name, data_dir=str(tmp_path / name)), log=log)
+    assert (len(splits.train), len(splits.test)) == (300, 100) and splits.image_shape == (1, 28, 28)
+    assert splits.class_names == DATASETS[name].class_names and splits.num_classes == 10
+    assert splits.train.labels[:10].tolist() == FIRST_TRAIN_LABELS
+    assert len(log) == 1 and f"not the canonical {name} release" in log[0]
+    assert not (cache_root() / name).exists()
+
+
+@pytest.mark.parametrize("name", ["fashion-mnist", "kmnist"])
+def test_fashion_mnist_and_kmnist_from_a_mirror_then_the_cache(monkeypatch, serve, name):
+    recognise_sample_as(monkeypatch, name)
+    monkeypatch.setenv("VAEKIT_MIRRORS", serve())
+    assert fetch(name, log=Log()) == cache_root() / name
+    assert len(serve.hits) == 4 and all(hit.startswith("/data/") for hit in serve.hits)
+    log = Log()
+    info = dataset_info(name, log=log)
+    assert log == [] and len(serve.hits) == 4
+    assert info["source"].startswith(f"cache {cache_root() / name}, from mirrors http://127.0.0.1")
+    assert info["class_names"] == list(DATASETS[name].class_names)
+
+
+def test_offline_kmnist_says_where_to_put_the_idx_files(monkeypatch):
+    monkeypatch.setenv("VAEKIT_MIRRORS", closed_port_url())
+    with pytest.raises(DataError) as error:
+        load_data(DataConfig(dataset="kmnist"), log=Log())
+    message = one_line(error)
+    assert "kmnist: no source could provide the data" in message
+    assert "train-images-idx3-ubyte.gz" in message and "pass --data-dir DIR" in message
+
+
+def test_cli_data_info_and_train_on_kmnist_from_data_dir(monkeypatch, tmp_path):
+    write_subset(tmp_path / "kmnist", 200, 100, gzipped=True)
+    monkeypatch.setenv("VAEKIT_MIRRORS", closed_port_url())   # the subprocesses reach no real mirror
+
+    info = vaekit("data", "info", "kmnist", "--data-dir", tmp_path / "kmnist")
+    assert "class_names: ['o', 'ki', 'su'," in info.stdout and "splits: {'train': 200, 'test': 100}" in info.stdout
+    run = vaekit("train", "--dataset", "kmnist", "--data-dir", tmp_path / "kmnist", "--epochs", 1,
+                 "--batch-size", 50, "--device", "cpu", "--out", tmp_path / "run")
+    assert "Epoch: 1, Test set ELBO: -" in run.stdout and "not the canonical kmnist release" in run.stdout
+    offline = vaekit("data", "fetch", "fashion-mnist", check=False)
+    assert offline.returncode == 2 and "Traceback" not in offline.stderr
+    error = offline.stderr.splitlines()[-1]
+    assert error.startswith("vaekit: error: fashion-mnist: no source could provide") and "--data-dir DIR" in error

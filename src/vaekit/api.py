@@ -9,7 +9,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .config import BINARIZATIONS, ConfigError
-from .data import dataset_info, fetch, load_splits, preprocess
+from .data import dataset_info, fetch, load_data, preprocess
 from .evaluate import evaluate, inpainting_log_likelihood
 from .generate import (INPAINT_METHODS, MASKS, PATHS, apply_attribute, attribute_vector, inpaint, interleave,
                        interpolate, manifold, mean_image, most_active_dims, posterior, project_2d, reconstruct,
@@ -30,7 +30,7 @@ def _positive(name: str, value: int) -> None:
 def _open(run: str | Path, device: str, data_dir: str | Path | None):
     """(model, config, runtime, splits): a run's model on its device and its dataset in memory."""
     model, config, rt = load_model(run, device)
-    return model, config, rt, load_splits(config.data.dataset, data_dir or config.data.data_dir)
+    return model, config, rt, load_data(config.data, data_dir)
 
 
 def _check_index(flag: str, index: int, n: int) -> None:

@@ -10,7 +10,7 @@ import typing
 from pathlib import Path
 
 from . import api
-from .config import Config, ConfigError
+from .config import FOLDER_SETTINGS, Config, ConfigError, DataConfig
 from .data import DataError
 from .distributed import launch, launched_by_torchrun
 from .evaluate import eval_table
@@ -28,23 +28,27 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per Config field (e.g. --latent-dim, --batch-size), default None = "not given"."""
+def _add_config_flags(parser: argparse.ArgumentParser, only: set[str] | None = None) -> None:
+    """One flag per Config field (e.g. --latent-dim, --batch-size), default None = "not given";
+    `only`: just the fields named "part.field"."""
     for part in dataclasses.fields(Config):
         group = parser.add_argument_group(f"{part.name} settings")
         part_cls = typing.get_type_hints(Config)[part.name]
         hints = typing.get_type_hints(part_cls)
         for f in dataclasses.fields(part_cls):
+            if only is not None and f"{part.name}.{f.name}" not in only:
+                continue
             kind = hints[f.name]
             flag = "--" + f.name.replace("_", "-")
             default = f.default if f.default is not dataclasses.MISSING else None
+            text = f"{f.metadata['help']} (default: {default})" if "help" in f.metadata else f"(default: {default})"
             if kind is bool:
                 group.add_argument(flag, dest=f"{part.name}.{f.name}", action=argparse.BooleanOptionalAction,
-                                   default=None, help=f"(default: {default})")
+                                   default=None, help=text)
             else:
                 base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
                 group.add_argument(flag, dest=f"{part.name}.{f.name}", type=base, default=None,
-                                   metavar=base.__name__.upper(), help=f"(default: {default})")
+                                   metavar=base.__name__.upper(), help=text)
 
 
 def _config_overrides(args: argparse.Namespace) -> dict:
@@ -94,11 +98,13 @@ def _cmd_train(args) -> int | None:
 
 
 def _cmd_data(args) -> None:
+    data = DataConfig(dataset=args.name, data_dir=args.data_dir and str(args.data_dir),
+                      **_config_overrides(args).get("data", {}))
     if args.action == "fetch":
-        path = api.fetch(args.name, args.data_dir)
+        path = api.fetch(data)
         print(f"{args.name}: ready in {path}")
     else:
-        for key, value in api.dataset_info(args.name, args.data_dir).items():
+        for key, value in api.dataset_info(data).items():
             print(f"{key:>14}: {value}")
 
 
@@ -184,8 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="fetch a dataset or show where it is")
     p.add_argument("action", choices=["fetch", "info"])
-    p.add_argument("name", help="mnist, fashion-mnist or kmnist")
-    p.add_argument("--data-dir", type=Path, help="a folder holding the IDX files, to use instead of fetching")
+    p.add_argument("name", help="mnist, fashion-mnist, kmnist, or folder (the images under --data-dir)")
+    p.add_argument("--data-dir", type=Path, help="a folder holding the IDX files, to use instead of fetching; "
+                   "for folder, the images")
+    _add_config_flags(p, {f"data.{name}" for name in FOLDER_SETTINGS})
     p.set_defaults(func=_cmd_data)
 
     def run_command(name: str, help: str, func) -> argparse.ArgumentParser:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .models import ConvVAEConfig
 
-BINARIZATIONS = ("static", "dynamic")
+BINARIZATIONS = ("static", "dynamic", "none")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -23,12 +23,44 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    dataset: str = "mnist"
-    data_dir: str | None = None       # a folder of IDX files to use instead of fetching
-    binarization: str = "static"      # "static": the seed's threshold at 0.5; "dynamic": Bernoulli per batch
+    dataset: str = field(default="mnist", metadata={"help": "mnist, fashion-mnist, kmnist (IDX files, fetched "
+                         "and verified), or folder: the PNG/JPEG images under --data-dir, labelled by subfolder"})
+    data_dir: str | None = field(default=None, metadata={"help": "IDX files to use instead of fetching; with "
+                                 "--dataset folder, the folder of images (required)"})
+    binarization: str = field(default="static", metadata={"help": "static: the seed's threshold pixel/255 >= 0.5; "
+                              "dynamic: a Bernoulli draw with p = pixel/255 per batch; none: pixel/255 in [0, 1] "
+                              "as is (8-bit likelihoods recover the integer as x*255)"})
+    resize: int = field(default=28, metadata={"help": "folder: the shorter side is resized to this many pixels, "
+                        "then the centre square kept"})
+    channels: int = field(default=1, metadata={"help": "folder: 1 = grey, 3 = RGB (each image is converted)"})
+    test_fraction: float = field(default=0.1, metadata={"help": "folder: the share of images held out as the "
+                                 "test split, chosen by a hash of each file's path"})
+    split_seed: int = field(default=0, metadata={"help": "folder: another seed puts other files in the test split"})
 
     def __post_init__(self) -> None:
+        from .data.sources import DATASETS   # here, not at the top: vaekit.data imports this module
+        _choice("dataset", self.dataset, (*DATASETS, FOLDER))
         _choice("binarization", self.binarization, BINARIZATIONS)
+        if self.dataset == FOLDER:
+            if not self.data_dir:
+                raise ConfigError("dataset folder reads its images from --data-dir DIR; pass it")
+        else:
+            changed = [f.name for f in dataclasses.fields(self)
+                       if f.name in FOLDER_SETTINGS and getattr(self, f.name) != f.default]
+            if changed:
+                flags = ", ".join("--" + name.replace("_", "-") for name in changed)
+                verb = "applies" if len(changed) == 1 else "apply"
+                raise ConfigError(f"{flags} {verb} to --dataset folder only ({self.dataset} has fixed images and "
+                                  "splits); leave them out")
+        if self.resize < 1:
+            raise ConfigError(f"resize must be >= 1, got {self.resize}: fix --resize")
+        _choice("channels", self.channels, (1, 3))
+        if not 0 < self.test_fraction < 1:
+            raise ConfigError(f"test_fraction must be between 0 and 1, got {self.test_fraction}: fix --test-fraction")
+
+
+FOLDER = "folder"   # the dataset of the images under data_dir (vaekit.data.folders)
+FOLDER_SETTINGS = ("resize", "channels", "test_fraction", "split_seed")   # DataConfig fields of folder datasets
 
 
 @dataclass
@@ -95,9 +127,9 @@ class Config:
         return cls.from_dict(d, source=str(path))
 
 
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+def _choice(name: str, value, allowed: tuple) -> None:
     if value not in allowed:
-        raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        raise ConfigError(f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
 
 
 def _field_types(cls) -> dict[str, type]:

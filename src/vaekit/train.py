@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from .config import Config, ConfigError
-from .data import load_splits, preprocess
+from .data import load_data, preprocess
 from .distributed import Runtime, restarted, setup
 from .evaluate import evaluate_elbo
 from .models import build_model
@@ -106,7 +106,7 @@ def _train(run: Run, config: Config, rt: Runtime, resuming: bool, log) -> None:
             raise ConfigError(f"--epochs {tc.epochs} is fewer than the {at.epoch} epochs {run.path} has done")
         log(f"Resuming {run.path} from {latest.name} (step {at.step}: epoch {at.epoch + 1}, batch {at.batch})")
     with rt.local_main_first():    # one download per machine; the other ranks then read the cache
-        splits = load_splits(config.data.dataset, config.data.data_dir, log=log)
+        splits = load_data(config.data, log=log)
     train_images = splits.train.images.to(rt.device)
     test_images = splits.test.images.to(rt.device)
     if tc.batch_size > len(train_images):

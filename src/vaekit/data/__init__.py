@@ -1,7 +1,8 @@
-"""Datasets: the IDX format, where the data comes from (verified, cached), in-memory splits."""
-from .datasets import ImageData, Splits, load_splits, preprocess
+"""Datasets: the IDX format, where the data comes from (verified, cached), image folders, in-memory splits."""
+from .datasets import ImageData, Splits, dataset_info, fetch, load_data, load_splits, preprocess
+from .folders import load_folder
 from .idx import DataError, read_idx, write_idx
-from .sources import DATASETS, cache_root, dataset_info, fetch
+from .sources import DATASETS, cache_root
 
 __all__ = [
     "DATASETS",
@@ -11,6 +12,8 @@ __all__ = [
     "cache_root",
     "dataset_info",
     "fetch",
+    "load_data",
+    "load_folder",
     "load_splits",
     "preprocess",
     "read_idx",

@@ -1,19 +1,23 @@
 """In-memory datasets and batch preprocessing.
 
 A split is held as uint8 tensors (60,000 MNIST images are 47 MB); batches are moved to
-the device as uint8 and binarised there by `preprocess`.
+the device as uint8 and binarised (or scaled) there by `preprocess`.
+
+`load_data(DataConfig)` is the one entry point of training and the commands: it reads an IDX
+dataset through the fetch chain (sources.py) or an image folder (folders.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .sources import Log, resolve, to_stderr
+from ..config import BINARIZATIONS, FOLDER, DataConfig
+from .folders import FolderData, load_folder
+from .sources import DATASETS, Log, fetch_idx, idx_info, resolve, to_stderr
 
-BINARIZATIONS = ("static", "dynamic")
 
 
 @dataclass
@@ -35,14 +39,36 @@ class ImageData:
 
 @dataclass
 class Splits:
-    """The canonical train and test splits of one dataset."""
+    """The train and test splits of one dataset, and the names of its labels."""
 
     train: ImageData
     test: ImageData
+    class_names: tuple[str, ...]   # label i is class_names[i]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of every image, for checking a model against the data."""
+        return tuple(self.train.images.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def load_data(data: DataConfig, data_dir: str | Path | None = None, *, log: Log = to_stderr) -> Splits:
+    """Both splits of the dataset `data` describes, in memory. `data_dir`, if given, stands in
+    for data.data_dir (the commands that read a run take --data-dir for data that has moved)."""
+    data = data_config(data, data_dir)
+    if data.dataset == FOLDER:
+        folder = _load_folder(data, log)
+        return Splits(ImageData(torch.from_numpy(folder.train_images), torch.from_numpy(folder.train_labels)),
+                      ImageData(torch.from_numpy(folder.test_images), torch.from_numpy(folder.test_labels)),
+                      folder.class_names)
+    return load_splits(data.dataset, data.data_dir, log=log)
 
 
 def load_splits(name: str, data_dir: str | Path | None = None, *, log: Log = to_stderr) -> Splits:
-    """Fetch (see `vaekit.data.fetch`) and load both splits of dataset `name` into memory."""
+    """Fetch (see `vaekit.data.fetch`) and load both splits of IDX dataset `name` into memory."""
     arrays = resolve(name, data_dir, log=log).arrays
 
     def split(prefix: str) -> ImageData:
@@ -50,17 +76,60 @@ def load_splits(name: str, data_dir: str | Path | None = None, *, log: Log = to_
         labels = torch.from_numpy(arrays[f"{prefix}_labels"].astype(np.int64))
         return ImageData(images, labels)
 
-    return Splits(train=split("train"), test=split("test"))
+    return Splits(train=split("train"), test=split("test"), class_names=DATASETS[name].class_names)
+
+
+def fetch(dataset: str | DataConfig, data_dir: str | Path | None = None, *, log: Log = to_stderr) -> Path:
+    """Make `dataset` ready for training; returns where it is: the directory of its verified IDX
+    files, or for an image folder the cache file of its decoded images."""
+    data = data_config(dataset, data_dir)
+    if data.dataset == FOLDER:
+        return _load_folder(data, log).cache_file
+    return fetch_idx(data.dataset, data.data_dir, log=log)
+
+
+def dataset_info(dataset: str | DataConfig, data_dir: str | Path | None = None, *, log: Log = to_stderr) -> dict:
+    """Where `dataset` is, its source, split sizes, image shape (C, H, W) and class names; for IDX
+    datasets the array SHA-256s too, for an image folder its cache file and skipped files."""
+    data = data_config(dataset, data_dir)
+    if data.dataset != FOLDER:
+        return idx_info(data.dataset, data.data_dir, log=log)
+    folder = _load_folder(data, log)
+    return {
+        "name": FOLDER,
+        "path": str(Path(data.data_dir).expanduser()),
+        "source": folder.source,
+        "cache": str(folder.cache_file),
+        "splits": {"train": len(folder.train_images), "test": len(folder.test_images)},
+        "image_shape": list(folder.train_images.shape[1:]),
+        "num_classes": len(folder.class_names),
+        "class_names": list(folder.class_names),
+        "skipped": len(folder.skipped),
+    }
+
+
+def data_config(dataset: str | DataConfig, data_dir: str | Path | None = None) -> DataConfig:
+    """A DataConfig from a dataset name or a DataConfig, with `data_dir` (if given) standing in
+    for its data_dir."""
+    if isinstance(dataset, DataConfig):
+        return dataset if data_dir is None else replace(dataset, data_dir=str(data_dir))
+    return DataConfig(dataset=dataset, data_dir=None if data_dir is None else str(data_dir))
+
+
+def _load_folder(data: DataConfig, log: Log) -> FolderData:
+    return load_folder(data.data_dir, data.resize, data.channels, data.test_fraction, data.split_seed, log=log)
 
 
 def preprocess(
     images_uint8: torch.Tensor, binarization: str, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Binarise a uint8 batch [B, C, H, W] on its own device; returns float32 in {0, 1}.
+    """Binarise (or scale) a uint8 batch [B, C, H, W] on its own device; returns float32.
 
-    "static": the seed's threshold pixel / 255 >= 0.5, i.e. pixel >= 128.
+    "static": the seed's threshold pixel / 255 >= 0.5, i.e. pixel >= 128; values in {0, 1}.
     "dynamic": a fresh Bernoulli draw with p = pixel / 255 from `generator` (which must
-    live on the batch's device), as is standard in the likelihood literature.
+    live on the batch's device), as is standard in the likelihood literature; values in {0, 1}.
+    "none": pixel / 255 in [0, 1], no draw; x * 255 rounds back to the exact 8-bit value
+    (what Gaussian and discretized-logistic likelihoods of 8-bit images need).
     """
     if binarization not in BINARIZATIONS:
         raise ValueError(f"binarization must be one of {', '.join(BINARIZATIONS)}; got {binarization!r}")
@@ -68,4 +137,6 @@ def preprocess(
         raise ValueError(f"preprocess takes uint8 images, got {images_uint8.dtype}")
     if binarization == "static":
         return (images_uint8 >= 128).float()
+    if binarization == "none":
+        return images_uint8.float() / 255
     return torch.bernoulli(images_uint8.float() / 255, generator=generator)

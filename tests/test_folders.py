@@ -1,0 +1,264 @@
+"""Image-folder datasets (vaekit.data.folders): real PNG/JPEG files written from the shipped MNIST
+sample, labels from subfolders, explicit mode conversion, resize and crop, a deterministic and
+stable split, bad files, the decoded-array cache; and `--binarization none`."""
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import SAMPLE, Log
+from test_cli import vaekit
+from vaekit import Config, ConfigError, DataConfig
+from vaekit.data import DataError, cache_root, dataset_info, load_data, load_folder, preprocess, read_idx
+
+
+def sample_digits(n: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Training images [n, 28, 28] uint8 and labels [n] of the shipped MNIST sample."""
+    images = read_idx(SAMPLE / "train-images-idx3-ubyte.gz")[start:start + n]
+    labels = read_idx(SAMPLE / "train-labels-idx1-ubyte.gz")[start:start + n]
+    return images, labels
+
+
+def write_digit_folder(root: Path, n: int = 300, start: int = 0, suffix: str = ".png") -> dict[str, np.ndarray]:
+    """root/<digit>/<index>.png for sample images start..start+n; returns {relative path: pixels}."""
+    images, labels = sample_digits(n, start)
+    written = {}
+    for i, (image, label) in enumerate(zip(images, labels), start):
+        rel = f"{label}/{i:04d}{suffix}"
+        (root / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image, "L").save(root / rel, quality=95)
+        written[rel] = image
+    return written
+
+
+def folder_config(root: Path, **settings) -> DataConfig:
+    return DataConfig(dataset="folder", data_dir=str(root), **settings)
+
+
+def rows(images: torch.Tensor) -> set[bytes]:
+    """Each image's bytes: identifies the sample's (distinct) images whatever their order."""
+    return {image.numpy().tobytes() for image in images}
+
+
+def test_a_png_folder_loads_exactly_with_labels_from_sorted_subfolders(tmp_path):
+    written = write_digit_folder(tmp_path / "digits")
+    splits = load_data(folder_config(tmp_path / "digits"), log=Log())
+    assert splits.image_shape == (1, 28, 28) and splits.num_classes == 10
+    assert splits.class_names == tuple("0123456789")
+    assert len(splits.train) + len(splits.test) == 300
+    assert 10 <= len(splits.test) <= 60    # about 10% of 300
+    by_pixels = {image.tobytes(): int(rel.split("/")[0]) for rel, image in written.items()}
+    for split in (splits.train, splits.test):
+        assert split.images.dtype == torch.uint8 and split.labels.dtype == torch.int64
+        for image, label in zip(split.images, split.labels):
+            assert by_pixels[image[0].numpy().tobytes()] == label    # PNG is lossless; no resize at 28
+    assert not rows(splits.train.images) & rows(splits.test.images)
+
+
+def test_rgb_and_grey_conversion_jpeg_and_one_class_folder(tmp_path):
+    images, _ = sample_digits(40)
+    rgb = np.stack([images, 255 - images, np.full_like(images, 60)], axis=-1)    # [40, 28, 28, 3]
+    folder = tmp_path / "colour"
+    folder.mkdir()
+    for i, pixels in enumerate(rgb):
+        Image.fromarray(pixels, "RGB").save(folder / f"{i:02d}.png")
+    Image.fromarray(images[0], "L").save(folder / "grey.jpg", quality=95)
+    as_rgb = load_data(folder_config(folder, channels=3), log=Log())
+    assert as_rgb.image_shape == (3, 28, 28) and as_rgb.class_names == ("colour",)
+    everything = torch.cat([as_rgb.train.images, as_rgb.test.images])
+    assert set(torch.cat([as_rgb.train.labels, as_rgb.test.labels]).tolist()) == {0}
+    assert rows(torch.from_numpy(rgb.transpose(0, 3, 1, 2))) <= rows(everything)   # RGB kept exactly
+    greys = [image for image in everything if torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])]
+    assert len(greys) == 1 and (greys[0][0].int() - torch.from_numpy(images[0]).int()).abs().float().mean() < 3
+
+    as_grey = load_data(folder_config(folder, channels=1), log=Log())
+    assert as_grey.image_shape == (1, 28, 28)
+    r, g, b = (torch.from_numpy(rgb[..., c]).double() for c in range(3))
+    luma = (r * 299 + g * 587 + b * 114) / 1000                         # ITU-R 601-2, as Pillow
+    loaded = torch.cat([as_grey.train.images, as_grey.test.images])[:, 0].double()
+    for expected in luma:
+        assert (loaded - expected).abs().amax(dim=(1, 2)).min() <= 1
+
+
+def test_resize_shorter_side_then_centre_crop(tmp_path):
+    folder = tmp_path / "shapes"
+    folder.mkdir()
+    tall = np.full((112, 56), 200, np.uint8)      # H=112, W=56: the centre half rows are 200
+    tall[:28], tall[84:] = 50, 100
+    Image.fromarray(tall, "L").save(folder / "tall.png")
+    wide = np.tile(np.arange(40, dtype=np.uint8) * 5, (28, 1))     # H=28, W=40: columns 0, 5, .., 195
+    Image.fromarray(wide, "L").save(folder / "wide.png")
+    data = load_folder(folder, 28, 1, 0.5, 0, log=Log())
+    by_shape = {}
+    for image in np.concatenate([data.train_images, data.test_images]):
+        by_shape["wide" if image[0, 0, 0] != image[0, 0, 27] else "tall"] = image[0]
+    np.testing.assert_array_equal(by_shape["wide"], wide[:, 6:34])    # no resize: the centre 28 columns
+    assert by_shape["tall"].shape == (28, 28)
+    # 56x112 -> 28x56 (bicubic), rows 14..41 kept: 200, but at the crop's edges, where the kernel
+    # also reaches the 50 above and the 100 below (as a resize of the whole image does)
+    assert (by_shape["tall"][2:-2] == 200).all()
+    assert 150 < by_shape["tall"][0].mean() < 200 and 150 < by_shape["tall"][-1].mean() < 200
+
+
+def test_bad_files_are_skipped_with_a_count_and_named(tmp_path):
+    folder = tmp_path / "mixed"
+    write_digit_folder(folder, n=40)
+    (folder / "3" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
+    whole = (folder / "3" / os.listdir(folder / "3")[0]).read_bytes()
+    (folder / "3" / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    Image.new("CMYK", (28, 28), (0, 255, 0, 0)).save(folder / "5" / "cmyk.jpg")
+    Image.fromarray(np.full((28, 28), 40000, np.uint16)).save(folder / "5" / "sixteen-bit.png")
+    palette = Image.new("P", (28, 28), 1)
+    palette.putpalette([0, 0, 0, 30, 90, 150] + [0] * 762)
+    palette.save(folder / "7" / "palette.png")
+    grey_alpha = Image.new("LA", (28, 28), (255, 0))       # white but fully transparent -> black
+    grey_alpha.paste((255, 255), (0, 0, 14, 28))           # the left half opaque white
+    grey_alpha.save(folder / "7" / "alpha.png")
+    (folder / "7" / ".hidden.png").write_bytes(b"not an image, and ignored")
+
+    log = Log()
+    data = load_folder(folder, 28, 3, 0.1, 0, log=log)
+    warnings = [line for line in log if line.startswith("warning: skipped")]
+    assert len(warnings) == 1
+    assert "skipped 4 of 46 images" in warnings[0] and "and 1 more" in warnings[0]
+    assert "3/corrupt.png (unreadable" in warnings[0] and "5/cmyk.jpg (CMYK mode" in warnings[0]
+    assert sorted(name.split(" ")[0] for name in data.skipped) == [
+        "3/corrupt.png", "3/truncated.png", "5/cmyk.jpg", "5/sixteen-bit.png"]
+    images = np.concatenate([data.train_images, data.test_images])
+    assert len(images) == 40 + 2
+    assert any((image == np.array([30, 90, 150], np.uint8)[:, None, None]).all() for image in images)
+    alpha = [image for image in images if (image[:, :, :14] == 255).all()]
+    assert len(alpha) == 1 and (alpha[0][:, :, 14:] == 0).all()
+
+
+def test_a_folder_without_usable_images_is_one_line_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no .png/.jpg/.jpeg images") as error:
+        load_data(folder_config(tmp_path / "empty"), log=Log())
+    assert "\n" not in str(error.value)
+    (tmp_path / "broken" / "a").mkdir(parents=True)
+    (tmp_path / "broken" / "a" / "x.jpg").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="none of its 1 images can be used .*a/x.jpg"):
+        load_data(folder_config(tmp_path / "broken"), log=Log())
+    with pytest.raises(DataError, match="not a folder"):
+        load_data(folder_config(tmp_path / "nowhere"), log=Log())
+    write_digit_folder(tmp_path / "few", n=3)
+    with pytest.raises(DataError, match="the test split is empty .*--test-fraction"):
+        load_data(folder_config(tmp_path / "few", test_fraction=0.01), log=Log())
+
+
+def test_split_is_deterministic_stable_when_files_are_added_and_follows_the_seed(tmp_path):
+    folder = tmp_path / "digits"
+    write_digit_folder(folder, n=200)
+    first = load_data(folder_config(folder), log=Log())
+    again = load_folder(folder, 28, 1, 0.1, 0, log=Log())
+    assert np.array_equal(first.test.images.numpy(), again.test_images)
+
+    write_digit_folder(folder, n=100, start=200)         # 100 more files, some in existing classes
+    grown = load_data(folder_config(folder), log=Log())
+    assert rows(first.test.images) <= rows(grown.test.images)
+    assert rows(first.train.images) <= rows(grown.train.images)
+    assert len(grown.test) > len(first.test)
+
+    reseeded = load_data(folder_config(folder, split_seed=1), log=Log())
+    assert rows(reseeded.test.images) != rows(grown.test.images)
+    half = load_data(folder_config(folder, test_fraction=0.5), log=Log())
+    assert 100 <= len(half.test) <= 200
+
+
+def test_decoded_arrays_are_cached_and_a_changed_file_is_never_served_stale(tmp_path):
+    folder = tmp_path / "digits"
+    written = write_digit_folder(folder, n=60)
+    log = Log()
+    first = load_folder(folder, 28, 1, 0.2, 0, log=log)
+    assert log.has("decoding 60 images") and first.source.startswith("decoded")
+    log = Log()
+    cached = load_folder(folder, 28, 1, 0.2, 0, log=log)
+    assert log == [] and cached.source == f"cache {first.cache_file}"
+    for name in ("train_images", "train_labels", "test_images", "test_labels"):
+        np.testing.assert_array_equal(getattr(cached, name), getattr(first, name))
+    assert cached.class_names == first.class_names
+
+    # Same size and mtime, other pixels: the content key still sees it.
+    rel = next(iter(written))
+    path = folder / rel
+    stat = path.stat()
+    inverted = 255 - written[rel]
+    Image.fromarray(inverted, "L").save(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    log = Log()
+    changed = load_folder(folder, 28, 1, 0.2, 0, log=log)
+    assert log.has("decoding 60 images") and changed.cache_file != first.cache_file
+    everything = np.concatenate([changed.train_images, changed.test_images])[:, 0]
+    assert any((image == inverted).all() for image in everything)
+    assert not first.cache_file.exists()                 # the stale entry is gone
+    assert [p.name for p in changed.cache_file.parent.iterdir()] == [changed.cache_file.name]
+
+    load_folder(folder, 14, 1, 0.2, 0, log=Log())        # other settings: their own entry
+    assert len(list(changed.cache_file.parent.iterdir())) == 2
+    assert changed.cache_file.is_relative_to(cache_root())
+
+
+def test_a_damaged_cache_entry_is_decoded_again(tmp_path):
+    write_digit_folder(tmp_path / "digits", n=30)
+    first = load_folder(tmp_path / "digits", 28, 1, 0.2, 0, log=Log())
+    first.cache_file.write_bytes(first.cache_file.read_bytes()[:100])
+    log = Log()
+    again = load_folder(tmp_path / "digits", 28, 1, 0.2, 0, log=log)
+    assert log.has("unreadable") and log.has("decoding 30 images")
+    np.testing.assert_array_equal(again.train_images, first.train_images)
+
+
+def test_loose_images_beside_class_folders_are_left_out_with_a_warning(tmp_path):
+    write_digit_folder(tmp_path / "digits", n=30)
+    Image.new("L", (28, 28)).save(tmp_path / "digits" / "stray.png")
+    log = Log()
+    splits = load_data(folder_config(tmp_path / "digits"), log=log)
+    assert len(splits.train) + len(splits.test) == 30
+    assert log.has("1 images directly in") and log.has("stray.png")
+
+
+def test_dataset_info_of_a_folder(tmp_path):
+    write_digit_folder(tmp_path / "digits", n=50)
+    info = dataset_info(folder_config(tmp_path / "digits", resize=14, channels=3), log=Log())
+    assert info["name"] == "folder" and info["image_shape"] == [3, 14, 14]
+    assert info["num_classes"] == 10 and info["class_names"] == list("0123456789")
+    assert info["splits"]["train"] + info["splits"]["test"] == 50 and info["skipped"] == 0
+    assert Path(info["cache"]).is_file()
+
+
+def test_data_config_checks_folder_settings():
+    with pytest.raises(ConfigError, match="--data-dir"):
+        DataConfig(dataset="folder")
+    with pytest.raises(ConfigError, match="--resize, --channels apply to --dataset folder only"):
+        DataConfig(dataset="mnist", resize=32, channels=3)
+    with pytest.raises(ConfigError, match="channels must be one of 1, 3"):
+        DataConfig(dataset="folder", data_dir="x", channels=2)
+    with pytest.raises(ConfigError, match="test_fraction"):
+        DataConfig(dataset="folder", data_dir="x", test_fraction=1.0)
+    assert Config.from_dict({"data": {"binarization": "none"}}).data.binarization == "none"
+
+
+def test_binarization_none_keeps_the_8_bit_value_exactly():
+    pixels = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
+    x = preprocess(pixels, "none")
+    assert x.dtype == torch.float32 and x.min() == 0 and x.max() == 1
+    assert torch.equal(torch.round(x * 255).to(torch.uint8), pixels)
+
+
+def test_cli_trains_on_an_image_folder_and_shows_its_info(tmp_path):
+    write_digit_folder(tmp_path / "digits", n=300)
+    info = vaekit("data", "info", "folder", "--data-dir", tmp_path / "digits").stdout
+    assert "image_shape: [1, 28, 28]" in info and "class_names: ['0', '1'," in info
+    run = tmp_path / "run"
+    result = vaekit("train", "--dataset", "folder", "--data-dir", tmp_path / "digits", "--epochs", 1,
+                    "--batch-size", 50, "--lr", 1e-3, "--device", "cpu", "--out", run)
+    assert "Epoch: 1, Test set ELBO: -" in result.stdout
+    assert "decoding" not in result.stdout + result.stderr     # `data info` filled the cache
+    config = Config.load(run / "config.json")
+    assert config.data.dataset == "folder" and config.data.data_dir == str(tmp_path / "digits")
+    assert (run / "images" / "image_at_epoch_0001.png").is_file()
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
