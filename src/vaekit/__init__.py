@@ -10,11 +10,11 @@ from .config import Config, ConfigError, DataConfig, TrainConfig
 from .data import DataError, load_splits
 from .evaluate import evaluate
 from .generate import apply_attribute, attribute_vector, inpaint, interpolate, manifold, reconstruct, sample, traverse
-from .models import ConvVAE, ConvVAEConfig
+from .models import ConvVAE, ModelConfig
 from .runs import Run, RunError, load_model
 
 __all__ = [
-    "Config", "ConfigError", "ConvVAE", "ConvVAEConfig", "DataConfig", "DataError", "Run", "RunError",
+    "Config", "ConfigError", "ConvVAE", "ModelConfig", "DataConfig", "DataError", "Run", "RunError",
     "TrainConfig", "dataset_info", "fetch", "load_model", "load_splits", "make_gif", "reconstruct",
     "reconstruct_to_png", "sample", "sample_to_png", "train",
     "evaluate", "evaluate_run", "interpolate", "interpolate_to_png", "traverse", "traverse_to_png",

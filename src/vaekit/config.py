@@ -10,9 +10,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .models import ConvVAEConfig
+from .models import ModelConfig
 
-BINARIZATIONS = ("static", "dynamic")
+BINARIZATIONS = ("static", "dynamic", "none")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -25,7 +25,8 @@ class ConfigError(ValueError):
 class DataConfig:
     dataset: str = "mnist"
     data_dir: str | None = None       # a folder of IDX files to use instead of fetching
-    binarization: str = "static"      # "static": the seed's threshold at 0.5; "dynamic": Bernoulli per batch
+    binarization: str = "static"      # "static": the seed's threshold at 0.5; "dynamic": Bernoulli per batch;
+                                      # "none": grey levels pixel/255, for the 8-bit likelihoods
 
     def __post_init__(self) -> None:
         _choice("binarization", self.binarization, BINARIZATIONS)
@@ -58,8 +59,14 @@ class TrainConfig:
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
-    model: ConvVAEConfig = field(default_factory=ConvVAEConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if (self.data.binarization == "none" and self.model.likelihood == "bernoulli"
+                and not self.model.allow_continuous_bernoulli):
+            raise ConfigError("the bernoulli likelihood is for binary data, and binarization none keeps grey levels: "
+                              "pass --likelihood logistic (or gaussian), a binarization, or --allow-continuous-bernoulli")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

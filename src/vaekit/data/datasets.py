@@ -13,7 +13,7 @@ import torch
 
 from .sources import Log, resolve, to_stderr
 
-BINARIZATIONS = ("static", "dynamic")
+BINARIZATIONS = ("static", "dynamic", "none")
 
 
 @dataclass
@@ -56,11 +56,13 @@ def load_splits(name: str, data_dir: str | Path | None = None, *, log: Log = to_
 def preprocess(
     images_uint8: torch.Tensor, binarization: str, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Binarise a uint8 batch [B, C, H, W] on its own device; returns float32 in {0, 1}.
+    """Binarise a uint8 batch [B, C, H, W] on its own device; returns float32 in {0, 1}
+    ("none": in [0, 1]).
 
     "static": the seed's threshold pixel / 255 >= 0.5, i.e. pixel >= 128.
     "dynamic": a fresh Bernoulli draw with p = pixel / 255 from `generator` (which must
     live on the batch's device), as is standard in the likelihood literature.
+    "none": the grey levels pixel / 255, for the likelihoods of 8-bit data.
     """
     if binarization not in BINARIZATIONS:
         raise ValueError(f"binarization must be one of {', '.join(BINARIZATIONS)}; got {binarization!r}")
@@ -68,4 +70,6 @@ def preprocess(
         raise ValueError(f"preprocess takes uint8 images, got {images_uint8.dtype}")
     if binarization == "static":
         return (images_uint8 >= 128).float()
+    if binarization == "none":
+        return images_uint8.float() / 255
     return torch.bernoulli(images_uint8.float() / 255, generator=generator)
