@@ -24,7 +24,7 @@ import torch.nn.functional as F
 LIKELIHOODS = ("bernoulli", "gaussian", "gaussian-fixed", "logistic")
 LOG_2PI = math.log(2.0 * math.pi)
 # The learned log-scale of the Gaussian and the logistic is clamped to [LOG_SCALE_MIN, LOG_SCALE_MAX]:
-# below about a tenth of a grey level (1/255 on [0,1]) a density on 8-bit data can grow without bound
+# below exp(-7), about a quarter of a grey level (1/255 on [0,1]), a density on 8-bit data can grow without bound
 # on pixels that never vary (MNIST's black background), and exp(2) is far wider than the data.
 LOG_SCALE_MIN, LOG_SCALE_MAX = -7.0, 2.0
 

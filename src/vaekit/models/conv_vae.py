@@ -47,8 +47,6 @@ class UpConvReLU(nn.Module):
 class ConvVAE(VAE):
     def __init__(self, config: ModelConfig | None = None) -> None:
         config = config or ModelConfig()
-        if config.conditional and not config.num_classes:
-            raise ValueError("a conditional model needs num_classes (training sets it from the data)")
         widths = [32 * 2 ** i for i in range(config.stages)]            # [32, 64] for 28x28
         size = config.image_size
         encoder = [nn.Conv2d(config.image_channels + config.num_classes, widths[0], 3, stride=2), nn.ReLU()]

@@ -40,8 +40,6 @@ class ResBlock(nn.Module):
 class ResNetVAE(VAE):
     def __init__(self, config: ModelConfig | None = None) -> None:
         config = config or ModelConfig(family="resnet")
-        if config.conditional and not config.num_classes:
-            raise ValueError("a conditional model needs num_classes (training sets it from the data)")
         widths = [min(BASE_WIDTH * 2 ** i, MAX_WIDTH) for i in range(config.stages + 1)]   # 32 px: 32..256
         base = config.base_size
         encoder = [nn.Conv2d(config.image_channels + config.num_classes, widths[0], 3, padding=1)]

@@ -18,6 +18,8 @@ from .config import ModelConfig
 class VAE(nn.Module):
     def __init__(self, config: ModelConfig, encoder: nn.Module, decoder: nn.Module) -> None:
         super().__init__()
+        if config.conditional and not config.num_classes:
+            raise ValueError("a conditional model needs num_classes (training sets it from the data)")
         self.config = config
         self.likelihood = config.likelihood_fn
         self.encoder = encoder
