@@ -111,7 +111,8 @@ def evaluate_run(run: str | Path, k: int = 5000, binarization: str | None = None
         raise ConfigError(f"--binarization must be one of {', '.join(BINARIZATIONS)}; got {binarization!r}")
     model, config, rt, splits = _open(run, device, data_dir)
     binarization = binarization or config.data.binarization
-    if binarization == "none" and config.model.likelihood == "bernoulli" and not config.model.allow_continuous_bernoulli:
+    mc = config.model
+    if binarization == "none" and mc.likelihood == "bernoulli" and not mc.allow_continuous_bernoulli:
         raise ConfigError(f"{run} has a bernoulli likelihood, for binary data: pass --binarization static or dynamic")
     result = evaluate(model, splits.test.images.to(rt.device), binarization, rt, k, batch_size, seed,
                       _labels(config, splits.test, rt))

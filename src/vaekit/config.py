@@ -65,8 +65,9 @@ class Config:
     def __post_init__(self) -> None:
         if (self.data.binarization == "none" and self.model.likelihood == "bernoulli"
                 and not self.model.allow_continuous_bernoulli):
-            raise ConfigError("the bernoulli likelihood is for binary data, and binarization none keeps grey levels: "
-                              "pass --likelihood logistic (or gaussian), a binarization, or --allow-continuous-bernoulli")
+            raise ConfigError("the bernoulli likelihood is for binary data, and binarization none keeps grey "
+                              "levels: pass --likelihood logistic (or gaussian), a binarization, or "
+                              "--allow-continuous-bernoulli")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -54,7 +54,7 @@ def train(config: Config | None = None, out: str | Path | None = None, resume: s
     if (resume is None) == (out is None):
         raise ValueError("train() needs exactly one of out= (a new run) or resume= (an existing run)")
     config = config or Config()
-    if out is not None and restarted() and Run(out).config_path.is_file() and Run(out).config() == config:
+    if out is not None and restarted() and Run(out).config_path.is_file() and _same_config(Run(out).config(), config):
         resume, out = out, None
     if resume is not None:
         run = Run.open(resume)
@@ -80,6 +80,14 @@ def train(config: Config | None = None, out: str | Path | None = None, resume: s
     return run
 
 
+def _same_config(saved: Config, config: Config) -> bool:
+    """Whether a run's config.json holds `config`, counting the classes a conditional run's file
+    learned from the data as given."""
+    if config.model.conditional and not config.model.num_classes:
+        config = replace(config, model=replace(config.model, num_classes=saved.model.num_classes))
+    return saved == config
+
+
 def _silent(*_) -> None:
     """The log of ranks other than 0: one process speaks for the job."""
 
@@ -91,7 +99,7 @@ def _train(run: Run, config: Config, rt: Runtime, resuming: bool, log) -> None:
     if config.model.conditional and not config.model.num_classes:
         config.model.num_classes = int(splits.train.labels.max()) + 1     # saved in config.json below
     for split in (splits.train, splits.test):
-        check_data_fits(config.model, split.images, split.labels, config.data.dataset)
+        check_data_fits(config.model, split.images, split.labels, config.data.data_dir or config.data.dataset)
     torch.manual_seed(tc.seed)
     # channels_last: the layout oneDNN's and cuDNN's fast convolution kernels want (CPU: +30%)
     model = build_model(config.model).to(rt.device, memory_format=torch.channels_last)
