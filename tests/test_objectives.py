@@ -87,8 +87,7 @@ def test_beta_weights_the_rate_and_beta_one_is_the_elbo_bit_for_bit():
 def test_iwae_bound_is_at_least_the_mean_elbo_of_its_draws():
     """log mean_k w_k >= mean_k log w_k (Jensen), for every example."""
     rng = np.random.default_rng(4)
-    batches = [random_batch(np.random.default_rng(4)) for _ in range(1)]
-    x, _, _, mean, logvar = map(torch.from_numpy, batches[0])
+    x, _, _, mean, logvar = map(torch.from_numpy, random_batch(rng))
     k = 6
     logits = torch.from_numpy(rng.normal(0, 4, size=(k, *x.shape)))
     z = mean + torch.exp(logvar / 2) * torch.from_numpy(rng.normal(size=(k, *mean.shape)))

@@ -138,7 +138,7 @@ def eval_table(result: dict) -> str:
         (f"active units (Cov > {ACTIVE_UNIT_THRESHOLD})", f"{result['active_units']}/{result['latent_dim']}"),
     ]
     if "bits_per_dim" in result:
-        rows[2:2] = [("  = bits/dim, 8-bit scale (-ELBO)", f"{result['bits_per_dim']:.4f}")]
+        rows[1:1] = [("  = bits/dim, 8-bit scale (its -ELBO)", f"{result['bits_per_dim']:.4f}")]
         rows[-1:-1] = [(f"  = bits/dim, 8-bit scale (NLL, K={k})", f"{result['nll_bits_per_dim']:.4f}")]
     lines = [f"{result['n']} test images, binarization {result['protocol']}; {result['seconds']} s",
              f"{'':40}{'nats/image':>12}  binarization"]
