@@ -13,7 +13,7 @@ from common import emit, machine, peak_memory_mb
 
 from vaekit.distributed import setup
 from vaekit.generate import sample
-from vaekit.models import ConvVAE, ConvVAEConfig
+from vaekit.models import ConvVAE, ModelConfig
 
 
 def main() -> None:
@@ -26,7 +26,7 @@ def main() -> None:
     args = p.parse_args()
 
     rt = setup(args.device, args.precision)
-    model = ConvVAE(ConvVAEConfig()).to(rt.device).eval()   # speed does not depend on the weights
+    model = ConvVAE(ModelConfig()).to(rt.device).eval()   # speed does not depend on the weights
     gen = rt.generator(0)
     rates = []
     for r in range(args.repeats + 1):          # the first repeat warms up and is not counted

@@ -21,7 +21,7 @@ def quiet(*_):
 
 @torch.inference_mode()
 def decode(model, z: torch.Tensor) -> torch.Tensor:
-    return model.decode(z, apply_sigmoid=True)
+    return model.decode(z, as_image=True)
 
 
 @pytest.fixture(scope="module")

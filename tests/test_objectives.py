@@ -4,8 +4,8 @@ import math
 import numpy as np
 import torch
 
-from vaekit.objectives import (analytic_kl, bernoulli_log_likelihood, importance_weights, iwae_bound,
-                               log_normal_pdf, single_sample_elbo)
+from vaekit.likelihoods import Bernoulli
+from vaekit.objectives import analytic_kl, importance_weights, iwae_bound, log_normal_pdf, single_sample_elbo
 
 
 def np_log_normal_pdf(sample, mean, logvar):
@@ -45,7 +45,7 @@ def test_parts_match_numpy():
     x, logits, z, mean, logvar = random_batch(rng)
     t = lambda a: torch.from_numpy(a)  # noqa: E731
     np.testing.assert_allclose(log_normal_pdf(t(z), t(mean), t(logvar)).numpy(), np_log_normal_pdf(z, mean, logvar))
-    np.testing.assert_allclose(bernoulli_log_likelihood(t(x), t(logits)).double().numpy(),
+    np.testing.assert_allclose(Bernoulli.log_prob(t(x), t(logits)).double().numpy(),
                                -np_sigmoid_cross_entropy_with_logits(logits, x).reshape(7, -1).sum(1), rtol=1e-5)
     kl = 0.5 * np.sum(mean ** 2 + np.exp(logvar) - 1 - logvar, axis=1)
     np.testing.assert_allclose(analytic_kl(t(mean), t(logvar)).numpy(), kl)
@@ -72,3 +72,25 @@ def test_iwae_bound_is_log_mean_exp():
     log_w = torch.tensor([[0.0, -1000.0], [math.log(3.0), -1001.0]], dtype=torch.float64)
     expected = torch.tensor([math.log(2.0), -1000.0 + math.log((1 + math.exp(-1)) / 2)], dtype=torch.float64)
     torch.testing.assert_close(iwae_bound(log_w), expected)
+
+
+def test_beta_weights_the_rate_and_beta_one_is_the_elbo_bit_for_bit():
+    rng = np.random.default_rng(3)
+    x, logits, z, mean, logvar = map(torch.from_numpy, random_batch(rng))
+    elbo = single_sample_elbo(x, logits, z, mean, logvar)
+    assert torch.equal(single_sample_elbo(x, logits, z, mean, logvar, beta=1.0), elbo)
+    log_px = Bernoulli.log_prob(x, logits)
+    mc_rate = log_normal_pdf(z, mean, logvar) - log_normal_pdf(z, 0.0, 0.0)
+    torch.testing.assert_close(single_sample_elbo(x, logits, z, mean, logvar, beta=4.0), log_px - 4.0 * mc_rate)
+
+
+def test_iwae_bound_is_at_least_the_mean_elbo_of_its_draws():
+    """log mean_k w_k >= mean_k log w_k (Jensen), for every example."""
+    rng = np.random.default_rng(4)
+    x, _, _, mean, logvar = map(torch.from_numpy, random_batch(rng))
+    k = 6
+    logits = torch.from_numpy(rng.normal(0, 4, size=(k, *x.shape)))
+    z = mean + torch.exp(logvar / 2) * torch.from_numpy(rng.normal(size=(k, *mean.shape)))
+    log_w = importance_weights(x, logits, z, mean, logvar)
+    assert log_w.shape == (k, 7)
+    assert (iwae_bound(log_w) >= log_w.mean(0)).all()

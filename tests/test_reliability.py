@@ -271,8 +271,8 @@ def run_copy(reference, tmp_path):
 
 
 def foreign_weights(ckpt):   # another model's weights: latent 2 instead of 50
-    from vaekit import ConvVAE, ConvVAEConfig
-    save_file({k: v.contiguous() for k, v in ConvVAE(ConvVAEConfig(latent_dim=2)).state_dict().items()},
+    from vaekit import ConvVAE, ModelConfig
+    save_file({k: v.contiguous() for k, v in ConvVAE(ModelConfig(latent_dim=2)).state_dict().items()},
               str(ckpt / "model.safetensors"))
 
 

@@ -7,15 +7,15 @@
 from .api import (attribute_to_png, dataset_info, evaluate_run, fetch, inpaint_to_png, interpolate_to_png,
                   latent_map_to_png, make_gif, reconstruct_to_png, sample_to_png, train, traverse_to_png)
 from .config import Config, ConfigError, DataConfig, TrainConfig
-from .data import DataError, load_splits
+from .data import DataError, load_data, load_splits
 from .evaluate import evaluate
 from .generate import apply_attribute, attribute_vector, inpaint, interpolate, manifold, reconstruct, sample, traverse
-from .models import ConvVAE, ConvVAEConfig
+from .models import ConvVAE, ModelConfig
 from .runs import Run, RunError, load_model
 
 __all__ = [
-    "Config", "ConfigError", "ConvVAE", "ConvVAEConfig", "DataConfig", "DataError", "Run", "RunError",
-    "TrainConfig", "dataset_info", "fetch", "load_model", "load_splits", "make_gif", "reconstruct",
+    "Config", "ConfigError", "ConvVAE", "ModelConfig", "DataConfig", "DataError", "Run", "RunError",
+    "TrainConfig", "dataset_info", "fetch", "load_data", "load_model", "load_splits", "make_gif", "reconstruct",
     "reconstruct_to_png", "sample", "sample_to_png", "train",
     "evaluate", "evaluate_run", "interpolate", "interpolate_to_png", "traverse", "traverse_to_png",
     "attribute_vector", "apply_attribute", "attribute_to_png", "inpaint", "inpaint_to_png", "manifold",

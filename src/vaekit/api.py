@@ -15,7 +15,7 @@ from .generate import (INPAINT_METHODS, MASKS, PATHS, apply_attribute, attribute
                        interpolate, manifold, mean_image, most_active_dims, posterior, project_2d, reconstruct,
                        region_mask, sample, traverse)
 from .runs import Run, load_model
-from .train import train
+from .train import check_data_fits, train
 from .viz import gif_from_pngs, grid_image, save_gif, save_grid, scatter_image
 
 __all__ = ["train", "fetch", "dataset_info", "sample_to_png", "reconstruct_to_png", "make_gif", "evaluate_run",
@@ -27,10 +27,23 @@ def _positive(name: str, value: int) -> None:
         raise ConfigError(f"--{name} must be at least 1, got {value}")
 
 
-def _open(run: str | Path, device: str, data_dir: str | Path | None):
-    """(model, config, runtime, splits): a run's model on its device and its dataset in memory."""
+def open_run(run: str | Path, device: str, data_dir: str | Path | None, task: str | None = None):
+    """(model, config, runtime, splits): a run's model on its device and its dataset in memory.
+    `task`: the command, when it is one for unconditional models only."""
     model, config, rt = load_model(run, device)
-    return model, config, rt, load_data(config.data, data_dir)
+    if task and config.model.conditional:
+        raise ConfigError(f"`vaekit {task}` is for unconditional models and {run} is class-conditional: "
+                          "use `vaekit sample --label` or `vaekit reconstruct`")
+    splits = load_data(config.data, data_dir)
+    source = str(data_dir or config.data.data_dir or config.data.dataset)
+    for split in (splits.train, splits.test):
+        check_data_fits(config.model, split.images, split.labels, source)
+    return model, config, rt, splits
+
+
+def _labels(config, split, rt):
+    """A split's labels on the device for a class-conditional model; None for another."""
+    return split.labels.to(rt.device) if config.model.conditional else None
 
 
 def _check_index(flag: str, index: int, n: int) -> None:
@@ -44,23 +57,34 @@ def _ping_pong(frames: list) -> list:
 
 
 def sample_to_png(run: str | Path, n: int = 100, seed: int = 0, out: str | Path | None = None,
-                  device: str = "auto") -> Path:
-    """A grid of `n` images decoded from prior draws; returns the PNG's path."""
+                  device: str = "auto", label: int | None = None) -> Path:
+    """A grid of `n` images decoded from prior draws (of class `label`, for a class-conditional
+    model); returns the PNG's path."""
     _positive("n", n)
-    model, _, rt = load_model(run, device)
-    images = sample(model, n, rt.generator(seed))
-    return save_grid(images, out or Path(run) / "samples" / f"prior_n{n}_seed{seed}.png")
+    model, config, rt = load_model(run, device)
+    classes = config.model.num_classes
+    if label is not None and not config.model.conditional:
+        raise ConfigError(f"--label {label}: {run} is not a class-conditional model (train one with --conditional)")
+    if label is not None and not 0 <= label < classes:
+        raise ConfigError(f"--label {label} is not a class of {run}: its classes are 0..{classes - 1}")
+    if label is None and config.model.conditional:
+        raise ConfigError(f"{run} is a class-conditional model: pass --label 0..{classes - 1}")
+    images = sample(model, n, rt.generator(seed), label)
+    name = f"prior_n{n}_seed{seed}" + ("" if label is None else f"_label{label}")
+    return save_grid(images, out or Path(run) / "samples" / f"{name}.png")
 
 
 def reconstruct_to_png(run: str | Path, n: int = 16, seed: int = 0, out: str | Path | None = None,
                        data_dir: str | Path | None = None, device: str = "auto") -> Path:
     """The first `n` test images beside their decodes (z ~ q(z|x)); returns the PNG's path."""
     _positive("n", n)
-    model, config, rt, splits = _open(run, device, data_dir)
+    model, config, rt, splits = open_run(run, device, data_dir)
     test = splits.test
     if n > len(test):
         raise ConfigError(f"--n {n} is more than the {len(test)} test images")
-    x, decoded = reconstruct(model, test.images[:n].to(rt.device), config.data.binarization, rt.generator(seed))
+    labels = _labels(config, test, rt)
+    x, decoded = reconstruct(model, test.images[:n].to(rt.device), config.data.binarization, rt.generator(seed),
+                             None if labels is None else labels[:n])
     cols = 2 * min(4, n)   # pairs side by side, four pairs a row
     return save_grid(interleave(x, decoded), out or Path(run) / "samples" / f"reconstruct_n{n}_seed{seed}.png",
                      nrow=cols)
@@ -77,16 +101,21 @@ def make_gif(run: str | Path) -> Path:
 
 def evaluate_run(run: str | Path, k: int = 5000, binarization: str | None = None, seed: int = 0,
                  batch_size: int = 2000, data_dir: str | Path | None = None, device: str = "auto") -> dict:
-    """`vaekit eval`: test ELBO (rate, distortion), IWAE bound with `k` draws, active units, over the
-    whole test set binarised as `binarization` (default: as the run was trained). The record is
-    also kept in RUN/eval.json under its binarization, one entry per protocol; returns it."""
+    """`vaekit eval`: test ELBO (rate, distortion), IWAE bound with `k` draws, active units (and bits
+    per dimension, for grey levels), over the whole test set binarised as `binarization` (default:
+    as the run was trained). The record is also kept in RUN/eval.json under its binarization, one
+    entry per protocol; returns it."""
     _positive("k", k)
     _positive("batch-size", batch_size)
     if binarization is not None and binarization not in BINARIZATIONS:
         raise ConfigError(f"--binarization must be one of {', '.join(BINARIZATIONS)}; got {binarization!r}")
-    model, config, rt, splits = _open(run, device, data_dir)
+    model, config, rt, splits = open_run(run, device, data_dir)
     binarization = binarization or config.data.binarization
-    result = evaluate(model, splits.test.images.to(rt.device), binarization, rt, k, batch_size, seed)
+    mc = config.model
+    if binarization == "none" and mc.likelihood == "bernoulli" and not mc.allow_continuous_bernoulli:
+        raise ConfigError(f"{run} has a bernoulli likelihood, for binary data: pass --binarization static or dynamic")
+    result = evaluate(model, splits.test.images.to(rt.device), binarization, rt, k, batch_size, seed,
+                      _labels(config, splits.test, rt))
     path = Path(run) / "eval.json"
     saved = json.loads(path.read_text()) if path.exists() else {}
     saved[binarization] = result
@@ -100,7 +129,7 @@ def interpolate_to_png(run: str | Path, index: tuple[int, int] = (0, 1), steps: 
     """Two rows, the linear and the spherical path between test images index[0] and index[1], each
     framed by the two binary originals; with `gif`, an animation of both paths beside the PNG."""
     _positive("steps", steps)
-    model, config, rt, splits = _open(run, device, data_dir)
+    model, config, rt, splits = open_run(run, device, data_dir, "interpolate")
     for i in index:
         _check_index("--index", i, len(splits.test))
     images = splits.test.images[list(index)].to(rt.device)
@@ -121,7 +150,7 @@ def traverse_to_png(run: str | Path, index: int = 0, dims: int = 8, steps: int =
     `index` decoded with that dimension set to -3..3 (`steps` values). A PNG and a GIF."""
     _positive("dims", dims)
     _positive("steps", steps)
-    model, config, rt, splits = _open(run, device, data_dir)
+    model, config, rt, splits = open_run(run, device, data_dir, "traverse")
     _check_index("--index", index, len(splits.test))
     if dims > model.latent_dim:
         raise ConfigError(f"--dims {dims} is more than the model's {model.latent_dim} latent dimensions")
@@ -143,7 +172,7 @@ def attribute_to_png(run: str | Path, to: int, from_: int | None = None, n: int 
     set), s = 0..strength in `steps`. One row per image: the binary original, then the sweep."""
     _positive("n", n)
     _positive("steps", steps)
-    model, config, rt, splits = _open(run, device, data_dir)
+    model, config, rt, splits = open_run(run, device, data_dir, "attribute")
     labels = set(splits.train.labels.tolist())
     for flag, label in (("--to", to), ("--from", from_)):
         if label is not None and label not in labels:
@@ -189,7 +218,10 @@ def inpaint_to_png(run: str | Path, mask: str = "centre", n: int = 8, steps: int
         _positive("score-n", score_n)
     if method not in INPAINT_METHODS:
         raise ConfigError(f"--method must be one of {', '.join(INPAINT_METHODS)}; got {method!r}")
-    model, config, rt, splits = _open(run, device, data_dir)
+    model, config, rt, splits = open_run(run, device, data_dir, "inpaint")
+    if config.model.likelihood != "bernoulli":
+        raise ConfigError(f"`vaekit inpaint` samples binary pixels: it is for bernoulli models, and {run} is a "
+                          f"{config.model.likelihood} model")
     test = splits.test.images.to(rt.device)
     m = _mask(mask, tuple(test.shape[1:])).to(rt.device)
     b, gen = config.data.binarization, rt.generator(seed)
@@ -207,7 +239,7 @@ def latent_map_to_png(run: str | Path, n: int = 20, seed: int = 0, out: str | Pa
     """The test set's posterior means as a scatter coloured by label (a PCA projection beyond two
     dimensions); for a 2-D latent also the decoded manifold, n x n, beside it (`*_manifold.png`)."""
     _positive("n", n)
-    model, config, rt, splits = _open(run, device, data_dir)
+    model, config, rt, splits = open_run(run, device, data_dir, "latent")
     x = preprocess(splits.test.images.to(rt.device), config.data.binarization, rt.generator(seed))
     coords, axes = project_2d(posterior(model, x)[0])
     png = Path(out or Path(run) / "samples" / "latent_scatter.png")

@@ -109,7 +109,7 @@ def _cmd_data(args) -> None:
 
 
 def _cmd_sample(args) -> None:
-    print(api.sample_to_png(args.run, n=args.n, seed=args.seed, out=args.out, device=args.device))
+    print(api.sample_to_png(args.run, n=args.n, seed=args.seed, out=args.out, device=args.device, label=args.label))
 
 
 def _cmd_reconstruct(args) -> None:
@@ -205,8 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    run_command("sample", "decode new codes drawn from the prior into a grid",
-                _cmd_sample).add_argument("--n", type=int, default=100, help="how many images (default 100)")
+    p = run_command("sample", "decode new codes drawn from the prior into a grid", _cmd_sample)
+    p.add_argument("--n", type=int, default=100, help="how many images (default 100)")
+    p.add_argument("--label", type=int, help="the class to draw, for a class-conditional model (--conditional)")
     p = run_command("reconstruct", "test images beside their decodes (codes drawn from q(z|x))", _cmd_reconstruct)
     p.add_argument("--n", type=int, default=16, help="how many test images (default 16)")
     p.add_argument("--data-dir", type=Path, help="a folder holding the IDX files, to use instead of fetching")
@@ -225,8 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_eval)
     p.add_argument("--k", type=int, default=5000, help="importance samples per test image (default 5000, as Burda "
                    "et al.); N*K decodes: minutes on a GPU, hours on a CPU (--k 100 for a quick look)")
-    p.add_argument("--binarization", help="static or dynamic (default: as the run was trained); dynamic draws "
-                   "the test set once from --seed")
+    p.add_argument("--binarization", help="static, dynamic or none (default: as the run was trained); dynamic "
+                   "draws the test set once from --seed; none keeps grey levels (8-bit likelihoods)")
     p.add_argument("--batch-size", type=int, default=2000, help="images decoded at once (default 2000)")
     p = data_command("interpolate", "linear and spherical paths between two test images' codes", _cmd_interpolate)
     p.add_argument("--index", type=int, nargs=2, default=[0, 1], metavar=("A", "B"),

@@ -10,7 +10,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .models import ConvVAEConfig
+from .models import ModelConfig
 
 BINARIZATIONS = ("static", "dynamic", "none")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -90,8 +90,15 @@ class TrainConfig:
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
-    model: ConvVAEConfig = field(default_factory=ConvVAEConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if (self.data.binarization == "none" and self.model.likelihood == "bernoulli"
+                and not self.model.allow_continuous_bernoulli):
+            raise ConfigError("the bernoulli likelihood is for binary data, and binarization none keeps grey "
+                              "levels: pass --likelihood logistic (or gaussian), a binarization, or "
+                              "--allow-continuous-bernoulli")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,6 +1,8 @@
 """Generation tasks. Each is one small function over a model and tensors, shared by the CLI,
 the Python API and the web demo. Inputs are uint8 images [N,C,H,W] or codes [N,latent];
-outputs are probabilities in [0,1], [N,C,H,W] (or [rows,cols,C,H,W] for sweeps)."""
+outputs are images in [0,1] (the likelihood's mean; Bernoulli: probabilities), [N,C,H,W] (or
+[rows,cols,C,H,W] for sweeps). Class-conditional models take their labels where the task has them
+(sample, reconstruct, posterior); the other tasks are for unconditional models."""
 from __future__ import annotations
 
 import torch
@@ -15,19 +17,22 @@ INPAINT_METHODS = ("pseudo-gibbs", "metropolis")
 
 
 @torch.inference_mode()
-def sample(model, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """n new images decoded from codes drawn from the prior N(0, I)."""
-    return model.sample(n=n, generator=generator)
+def sample(model, n: int, generator: torch.Generator | None = None, label: int | None = None) -> torch.Tensor:
+    """n new images decoded from codes drawn from the prior N(0, I); of class `label` for a
+    class-conditional model."""
+    y = None if label is None else torch.full((n,), label, device=next(model.parameters()).device)
+    return model.sample(n=n, generator=generator, y=y)
 
 
 @torch.inference_mode()
 def reconstruct(model, images: torch.Tensor, binarization: str = "static",
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                generator: torch.Generator | None = None,
+                labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The seed's 'samples near encoded images': encode, draw z ~ q(z|x) with the
     reparameterization trick, decode. Returns (the binarized inputs, their decodes)."""
     x = preprocess(images, binarization, generator)
-    mean, logvar = model.encode(x)
-    return x, model.decode(model.reparameterize(mean, logvar, generator), apply_sigmoid=True)
+    mean, logvar = model.encode(x, labels)
+    return x, model.decode(model.reparameterize(mean, logvar, generator), labels, as_image=True)
 
 
 def interleave(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -36,9 +41,12 @@ def interleave(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def posterior(model, x: torch.Tensor, batch_size: int = 2000) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, logvar) of q(z|x), each [N,latent], for binary images x [N,C,H,W], a batch at a time."""
-    parts = [model.encode(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+def posterior(model, x: torch.Tensor, batch_size: int = 2000,
+              labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, logvar) of q(z|x), each [N,latent], for preprocessed images x [N,C,H,W] (and their
+    labels [N], for a conditional model), a batch at a time."""
+    parts = [model.encode(x[i:i + batch_size], None if labels is None else labels[i:i + batch_size])
+             for i in range(0, len(x), batch_size)]
     return torch.cat([m for m, _ in parts]), torch.cat([v for _, v in parts])
 
 
@@ -64,7 +72,7 @@ def interpolate(model, images: torch.Tensor, steps: int = 10, path: str = "linea
         z = (1 - t) * a + t * b
     else:
         z = (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
-    return model.decode(z, apply_sigmoid=True)
+    return model.decode(z, as_image=True)
 
 
 @torch.inference_mode()
@@ -77,7 +85,7 @@ def traverse(model, image: torch.Tensor, dims: list[int], values: torch.Tensor, 
     rows, cols = len(dims), len(values)
     z = code.repeat(rows, cols, 1)
     z[torch.arange(rows)[:, None], torch.arange(cols), torch.as_tensor(dims)[:, None]] = values.to(z)
-    return z, model.decode(z.flatten(0, 1), apply_sigmoid=True).unflatten(0, (rows, cols))
+    return z, model.decode(z.flatten(0, 1), as_image=True).unflatten(0, (rows, cols))
 
 
 @torch.inference_mode()
@@ -87,7 +95,7 @@ def set_dims(model, image: torch.Tensor, dims: list[int], values: torch.Tensor, 
     at once (the web demo's sliders; `traverse` varies one at a time). Returns [1,C,H,W]."""
     z = posterior(model, preprocess(image, binarization, generator))[0]                  # [1,D]
     z[:, dims] = values.to(z)
-    return model.decode(z, apply_sigmoid=True)
+    return model.decode(z, as_image=True)
 
 
 def most_active_dims(model, x: torch.Tensor, n: int) -> tuple[list[int], list[float]]:
@@ -109,7 +117,7 @@ def attribute_vector(codes: torch.Tensor, labels: torch.Tensor, to: int, from_: 
 def apply_attribute(model, codes: torch.Tensor, vector: torch.Tensor, strengths: torch.Tensor) -> torch.Tensor:
     """Decodes codes [N,D] + s * vector [D] for each strength s of [S] -> [N,S,C,H,W]."""
     z = codes[:, None] + strengths.to(codes)[None, :, None] * vector        # [N,S,D]
-    return model.decode(z.flatten(0, 1), apply_sigmoid=True).unflatten(0, z.shape[:2])
+    return model.decode(z.flatten(0, 1), as_image=True).unflatten(0, z.shape[:2])
 
 
 def mean_image(x: torch.Tensor) -> torch.Tensor:
@@ -186,7 +194,7 @@ def manifold(model, n: int = 20) -> torch.Tensor:
         raise ValueError(f"the manifold needs a 2-D latent, this model has {model.latent_dim}")
     v = torch.special.ndtri(torch.linspace(0.05, 0.95, n, device=next(model.parameters()).device))
     z2, z1 = torch.meshgrid(v.flip(0), v, indexing="ij")
-    return model.decode(torch.stack([z1, z2], dim=-1).flatten(0, 1), apply_sigmoid=True)
+    return model.decode(torch.stack([z1, z2], dim=-1).flatten(0, 1), as_image=True)
 
 
 def project_2d(codes: torch.Tensor) -> tuple[torch.Tensor, list[str]]:

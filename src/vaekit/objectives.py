@@ -1,14 +1,17 @@
-"""Likelihoods and bounds, as pure tensor functions.
+"""ELBO estimators and the IWAE bound, as pure tensor functions.
 
 Every function returns one value per example ([B], in nats); callers sum or average. The
 ELBO's two parts are kept apart: distortion = -log p(x|z), rate = KL(q(z|x) || p(z)).
+`params` is the decoder's output and `likelihood` says what it means (see likelihoods.py;
+the seed's Bernoulli by default).
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
+
+from .likelihoods import Bernoulli
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -18,15 +21,6 @@ def log_normal_pdf(sample: torch.Tensor, mean, logvar) -> torch.Tensor:
     mean = torch.as_tensor(mean, dtype=sample.dtype, device=sample.device)
     logvar = torch.as_tensor(logvar, dtype=sample.dtype, device=sample.device)
     return torch.sum(-0.5 * ((sample - mean) ** 2 * torch.exp(-logvar) + logvar + LOG_2PI), dim=-1)
-
-
-def bernoulli_log_likelihood(x: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """log p(x|z) for binary x [B,...] under Bernoulli(sigmoid(logits)), summed per example -> [B].
-    With a boolean `mask` (broadcastable to x), only the pixels where it is True count."""
-    ce = F.binary_cross_entropy_with_logits(logits.float(), x.float(), reduction="none")
-    if mask is not None:
-        ce = ce * mask
-    return -ce.flatten(1).sum(dim=1)
 
 
 def analytic_kl_per_dim(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -39,23 +33,26 @@ def analytic_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return analytic_kl_per_dim(mean, logvar).sum(dim=-1)
 
 
-def single_sample_elbo(x, logits, z, mean, logvar) -> torch.Tensor:
+def single_sample_elbo(x, params, z, mean, logvar, likelihood=Bernoulli, beta: float = 1.0) -> torch.Tensor:
     """The seed's `compute_loss` estimator, per example [B]:
-    log p(x|z) + log p(z) - log q(z|x) with one z ~ q(z|x). Its batch mean, negated, is the loss."""
-    return bernoulli_log_likelihood(x, logits) + log_normal_pdf(z, 0.0, 0.0) - log_normal_pdf(z, mean, logvar)
+    log p(x|z) + log p(z) - log q(z|x) with one z ~ q(z|x). Its batch mean, negated, is the loss.
+
+    With `beta` != 1 the beta-VAE objective log p(x|z) - beta (log q(z|x) - log p(z)), which is
+    no bound on log p(x); at beta = 1 it is the ELBO bit for bit (multiplying by 1.0 is exact)."""
+    return likelihood.log_prob(x, params) + beta * log_normal_pdf(z, 0.0, 0.0) - beta * log_normal_pdf(z, mean, logvar)
 
 
-def analytic_elbo_terms(x, logits, mean, logvar) -> tuple[torch.Tensor, torch.Tensor]:
+def analytic_elbo_terms(x, params, mean, logvar, likelihood=Bernoulli) -> tuple[torch.Tensor, torch.Tensor]:
     """(distortion, rate) per example [B]: -log p(x|z) with one z ~ q, and the closed-form KL."""
-    return -bernoulli_log_likelihood(x, logits), analytic_kl(mean, logvar)
+    return -likelihood.log_prob(x, params), analytic_kl(mean, logvar)
 
 
-def importance_weights(x, logits, z, mean, logvar) -> torch.Tensor:
+def importance_weights(x, params, z, mean, logvar, likelihood=Bernoulli) -> torch.Tensor:
     """log w = log p(x|z) + log p(z) - log q(z|x) for K draws per example.
 
-    x [B,...]; logits [K,B,...]; z, mean, logvar broadcastable to [K,B,D]. Returns [K,B]."""
-    k = logits.shape[0]
-    log_px_z = bernoulli_log_likelihood(x.expand(k, *x.shape).flatten(0, 1), logits.flatten(0, 1)).view(k, -1)
+    x [B,...]; params [K,B,...]; z, mean, logvar broadcastable to [K,B,D]. Returns [K,B]."""
+    k = params.shape[0]
+    log_px_z = likelihood.log_prob(x.expand(k, *x.shape).flatten(0, 1), params.flatten(0, 1)).view(k, -1)
     return log_px_z + log_normal_pdf(z, 0.0, 0.0) - log_normal_pdf(z, mean, logvar)
 
 

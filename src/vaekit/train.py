@@ -24,9 +24,9 @@ from tqdm import tqdm
 from .config import Config, ConfigError
 from .data import load_data, preprocess
 from .distributed import Runtime, restarted, setup
-from .evaluate import evaluate_elbo
-from .models import build_model
-from .objectives import single_sample_elbo
+from .evaluate import evaluate_elbo, iwae_bounds
+from .models import ModelConfig, build_model
+from .objectives import importance_weights, iwae_bound, single_sample_elbo
 from .runs import Checkpoint, Progress, Run, RunError
 from .viz import gif_from_pngs, save_grid
 
@@ -54,7 +54,7 @@ def train(config: Config | None = None, out: str | Path | None = None, resume: s
     if (resume is None) == (out is None):
         raise ValueError("train() needs exactly one of out= (a new run) or resume= (an existing run)")
     config = config or Config()
-    if out is not None and restarted() and Run(out).config_path.is_file() and Run(out).config() == config:
+    if out is not None and restarted() and Run(out).config_path.is_file() and _same_config(Run(out).config(), config):
         resume, out = out, None
     if resume is not None:
         run = Run.open(resume)
@@ -80,12 +80,26 @@ def train(config: Config | None = None, out: str | Path | None = None, resume: s
     return run
 
 
+def _same_config(saved: Config, config: Config) -> bool:
+    """Whether a run's config.json holds `config`, counting the classes a conditional run's file
+    learned from the data as given."""
+    if config.model.conditional and not config.model.num_classes:
+        config = replace(config, model=replace(config.model, num_classes=saved.model.num_classes))
+    return saved == config
+
+
 def _silent(*_) -> None:
     """The log of ranks other than 0: one process speaks for the job."""
 
 
 def _train(run: Run, config: Config, rt: Runtime, resuming: bool, log) -> None:
     tc = config.train
+    with rt.local_main_first():    # one download per machine; the other ranks then read the cache
+        splits = load_data(config.data, log=log)
+    if config.model.conditional and not config.model.num_classes:
+        config.model.num_classes = splits.num_classes     # saved in config.json below
+    for split in (splits.train, splits.test):
+        check_data_fits(config.model, split.images, split.labels, config.data.data_dir or config.data.dataset)
     torch.manual_seed(tc.seed)
     # channels_last: the layout oneDNN's and cuDNN's fast convolution kernels want (CPU: +30%)
     model = build_model(config.model).to(rt.device, memory_format=torch.channels_last)
@@ -105,10 +119,11 @@ def _train(run: Run, config: Config, rt: Runtime, resuming: bool, log) -> None:
         if tc.epochs < at.epoch:
             raise ConfigError(f"--epochs {tc.epochs} is fewer than the {at.epoch} epochs {run.path} has done")
         log(f"Resuming {run.path} from {latest.name} (step {at.step}: epoch {at.epoch + 1}, batch {at.batch})")
-    with rt.local_main_first():    # one download per machine; the other ranks then read the cache
-        splits = load_data(config.data, log=log)
     train_images = splits.train.images.to(rt.device)
     test_images = splits.test.images.to(rt.device)
+    # the labels a class-conditional model takes beside the images (None: an unconditional one)
+    train_labels, test_labels = ((splits.train.labels.to(rt.device), splits.test.labels.to(rt.device))
+                                 if config.model.conditional else (None, None))
     if tc.batch_size > len(train_images):
         raise RunError(f"batch_size {tc.batch_size} is larger than the {len(train_images)} training images; "
                        "lower --batch-size")
@@ -116,14 +131,15 @@ def _train(run: Run, config: Config, rt: Runtime, resuming: bool, log) -> None:
         raise ConfigError(f"batch_size {tc.batch_size} (the global batch) is smaller than the {rt.world_size} "
                           "processes; raise --batch-size")
     if rt.is_main:
-        if resuming:
-            run.save_config(config)     # --epochs may have changed
+        if resuming or config.model.conditional:
+            run.save_config(config)     # --epochs may have changed; num_classes is known now
         run.truncate_metrics(at.epoch)
         if latest is None:
             fixed_z = torch.randn(NUM_EXAMPLES_TO_GENERATE, config.model.latent_dim,
                                   generator=torch.Generator().manual_seed(tc.seed + 2))
             run.save_fixed_z(fixed_z)
-            save_grid(model.sample(fixed_z.to(rt.device)).detach(), run.image_path(0))
+            save_grid(model.sample(fixed_z.to(rt.device), y=grid_labels(config.model, rt.device)).detach(),
+                      run.image_path(0))
         fixed_z = run.fixed_z().to(rt.device)
 
     trained = rt.wrap(model)
@@ -146,7 +162,8 @@ def _train(run: Run, config: Config, rt: Runtime, resuming: bool, log) -> None:
                       dynamic_ncols=True) as bar:
                 while at.batch < len(batches):
                     first = at.batch
-                    train_epoch(trained, optimizer, train_images, batches, at, losses, config, rt, noise_gen, stop, bar)
+                    train_epoch(trained, optimizer, train_images, train_labels, batches, at, losses, config, rt,
+                                noise_gen, stop, bar)
                     rt.sum_all(losses[first:at.batch])     # this rank's sums -> the global batches'
                     _check_finite(losses, first, at, run)
                     if rt.is_main and (stop.signum or at.batch < len(batches)):
@@ -160,18 +177,16 @@ def _train(run: Run, config: Config, rt: Runtime, resuming: bool, log) -> None:
             end_time = time.perf_counter()
             at = Progress(epoch, 0, at.step)
             if rt.is_main:   # the test set is small: rank 0 evaluates all of it, with the single-process noise
-                test = evaluate_elbo(model, test_images, config.data.binarization, rt, tc.eval_batch_size,
-                                     seed=tc.seed * 1_000_003 + epoch)
+                test = evaluate_test(model, test_images, test_labels, config, rt, seed=tc.seed * 1_000_003 + epoch)
                 eval_seconds = time.perf_counter() - end_time
                 log("============================")
-                log(f"Epoch: {epoch}, Test set ELBO: {test['elbo']:.2f}, "
+                log(f"Epoch: {epoch}, Test set ELBO: {test['test_elbo']:.2f}, "
                     f"time elapse for current epoch {end_time - start_time:.1f}")
                 with torch.inference_mode():
-                    save_grid(model.sample(fixed_z), run.image_path(epoch))
+                    save_grid(model.sample(fixed_z, y=grid_labels(config.model, rt.device)), run.image_path(epoch))
                 trained_images = sum(len(idx) for idx in batches[first_batch:])
                 run.append_metrics({
-                    "epoch": epoch, "step": at.step, "train_loss": losses.sum().item() / len(train_images),
-                    "test_elbo": test["elbo"], "test_distortion": test["distortion"], "test_rate": test["rate"],
+                    "epoch": epoch, "step": at.step, "train_loss": losses.sum().item() / len(train_images), **test,
                     "epoch_seconds": round(end_time - start_time, 3), "eval_seconds": round(eval_seconds, 3),
                     "images_per_second": round(trained_images / (end_time - start_time), 1),
                 })
@@ -182,24 +197,69 @@ def _train(run: Run, config: Config, rt: Runtime, resuming: bool, log) -> None:
         log(f"Done: {run.path} (grid images in {run.images}, animation {run.gif_path})")
 
 
-def train_epoch(model, optimizer, images: torch.Tensor, batches: tuple[torch.Tensor, ...], at: Progress,
-                losses: torch.Tensor, config: Config, rt: Runtime, noise_gen: torch.Generator, stop, bar) -> None:
+def check_data_fits(config: ModelConfig, images: torch.Tensor, labels: torch.Tensor, source: str) -> None:
+    """Raises ConfigError (one line: both shapes, the fix) unless images [N,C,H,W] and their labels
+    [N] are what the model is configured for."""
+    c, h, w = images.shape[1:]
+    if (c, h, w) != (config.image_channels, config.image_size, config.image_size):
+        square = "" if h == w else " (the models take square images: resize them)"
+        raise ConfigError(f"{source} has {c}-channel {h}x{w} images; the model is configured for "
+                          f"{config.image_channels}-channel {config.image_size}x{config.image_size}: "
+                          f"pass --image-channels {c} --image-size {h}{square}")
+    if config.conditional and len(labels) and int(labels.max()) >= config.num_classes:
+        raise ConfigError(f"{source} has label {int(labels.max())}; the conditional model knows "
+                          f"{config.num_classes} classes (0..{config.num_classes - 1}): train a new run on it")
+
+
+def grid_labels(config: ModelConfig, device: torch.device) -> torch.Tensor | None:
+    """The labels of the progress grid's images: classes in turn for a conditional model, else None."""
+    if not config.conditional:
+        return None
+    return torch.arange(NUM_EXAMPLES_TO_GENERATE, device=device) % config.num_classes
+
+
+def evaluate_test(model, images: torch.Tensor, labels: torch.Tensor | None, config: Config, rt: Runtime,
+                  seed: int) -> dict:
+    """The test numbers of each epoch's metrics line: the ELBO (at beta 1, whatever the training
+    objective), its distortion and rate, bits per dimension for grey levels, and the IWAE bound the
+    iwae objective trains (with its K draws)."""
+    test = evaluate_elbo(model, images, config.data.binarization, rt, config.train.eval_batch_size, seed, labels)
+    record = {"test_elbo": test["elbo"], "test_distortion": test["distortion"], "test_rate": test["rate"]}
+    if "bits_per_dim" in test:
+        record["test_bits_per_dim"] = test["bits_per_dim"]
+    if config.model.objective == "iwae":
+        k = config.model.iwae_k
+        x = preprocess(images, config.data.binarization, rt.generator(seed))
+        bounds = iwae_bounds(model, x, k, rt.generator(seed + 1), config.train.eval_batch_size, labels)
+        record[f"test_iwae_bound_k{k}"] = bounds.double().mean().item()
+    return record
+
+
+def train_epoch(model, optimizer, images: torch.Tensor, labels: torch.Tensor | None, batches: tuple[torch.Tensor, ...],
+                at: Progress, losses: torch.Tensor, config: Config, rt: Runtime, noise_gen: torch.Generator,
+                stop, bar) -> None:
     """Trains on the epoch's `batches` (global batches of indices into `images`, uint8 on the
-    device) from batch `at.batch` on, advancing `at`, until the epoch ends, a checkpoint is due
-    (every `checkpoint_every` steps) or every rank knows of a stop signal. losses[i] receives
-    batch i's loss summed over this rank's rows.
+    device, and `labels` for a conditional model) from batch `at.batch` on, advancing `at`, until
+    the epoch ends, a checkpoint is due (every `checkpoint_every` steps) or every rank knows of a
+    stop signal. losses[i] receives batch i's loss summed over this rank's rows.
 
     Each rank trains on its rows of every global batch, but binarization and reparameterization
     noise are drawn for the whole global batch on every rank: each example gets the same draws
     whatever the number of ranks."""
-    every = config.train.checkpoint_every
+    every, mc = config.train.checkpoint_every, config.model
+    likelihood, draws = mc.likelihood_fn, (mc.iwae_k,) if mc.objective == "iwae" else ()
     for idx in batches[at.batch:]:
         rows = rt.shard(len(idx))
         x = preprocess(images[idx], config.data.binarization, noise_gen)[rows]          # [b,C,H,W], b = len(rows)
-        eps = torch.randn(len(idx), config.model.latent_dim, generator=noise_gen, device=images.device)[rows]
+        y = None if labels is None else labels[idx][rows]
+        # [b,latent], or [K,b,latent] for the iwae objective
+        eps = torch.randn(*draws, len(idx), mc.latent_dim, generator=noise_gen, device=images.device)[..., rows, :]
         with rt.autocast():
-            logits, z, mean, logvar = model(x, eps=eps)
-        loss_per_example = -single_sample_elbo(x, logits, z, mean, logvar)             # [b]
+            params, z, mean, logvar = model(x, eps=eps, y=y)
+        if mc.objective == "iwae":
+            loss_per_example = -iwae_bound(importance_weights(x, params, z, mean, logvar, likelihood))   # [b]
+        else:
+            loss_per_example = -single_sample_elbo(x, params, z, mean, logvar, likelihood, mc.beta)    # [b]
         # DDP averages gradients over ranks: scaled so, each rank's sum gives the global batch mean's gradient
         loss = loss_per_example.sum() * (rt.world_size / len(idx))
         optimizer.zero_grad(set_to_none=True)

@@ -1,8 +1,13 @@
-"""Model families. Each is one file with its config dataclass beside it."""
-from .conv_vae import ConvVAE, ConvVAEConfig
+"""Model families, one file each: conv_vae.py (the seed's, any size and channel count) and
+resnet_vae.py (residual stages, for 32-64 px images); config.py holds what they share."""
+from __future__ import annotations
 
-__all__ = ["ConvVAE", "ConvVAEConfig", "build_model"]
+from .config import ModelConfig
+from .conv_vae import ConvVAE
+from .resnet_vae import ResNetVAE
+
+__all__ = ["ConvVAE", "ResNetVAE", "ModelConfig", "build_model"]
 
 
-def build_model(config: ConvVAEConfig) -> ConvVAE:
-    return ConvVAE(config)
+def build_model(config: ModelConfig) -> ConvVAE | ResNetVAE:
+    return {"conv": ConvVAE, "resnet": ResNetVAE}[config.family](config)

@@ -1,9 +1,14 @@
-"""The seed's convolutional VAE (TF2 CVAE tutorial), as a plain PyTorch module.
+"""The seed's convolutional VAE (TF2 CVAE tutorial), generalised to any square size and channel count.
 
+At 28x28x1 with the Bernoulli likelihood it is the seed's network, layer for layer:
 Encoder: x [B,1,28,28] -> Conv(32,3,s2,ReLU) [B,32,13,13] -> Conv(64,3,s2,ReLU) [B,64,6,6]
          -> Flatten [B,2304] -> Linear(2*latent) -> split into mean, logvar [B,latent] each.
 Decoder: z [B,latent] -> Linear(7*7*32,ReLU) -> [B,32,7,7] -> ConvT(64,3,s2,ReLU) [B,64,14,14]
          -> ConvT(32,3,s2,ReLU) [B,32,28,28] -> ConvT(1,3,s1) -> logits [B,1,28,28].
+Other sizes get one stride-2 stage per halving (config.stages: 2 for 28, 3 for 32, 4 for 64), the
+encoder's widths doubling from 32 (32, 64, 128, ...) and the decoder's mirroring them after the
+seed's 32-channel reshape at base_size (7 for 28, 4 for 32 and 64). The last layer outputs the
+likelihood's parameters: C * params_per_channel channels.
 
 TF's "SAME" stride-2 transposed conv keeps the first 14 of the 15 full-output rows. PyTorch's
 `padding=1, output_padding=1` reaches 14 without a crop (faster: no strided copy in the backward),
@@ -12,26 +17,14 @@ but keeps rows 1..14 instead: the output grid is shifted by one pixel. That is t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from .config import ModelConfig
 from .layers import ConvTranspose2d, FlattenHWC, UnflattenHWC
+from .vae import VAE
 
-
-@dataclass
-class ConvVAEConfig:
-    latent_dim: int = 50          # the seed's code size
-    image_channels: int = 1
-    image_size: int = 28          # the seed's architecture is fixed to 28x28
-    tf_padding: bool = False      # exact TF "SAME" cropping in the decoder (slower); see module doc
-
-    def __post_init__(self) -> None:
-        if self.latent_dim < 1:
-            raise ValueError(f"latent_dim must be >= 1, got {self.latent_dim}: pass --latent-dim 1 or more")
-        if self.image_size != 28:
-            raise ValueError(f"conv_vae is the seed's 28x28 architecture, got image_size {self.image_size}")
+DECODER_RESHAPE_CHANNELS = 32    # the seed's Reshape((7, 7, 32))
 
 
 class UpConvReLU(nn.Module):
@@ -51,24 +44,25 @@ class UpConvReLU(nn.Module):
         return torch.relu(y)
 
 
-class ConvVAE(nn.Module):
-    def __init__(self, config: ConvVAEConfig | None = None) -> None:
-        super().__init__()
-        self.config = config = config or ConvVAEConfig()
-        c, latent = config.image_channels, config.latent_dim
-        self.encoder = nn.Sequential(
-            nn.Conv2d(c, 32, 3, stride=2), nn.ReLU(),
-            nn.Conv2d(32, 64, 3, stride=2), nn.ReLU(),
-            FlattenHWC(),                                   # TF's NHWC order
-            nn.Linear(64 * 6 * 6, 2 * latent),
-        )
-        self.decoder = nn.Sequential(
-            nn.Linear(latent, 7 * 7 * 32), nn.ReLU(),
-            UnflattenHWC(32, 7, 7),                         # Keras Reshape((7, 7, 32))
-            UpConvReLU(32, 64, config.tf_padding),          # [B,64,14,14]
-            UpConvReLU(64, 32, config.tf_padding),          # [B,32,28,28]
-            nn.ConvTranspose2d(32, c, 3, stride=1, padding=1),  # logits; autograd's backward is the faster one here
-        )
+class ConvVAE(VAE):
+    def __init__(self, config: ModelConfig | None = None) -> None:
+        config = config or ModelConfig()
+        widths = [32 * 2 ** i for i in range(config.stages)]            # [32, 64] for 28x28
+        size = config.image_size
+        encoder = [nn.Conv2d(config.image_channels + config.num_classes, widths[0], 3, stride=2), nn.ReLU()]
+        size = (size - 3) // 2 + 1                                     # valid 3x3, stride 2: 28 -> 13
+        for w_in, w_out in zip(widths, widths[1:]):
+            encoder += [nn.Conv2d(w_in, w_out, 3, stride=2), nn.ReLU()]
+            size = (size - 3) // 2 + 1                                 # 13 -> 6
+        encoder += [FlattenHWC(),                                      # TF's NHWC order
+                    nn.Linear(widths[-1] * size * size, 2 * config.latent_dim)]
+        base, up = config.base_size, [DECODER_RESHAPE_CHANNELS, *reversed(widths)]   # [32, 64, 32] for 28x28
+        decoder = [nn.Linear(config.latent_dim + config.num_classes, base * base * up[0]), nn.ReLU(),
+                   UnflattenHWC(up[0], base, base)]                    # Keras Reshape((7, 7, 32))
+        decoder += [UpConvReLU(w_in, w_out, config.tf_padding) for w_in, w_out in zip(up, up[1:])]
+        # the parameters; autograd's backward is the faster one for this stride-1 layer
+        decoder.append(nn.ConvTranspose2d(up[-1], config.output_channels, 3, stride=1, padding=1))
+        super().__init__(config, nn.Sequential(*encoder), nn.Sequential(*decoder))
         self._keras_init()
 
     def _keras_init(self) -> None:
@@ -77,41 +71,3 @@ class ConvVAE(nn.Module):
             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-
-    @property
-    def latent_dim(self) -> int:
-        return self.config.latent_dim
-
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B,C,28,28] -> (mean, logvar), each [B,latent] in float32 (even under autocast)."""
-        mean, logvar = self.encoder(x).float().chunk(2, dim=1)
-        return mean, logvar
-
-    @staticmethod
-    def reparameterize(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None,
-                       eps: torch.Tensor | None = None) -> torch.Tensor:
-        """z = mean + exp(logvar/2) * eps, eps ~ N(0, I) drawn from `generator` unless given; [B,latent].
-        Distributed training passes `eps`: its rows of noise drawn for the whole global batch."""
-        if eps is None:
-            eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return eps * torch.exp(logvar * 0.5) + mean
-
-    def decode(self, z: torch.Tensor, apply_sigmoid: bool = False) -> torch.Tensor:
-        """z [B,latent] -> logits [B,C,28,28] (probabilities with apply_sigmoid)."""
-        logits = self.decoder(z)
-        return torch.sigmoid(logits) if apply_sigmoid else logits
-
-    def sample(self, eps: torch.Tensor | None = None, n: int = 100,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """Decodes prior draws (or the given codes `eps` [n,latent]) to probabilities [n,C,28,28]."""
-        if eps is None:
-            device = next(self.parameters()).device
-            eps = torch.randn(n, self.latent_dim, generator=generator, device=device)
-        return self.decode(eps, apply_sigmoid=True)
-
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None, eps: torch.Tensor | None = None):
-        """One pass of the seed's estimator: returns (logits, z, mean, logvar). `eps` [B,latent]: the
-        reparameterization noise, when the caller draws it (see `reparameterize`)."""
-        mean, logvar = self.encode(x)
-        z = self.reparameterize(mean, logvar, generator, eps)
-        return self.decode(z), z, mean, logvar

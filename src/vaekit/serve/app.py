@@ -22,11 +22,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from ..data import load_splits, preprocess
+from ..data import preprocess
 from ..distributed import Runtime
 from ..generate import (INPAINT_METHODS, MASKS, PATHS, inpaint, interpolate, mean_image, most_active_dims,
                         posterior, reconstruct, region_mask, sample, set_dims)
-from ..runs import RunError, load_model
+from ..api import open_run
+from ..runs import RunError
 from .images import PNG_PREFIX, BadInput, from_data_url, to_data_url
 
 # What one request may ask for: enough to play with, little enough to answer in well under a second on a CPU.
@@ -58,8 +59,10 @@ class Demo:
 
 def load(run: str | Path, device: str = "auto", data_dir: str | Path | None = None) -> Demo:
     """A run's model with its newest weights and its dataset, ready to serve."""
-    model, config, rt = load_model(run, device)
-    splits = load_splits(config.data.dataset, data_dir or config.data.data_dir)
+    model, config, rt, splits = open_run(run, device, data_dir, "serve")
+    if config.model.likelihood != "bernoulli":   # the page's inpainting and drawing pad are binary
+        raise RunError(f"the demo is for bernoulli models (binary images), and {run} has a "
+                       f"{config.model.likelihood} likelihood")
     if splits.test.images.shape[1] not in (1, 3):
         raise RunError(f"the demo shows grey or RGB images; {config.data.dataset} has "
                        f"{splits.test.images.shape[1]} channels")
