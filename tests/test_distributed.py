@@ -26,12 +26,12 @@ from safetensors.torch import save_file
 loop = importlib.import_module("vaekit.train")
 trained, real = [], loop.train_epoch
 def train_epoch(model, *args, **kwargs):
-    trained.append(model)
+    trained.append(model.module)   # the replica, not the DDP wrapper: that must not outlive the group
     return real(model, *args, **kwargs)
 loop.train_epoch = train_epoch
 from vaekit.cli import main
 code = main(sys.argv[2:])
-replica = {k: v.contiguous() for k, v in trained[-1].module.state_dict().items()}
+replica = {k: v.contiguous() for k, v in trained[-1].state_dict().items()}
 save_file(replica, os.path.join(sys.argv[1], "rank" + os.environ["RANK"] + ".safetensors"))
 sys.exit(code)
 """

@@ -239,7 +239,8 @@ def test_data_config_checks_folder_settings():
         DataConfig(dataset="folder", data_dir="x", channels=2)
     with pytest.raises(ConfigError, match="test_fraction"):
         DataConfig(dataset="folder", data_dir="x", test_fraction=1.0)
-    assert Config.from_dict({"data": {"binarization": "none"}}).data.binarization == "none"
+    grey_levels = {"data": {"binarization": "none"}, "model": {"likelihood": "logistic"}}
+    assert Config.from_dict(grey_levels).data.binarization == "none"
 
 
 def test_binarization_none_keeps_the_8_bit_value_exactly():

@@ -27,7 +27,7 @@ from conftest import cli_env, sample_config
 pytest.importorskip("fastapi", reason="the demo extra is not installed: pip install -e '.[test,demo]'")
 import uvicorn  # noqa: E402
 
-from vaekit import train  # noqa: E402
+from vaekit import ConfigError, RunError, train  # noqa: E402
 from vaekit.cli import main  # noqa: E402
 from vaekit.data import preprocess  # noqa: E402
 from vaekit.generate import (interpolate, most_active_dims, posterior, rate_per_dim, region_mask, sample,  # noqa: E402
@@ -162,7 +162,7 @@ def test_set_dims_sets_all_its_dimensions_at_once_and_agrees_with_traverse(demo)
     z = code.clone()
     z[0, [7, 30]] = torch.tensor([2.5, -1.0])
     with torch.inference_mode():
-        expected = demo.model.decode(z, apply_sigmoid=True)
+        expected = demo.model.decode(z, as_image=True)
     torch.testing.assert_close(set_dims(demo.model, image, [7, 30], torch.tensor([2.5, -1.0])), expected)
 
 
@@ -186,7 +186,7 @@ def test_sliders_start_at_the_code_on_the_most_active_dimensions_and_decode_it(s
     dims = latent["dims"]
     at_code = ok(server, "/api/traverse", {"index": 3, "dims": dims, "values": latent["values"]})
     with torch.inference_mode():
-        code_decoded = demo.model.decode(code[None], apply_sigmoid=True)
+        code_decoded = demo.model.decode(code[None], as_image=True)
     assert np.abs(pixels(at_code["image"]).astype(int) - grid(code_decoded).astype(int)).max() <= 1
     moved = [3.0] + latent["values"][1:]
     slid = ok(server, "/api/traverse", {"index": 3, "dims": dims, "values": moved})
@@ -373,3 +373,17 @@ def test_vaekit_serve_serves_until_ctrl_c(run):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("change, says", [({"conditional": True}, "class-conditional"),
+                                          ({"likelihood": "logistic"}, "for bernoulli models")])
+def test_the_demo_refuses_in_one_line_a_model_its_page_cannot_drive(tmp_path, change, says):
+    config = sample_config(epochs=1, batch_size=500)                # 4 steps: only the model's kind matters
+    if "likelihood" in change:
+        config.data.binarization = "none"
+    for key, value in change.items():
+        setattr(config.model, key, value)
+    other = train(config, out=tmp_path / "run", log=quiet).path
+    with pytest.raises((ConfigError, RunError), match=says) as refused:
+        load(other, "cpu")
+    assert "\n" not in str(refused.value)

@@ -7,6 +7,7 @@ waits on the GPU."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from dataclasses import dataclass
 
@@ -87,6 +88,10 @@ class Runtime:
 
     def close(self) -> None:
         if self.world_size > 1 and dist.is_initialized():
+            # DDP's reducer and its finished gloo work hold tensors; freed only at interpreter
+            # exit they take the GIL from a dying interpreter and the process aborts (exit 134).
+            # Collect them while the interpreter and the group are still alive.
+            gc.collect()
             dist.destroy_process_group()
 
 
