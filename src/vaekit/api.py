@@ -36,8 +36,7 @@ def open_run(run: str | Path, device: str, data_dir: str | Path | None, task: st
                           "use `vaekit sample --label` or `vaekit reconstruct`")
     splits = load_data(config.data, data_dir)
     source = str(data_dir or config.data.data_dir or config.data.dataset)
-    for split in (splits.train, splits.test):
-        check_data_fits(config.model, split.images, split.labels, source)
+    check_data_fits(config.model, splits, source)
     return model, config, rt, splits
 
 

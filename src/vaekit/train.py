@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from .config import Config, ConfigError
-from .data import load_data, preprocess
+from .data import Splits, load_data, preprocess
 from .distributed import Runtime, restarted, setup
 from .evaluate import evaluate_elbo, iwae_bounds
 from .models import ModelConfig, build_model
@@ -98,8 +98,7 @@ def _train(run: Run, config: Config, rt: Runtime, resuming: bool, log) -> None:
         splits = load_data(config.data, log=log)
     if config.model.conditional and not config.model.num_classes:
         config.model.num_classes = splits.num_classes     # saved in config.json below
-    for split in (splits.train, splits.test):
-        check_data_fits(config.model, split.images, split.labels, config.data.data_dir or config.data.dataset)
+    check_data_fits(config.model, splits, config.data.data_dir or config.data.dataset)
     torch.manual_seed(tc.seed)
     # channels_last: the layout oneDNN's and cuDNN's fast convolution kernels want (CPU: +30%)
     model = build_model(config.model).to(rt.device, memory_format=torch.channels_last)
@@ -197,17 +196,20 @@ def _train(run: Run, config: Config, rt: Runtime, resuming: bool, log) -> None:
         log(f"Done: {run.path} (grid images in {run.images}, animation {run.gif_path})")
 
 
-def check_data_fits(config: ModelConfig, images: torch.Tensor, labels: torch.Tensor, source: str) -> None:
-    """Raises ConfigError (one line: both shapes, the fix) unless images [N,C,H,W] and their labels
-    [N] are what the model is configured for."""
-    c, h, w = images.shape[1:]
+def check_data_fits(config: ModelConfig, splits: Splits, source: str) -> None:
+    """Raises ConfigError (one line: both shapes, the fix) unless the images of both splits and
+    their labels are what the model is configured for."""
+    c, h, w = splits.image_shape
     if (c, h, w) != (config.image_channels, config.image_size, config.image_size):
         square = "" if h == w else " (the models take square images: resize them)"
         raise ConfigError(f"{source} has {c}-channel {h}x{w} images; the model is configured for "
                           f"{config.image_channels}-channel {config.image_size}x{config.image_size}: "
                           f"pass --image-channels {c} --image-size {h}{square}")
-    if config.conditional and len(labels) and int(labels.max()) >= config.num_classes:
-        raise ConfigError(f"{source} has label {int(labels.max())}; the conditional model knows "
+    if not config.conditional:
+        return
+    top = max(int(split.labels.max()) for split in (splits.train, splits.test) if len(split))
+    if top >= config.num_classes:
+        raise ConfigError(f"{source} has label {top}; the conditional model knows "
                           f"{config.num_classes} classes (0..{config.num_classes - 1}): train a new run on it")
 
 
