@@ -96,40 +96,54 @@ def test_conditional_model_takes_labels_in_encoder_and_decoder():
 
 @pytest.mark.parametrize("stride, padding, output_padding, size", [(2, 1, 1, 7), (2, 0, 0, 14), (1, 1, 0, 28)])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_fast_transposed_conv_matches_autograd(stride, padding, output_padding, size, channels_last):
-    """layers.ConvTranspose2d computes its backward with ordinary convolutions: same values."""
-    from vaekit.models.layers import ConvTranspose2d
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fast_transposed_conv_matches_autograd(stride, padding, output_padding, size, channels_last, relu, dtype):
+    """layers.ConvTranspose2d (and its relu=True form) computes what nn.ConvTranspose2d (then a
+    ReLU) computes, forward and backward. float32 on CPU takes oneDNN's fused conv+ReLU kernel,
+    float64 the plain one."""
+    from vaekit.models.layers import ConvTranspose2d, _onednn_fusable
 
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    ref = torch.nn.ConvTranspose2d(8, 4, 3, stride=stride, padding=padding, output_padding=output_padding).double()
-    fast = ConvTranspose2d(8, 4, 3, stride=stride, padding=padding, output_padding=output_padding).double()
+    ref = torch.nn.ConvTranspose2d(8, 4, 3, stride=stride, padding=padding, output_padding=output_padding).to(dtype)
+    fast = ConvTranspose2d(8, 4, 3, stride=stride, padding=padding, output_padding=output_padding, relu=relu).to(dtype)
     fast.load_state_dict(ref.state_dict())
     ref, fast = ref.to(memory_format=fmt), fast.to(memory_format=fmt)
-    x = torch.randn(3, 8, size, size, dtype=torch.float64).to(memory_format=fmt)
+    x = torch.randn(3, 8, size, size, dtype=dtype).to(memory_format=fmt)
+    assert _onednn_fusable(x) == (dtype == torch.float32 and torch.backends.mkldnn.is_available())
+
+    def reference(inp):
+        y = ref(inp)
+        return torch.relu(y) if relu else y
+
     xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
-    g = torch.randn_like(ref(xr))
-    ref(xr).backward(g)
+    g = torch.randn_like(reference(xr))
+    reference(xr).backward(g)
     fast(xf).backward(g)
-    torch.testing.assert_close(fast(x), ref(x))
-    torch.testing.assert_close(xf.grad, xr.grad)
-    torch.testing.assert_close(fast.weight.grad, ref.weight.grad)
-    torch.testing.assert_close(fast.bias.grad, ref.bias.grad)
+    tol = {} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-4}
+    torch.testing.assert_close(fast(x), reference(x), **tol)
+    torch.testing.assert_close(xf.grad, xr.grad, **tol)
+    torch.testing.assert_close(fast.weight.grad, ref.weight.grad, **tol)
+    torch.testing.assert_close(fast.bias.grad, ref.bias.grad, **tol)
+    if relu:
+        assert (fast(x) == 0).any() and (fast(x) >= 0).all()    # the ReLU did cut something
 
 
 def test_fast_transposed_conv_under_bf16_autocast():
-    """Under autocast it computes in bf16 like nn.ConvTranspose2d and returns fp32 parameter grads."""
+    """Under autocast it computes in bf16 like nn.ConvTranspose2d then ReLU (the fused kernel on
+    CPU) and returns fp32 parameter grads."""
     from vaekit.models.layers import ConvTranspose2d
 
     torch.manual_seed(0)
     ref = torch.nn.ConvTranspose2d(16, 8, 3, stride=2, padding=1, output_padding=1)
-    fast = ConvTranspose2d(16, 8, 3, stride=2, padding=1, output_padding=1)
+    fast = ConvTranspose2d(16, 8, 3, stride=2, padding=1, output_padding=1, relu=True)
     fast.load_state_dict(ref.state_dict())
     x = torch.randn(4, 16, 7, 7)
     outs = []
-    for layer in (ref, fast):
+    for layer, forward in ((ref, lambda inp: torch.relu(ref(inp))), (fast, fast)):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = layer(x)
+            y = forward(x)
         assert y.dtype == torch.bfloat16
         y.float().square().sum().backward()
         assert layer.weight.grad.dtype == torch.float32

@@ -79,3 +79,21 @@ def test_gif_frames_follow_the_seed():
     expected = [0, 1, 2, 4, 6, 8, 10]
     kept = [int(p[15:19]) for p in seed_gif_frames(paths)]
     assert kept == expected
+
+
+def test_a_restored_optimizer_state_takes_its_parameters_memory_layout(tmp_path):
+    """Checkpoints store optimizer moments contiguous; the fused Adam pairs them with parameters
+    and gradients by memory position, so restore must give them the parameters' (channels_last)
+    layout. A contiguous moment beside a channels_last weight would silently scramble the update."""
+    from vaekit.models import ModelConfig, build_model
+
+    run = train(sample_config(epochs=1), out=tmp_path / "run", log=quiet)
+    model = build_model(ModelConfig()).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
+    generators = {name: torch.Generator() for name in ("torch", "order", "noise")}
+    run.load_checkpoint().restore(model, optimizer, generators, run.latest_checkpoint())
+    conv_weights = [p for p in model.parameters() if p.dim() == 4]
+    assert any(not p.is_contiguous() for p in conv_weights)    # channels_last, really
+    for p in model.parameters():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert optimizer.state[p][key].stride() == p.stride(), key

@@ -68,10 +68,15 @@ class Checkpoint:
             optimizer.load_state_dict(self.optimizer)
             for group in optimizer.param_groups:
                 for p in group["params"]:
-                    for key, value in optimizer.state.get(p, {}).items():
-                        if torch.is_tensor(value) and value.dim() and value.shape != p.shape:
-                            raise ValueError(f"optimizer {key} of shape {list(value.shape)} "
-                                             f"for a parameter of shape {list(p.shape)}")
+                    state = optimizer.state.get(p, {})
+                    for key, value in state.items():
+                        if torch.is_tensor(value) and value.dim():
+                            if value.shape != p.shape:
+                                raise ValueError(f"optimizer {key} of shape {list(value.shape)} "
+                                                 f"for a parameter of shape {list(p.shape)}")
+                            # the parameter's memory layout (channels_last): the fused optimizer pairs
+                            # elements by memory position, and the checkpoint stores them contiguous
+                            state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
             for name, generator in generators.items():
                 generator.set_state(self.rng[name])
         except (KeyError, ValueError, RuntimeError) as e:

@@ -35,13 +35,13 @@ class UpConvReLU(nn.Module):
         super().__init__()
         self.tf_padding = tf_padding
         pad = 0 if tf_padding else 1
-        self.conv = ConvTranspose2d(in_ch, out_ch, 3, stride=2, padding=pad, output_padding=pad)
+        self.conv = ConvTranspose2d(in_ch, out_ch, 3, stride=2, padding=pad, output_padding=pad, relu=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)                 # [B,out,2H+1,2W+1] with tf_padding, else [B,out,2H,2W]
         if self.tf_padding:
-            y = y[..., :-1, :-1]         # TF SAME: keep the first 2H rows and columns
-        return torch.relu(y)
+            y = y[..., :-1, :-1]         # TF SAME: keep the first 2H rows and columns (ReLU commutes with the crop)
+        return y
 
 
 class ConvVAE(VAE):
@@ -60,8 +60,7 @@ class ConvVAE(VAE):
         decoder = [nn.Linear(config.latent_dim + config.num_classes, base * base * up[0]), nn.ReLU(),
                    UnflattenHWC(up[0], base, base)]                    # Keras Reshape((7, 7, 32))
         decoder += [UpConvReLU(w_in, w_out, config.tf_padding) for w_in, w_out in zip(up, up[1:])]
-        # the parameters; autograd's backward is the faster one for this stride-1 layer
-        decoder.append(nn.ConvTranspose2d(up[-1], config.output_channels, 3, stride=1, padding=1))
+        decoder.append(nn.ConvTranspose2d(up[-1], config.output_channels, 3, stride=1, padding=1))   # the likelihood's parameters
         super().__init__(config, nn.Sequential(*encoder), nn.Sequential(*decoder))
         self._keras_init()
 

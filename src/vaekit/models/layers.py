@@ -6,20 +6,27 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _onednn_fusable(x: torch.Tensor) -> bool:
+    """Whether oneDNN can run a convolution on `x` with the ReLU fused in (CPU, fp32 or bf16).
+    torch.ops.mkldnn's fused ops are the ones torch.compile emits for CPU convolutions."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
+
+
 class _ConvTranspose2dFunction(torch.autograd.Function):
-    """conv_transpose2d whose backward is written with ordinary convolutions.
+    """conv_transpose2d, optionally followed by a ReLU, with a faster backward on CPU.
 
-    The gradient of a transposed convolution is a convolution: grad_x = conv2d(grad_y, W) with
-    the same stride and padding, and grad_W is that convolution's weight gradient with the roles
-    of input and output gradient swapped. The values are the same as autograd's; the point is
-    speed: oneDNN's ordinary-convolution kernels run this backward about 2.5x faster on CPU than
-    its deconvolution-backward kernels (see benchmarks/README.md).
+    Autograd's backward asks oneDNN's deconvolution kernel for the input, weight and bias
+    gradients in one call, and its bias-gradient path is slow: 4.5 ms against 0.9 ms without it
+    for the seed's 64->32 layer at batch 100 (benchmarks/convt_backward.py). Here the kernel
+    computes the input and weight gradients and the bias gradient is a plain sum. With `relu`,
+    the ReLU runs inside the convolution kernel (oneDNN post-op) on CPU, saving a pass over the
+    largest activations, and its backward is applied to the incoming gradient here.
 
-    Autocast is applied here by hand (inputs cast to the autocast dtype, the weight gradient
-    returned in the parameter's dtype), since the backward runs outside autocast."""
+    Autocast is applied here by hand (inputs cast to the autocast dtype, the parameter gradients
+    returned in the parameters' dtype), since the backward runs outside autocast."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stride: int, padding: int, output_padding: int):
+    def forward(ctx, x, weight, bias, stride: int, padding: int, output_padding: int, relu: bool):
         param_dtype = weight.dtype
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
@@ -27,31 +34,41 @@ class _ConvTranspose2dFunction(torch.autograd.Function):
         if weight.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)   # one layout for both kernels
         with torch.autocast(x.device.type, enabled=False):
-            y = F.conv_transpose2d(x, weight, bias, stride, padding, output_padding)
-        ctx.save_for_backward(x, weight)
-        ctx.conv = (stride, padding, param_dtype)
+            if relu and _onednn_fusable(x):
+                y = torch.ops.mkldnn._convolution_transpose_pointwise.default(
+                    x, weight, bias, [padding] * 2, [output_padding] * 2, [stride] * 2, [1, 1], 1, "relu", [None], "")
+            else:
+                y = F.conv_transpose2d(x, weight, bias, stride, padding, output_padding)
+                y = torch.relu_(y) if relu else y
+        ctx.save_for_backward(x, weight, y if relu else None)
+        ctx.conv = (stride, padding, output_padding, param_dtype)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight = ctx.saved_tensors
-        stride, padding, param_dtype = ctx.conv
+        x, weight, y = ctx.saved_tensors
+        stride, padding, output_padding, param_dtype = ctx.conv
         grad_y = grad_y.to(x.dtype)
-        grad_x = F.conv2d(grad_y, weight, None, stride, padding) if ctx.needs_input_grad[0] else None
-        _, grad_w, _ = torch.ops.aten.convolution_backward(
-            x, grad_y, weight, None, [stride, stride], [padding, padding], [1, 1],
-            False, [0, 0], 1, [False, True, False])
+        if y is not None:
+            grad_y = torch.ops.aten.threshold_backward.default(grad_y, y, 0)   # ReLU's backward: zero where y <= 0
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward.default(
+            grad_y, x, weight, None, [stride] * 2, [padding] * 2, [1, 1], True, [output_padding] * 2, 1,
+            [ctx.needs_input_grad[0], True, False])
         grad_b = grad_y.sum((0, 2, 3))
-        return grad_x, grad_w.to(param_dtype), grad_b.to(param_dtype), None, None, None
+        return grad_x, grad_w.to(param_dtype), grad_b.to(param_dtype), None, None, None, None
 
 
 class ConvTranspose2d(nn.ConvTranspose2d):
     """nn.ConvTranspose2d (square kernel, stride and padding; groups 1) with the faster backward
-    above; same parameters, same state_dict, same values."""
+    above, and with `relu=True` a ReLU after it; same parameters, same state_dict, same values."""
+
+    def __init__(self, *args, relu: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.relu = relu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _ConvTranspose2dFunction.apply(x, self.weight, self.bias, self.stride[0], self.padding[0],
-                                              self.output_padding[0])
+                                              self.output_padding[0], self.relu)
 
 
 class FlattenHWC(nn.Module):

@@ -1,0 +1,88 @@
+"""Interleaved A/B of the CPU training step: what each speed lever is worth, on real MNIST.
+
+    python benchmarks/step_ab.py --rounds 15
+
+Variants: `vaekit` (as training runs), `unfused_relu` (the decoder's ReLU as a separate pass
+instead of inside the transposed convolution), `per_tensor_adam` (Adam without fused=True),
+`autograd_last_layer` (the stride-1 output layer through vaekit's transposed-conv backward
+instead of autograd's). Each round runs every variant for --steps steps of `vaekit.train.train_epoch`
+in turn (order alternating), in one process: two processes on a shared machine differ by more
+than these levers do. Prints one JSON line per variant: the median ms/step over rounds.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+
+import torch
+from common import emit, machine
+from tqdm import tqdm
+
+import vaekit
+from vaekit.data import load_data
+from vaekit.distributed import setup
+from vaekit.models import build_model, layers
+from vaekit.runs import Progress
+from vaekit.train import train_epoch
+
+
+class _NeverStop:
+    def agreed(self) -> bool:
+        return False
+
+
+@contextlib.contextmanager
+def _unfused_relu():
+    fusable = layers._onednn_fusable
+    layers._onednn_fusable = lambda x: False
+    try:
+        yield
+    finally:
+        layers._onednn_fusable = fusable
+
+
+def _variant(name: str, config: vaekit.Config, rt):
+    torch.manual_seed(0)
+    model = build_model(config.model).to(memory_format=torch.channels_last)
+    if name == "autograd_last_layer":
+        model.decoder[-1] = layers.ConvTranspose2d(*model.decoder[-1].weight.shape[:2], 3, stride=1, padding=1).to(
+            memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr, fused=name != "per_tensor_adam")
+    context = _unfused_relu if name == "unfused_relu" else contextlib.nullcontext
+    return model, optimizer, rt.generator(1), context
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--steps", type=int, default=40, help="steps per variant per round")
+    args = p.parse_args()
+
+    config = vaekit.Config()
+    rt = setup("cpu", "bf16")
+    images = load_data(config.data, log=lambda *_: None).train.images
+    names = ["vaekit", "unfused_relu", "per_tensor_adam", "autograd_last_layer"]
+    variants = {name: _variant(name, config, rt) for name in names}
+    order = torch.Generator().manual_seed(0)
+    times = {name: [] for name in names}
+    for r in range(args.rounds + 1):           # round 0 warms up (oneDNN builds its kernels)
+        batches = torch.randperm(len(images), generator=order)[:args.steps * 100].split(100)
+        for name in names if r % 2 else names[::-1]:
+            model, optimizer, noise, context = variants[name]
+            losses = torch.zeros(len(batches), dtype=torch.float64)
+            with context(), tqdm(disable=True) as bar:
+                start = time.perf_counter()
+                train_epoch(model, optimizer, images, None, batches, Progress(), losses, config, rt, noise,
+                            _NeverStop(), bar)
+                if r:
+                    times[name].append(1000 * (time.perf_counter() - start) / len(batches))
+    for name in names:
+        emit({"benchmark": "step_ab", "variant": name, "batch_size": 100, "precision": "bf16",
+              "rounds": args.rounds, "ms_per_step_median": round(statistics.median(times[name]), 2),
+              "ms_per_step_min": round(min(times[name]), 2), **machine()})
+
+
+if __name__ == "__main__":
+    main()
