@@ -1,24 +1,41 @@
-"""Shared by the benchmark scripts: machine facts and peak memory, printed with every result."""
+"""Shared by the benchmark scripts: machine facts and peak memory, printed with every result.
+torch is imported where it is used: benchmarks/seed_tf.py runs in an environment without it."""
 from __future__ import annotations
 
 import json
 import platform
 import resource
+from pathlib import Path
 
-import torch
+
+def cpu() -> dict:
+    """The processor's model name and whether it has AMX (bf16 matrix units): on x86 Linux from
+    /proc/cpuinfo. The figures of one machine say little about another without these."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"cpu": platform.processor() or platform.machine()}
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = fields.get("flags", "").split()
+    return {"cpu": fields.get("model name", platform.machine()), "amx_bf16": "amx_bf16" in flags,
+            "avx512_bf16": "avx512_bf16" in flags}
 
 
 def machine() -> dict:
-    info = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__}
+    import torch
+
+    info = {**cpu(), "threads": torch.get_num_threads(), "torch": torch.__version__}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
 
 
-def peak_memory_mb(device: torch.device) -> dict:
+def peak_memory_mb(device) -> dict:
     peak = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     if device.type == "cuda":
+        import torch
+
         peak["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return peak
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
+from common import cpu
 
 BATCH_SIZE, LATENT_DIM = 100, 50
 
@@ -116,8 +116,7 @@ def main() -> None:
         per_step = statistics.median(seconds) / args.steps
         print(json.dumps({"benchmark": "seed_tf", "mode": mode, "batch_size": BATCH_SIZE,
                           "img_per_s": round(BATCH_SIZE / per_step, 1), "ms_per_step": round(1000 * per_step, 2),
-                          "tensorflow": tf.__version__, "threads": os.cpu_count(),
-                          "cpu": platform.processor() or platform.machine()}), flush=True)
+                          "tensorflow": tf.__version__, "threads": os.cpu_count(), **cpu()}), flush=True)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,9 @@ from vaekit.runs import Progress
 from vaekit.train import train_epoch
 
 
+VARIANTS = ["vaekit", "unfused_relu", "per_tensor_adam", "autograd_last_layer"]
+
+
 class _NeverStop:
     def agreed(self) -> bool:
         return False
@@ -58,12 +61,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--steps", type=int, default=40, help="steps per variant per round")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS, help="the variants to time (default: all)")
     args = p.parse_args()
 
     config = vaekit.Config()
     rt = setup("cpu", "bf16")
     images = load_data(config.data, log=lambda *_: None).train.images
-    names = ["vaekit", "unfused_relu", "per_tensor_adam", "autograd_last_layer"]
+    names = args.variants
     variants = {name: _variant(name, config, rt) for name in names}
     order = torch.Generator().manual_seed(0)
     times = {name: [] for name in names}

@@ -237,9 +237,22 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(reference, tm
     assert [m["epoch"] for m in Run(run).metrics()] == [1, 2, 3]
 
 
+HELD_AFTER_FIRST_CHECKPOINT = """
+import sys, time
+from vaekit import runs
+real = runs._atomic_write_text
+def write(path, text):   # the first checkpoint completes, then training stops there, holding its lock
+    real(path, text)
+    while path.name == "latest":
+        time.sleep(1)
+runs._atomic_write_text = write
+"""
+
+
 def test_a_second_training_of_one_run_is_refused_and_the_lock_dies_with_its_owner(tmp_path):
     run = tmp_path / "run"
-    first = start("train", *TRAIN, "--out", run)
+    # held: a first training that went on would finish its 40 steps before a second process starts
+    first = start("train", *TRAIN, "--out", run, script=HELD_AFTER_FIRST_CHECKPOINT)
     wait_for_step(first, run, 1)
     error = assert_one_line_error(vaekit("train", "--resume", run))
     assert f"is being trained by pid {first.pid}" in error
