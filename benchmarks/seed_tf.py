@@ -19,8 +19,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import tensorflow as tf
 from common import cpu
+
+try:
+    import tensorflow as tf
+except ImportError:
+    raise SystemExit("seed_tf.py needs TensorFlow: `pip install tensorflow-cpu` in an environment of its own") from None
 
 BATCH_SIZE, LATENT_DIM = 100, 50
 
@@ -98,7 +102,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
 
-    images = read_idx_images(args.data_dir.expanduser() / "train-images-idx3-ubyte")
+    path = args.data_dir.expanduser() / "train-images-idx3-ubyte"
+    if not path.is_file():
+        raise SystemExit(f"no {path.name} in {path.parent}: run `vaekit data fetch mnist` first, or pass --data-dir")
+    images = read_idx_images(path)
     batches = tf.data.Dataset.from_tensor_slices(images).shuffle(60000).batch(BATCH_SIZE).repeat()
     for mode in (["eager", "function"] if args.mode == "both" else [args.mode]):
         model = CVAE(LATENT_DIM)
