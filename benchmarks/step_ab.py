@@ -1,6 +1,7 @@
 """Interleaved A/B of the CPU training step: what each speed lever is worth, on real MNIST.
 
     python benchmarks/step_ab.py --rounds 15
+    python benchmarks/step_ab.py --precision fp32 --variants vaekit unfused_relu
 
 Variants: `vaekit` (as training runs), `unfused_relu` (the decoder's ReLU as a separate pass
 instead of inside the transposed convolution), `per_tensor_adam` (Adam without fused=True),
@@ -61,11 +62,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--steps", type=int, default=40, help="steps per variant per round")
+    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS, help="the variants to time (default: all)")
     args = p.parse_args()
 
     config = vaekit.Config()
-    rt = setup("cpu", "bf16")
+    rt = setup("cpu", args.precision)
     images = load_data(config.data, log=lambda *_: None).train.images
     names = args.variants
     variants = {name: _variant(name, config, rt) for name in names}
@@ -83,7 +85,7 @@ def main() -> None:
                 if r:
                     times[name].append(1000 * (time.perf_counter() - start) / len(batches))
     for name in names:
-        emit({"benchmark": "step_ab", "variant": name, "batch_size": 100, "precision": "bf16",
+        emit({"benchmark": "step_ab", "variant": name, "batch_size": 100, "precision": rt.precision,
               "rounds": args.rounds, "ms_per_step_median": round(statistics.median(times[name]), 2),
               "ms_per_step_min": round(min(times[name]), 2), **machine()})
 
