@@ -6,9 +6,9 @@
 Variants: `vaekit` (as training runs), `unfused_relu` (the decoder's ReLU as a separate pass
 instead of inside the transposed convolution), `per_tensor_adam` (Adam without fused=True),
 `autograd_last_layer` (the stride-1 output layer through vaekit's transposed-conv backward
-instead of autograd's). Each round runs every variant for --steps steps of `vaekit.train.train_epoch`
-in turn (order alternating), in one process: two processes on a shared machine differ by more
-than these levers do. Prints one JSON line per variant: the median ms/step over rounds.
+instead of autograd's). Each round runs every variant for --steps steps of
+`vaekit.train.train_epoch` in turn (order alternating), in one process: two processes on a shared
+machine differ by more than these levers do. Prints one JSON line per variant: the median ms/step over rounds.
 """
 from __future__ import annotations
 
@@ -63,7 +63,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--steps", type=int, default=40, help="steps per variant per round")
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS, help="the variants to time (default: all)")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS,
+                   help="the variants to time (default: all)")
     args = p.parse_args()
 
     config = vaekit.Config()

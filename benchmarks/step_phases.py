@@ -5,8 +5,9 @@
 
 The step is `vaekit.train.train_epoch`'s, written out (static binarization, bf16 autocast by
 default, fused Adam) and cut into its phases with a clock between them; prints one JSON line: the
-median ms of each phase over --steps steps after a warm-up. At batch 1 the arithmetic is negligible, so what remains
-is the per-step cost of Python, the dispatcher, autograd and oneDNN's per-call setup.
+median ms of each phase over --steps steps after a warm-up. At batch 1 the arithmetic is
+negligible, so what remains is the per-step cost of Python, the dispatcher, autograd and oneDNN's
+per-call setup.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from vaekit.models import build_model
 from vaekit.objectives import single_sample_elbo
 
 PHASES = ("batch", "forward", "loss", "backward", "optimizer")
+WARMUP_STEPS = 50   # untimed: oneDNN builds its kernels
 
 
 def main() -> None:
@@ -41,7 +43,7 @@ def main() -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr, fused=True)
     noise = rt.generator(1)
     seconds = {phase: [] for phase in PHASES}
-    for step in range(50 + args.steps):             # 50 warm-up steps: oneDNN builds its kernels
+    for step in range(WARMUP_STEPS + args.steps):
         clock = [time.perf_counter()]
         idx = torch.randint(len(images), (args.batch_size,))
         x = preprocess(images[idx], "static", noise)
@@ -57,7 +59,7 @@ def main() -> None:
         clock.append(time.perf_counter())
         optimizer.step()
         clock.append(time.perf_counter())
-        if step >= 50:
+        if step >= WARMUP_STEPS:
             for phase, start, end in zip(PHASES, clock, clock[1:]):
                 seconds[phase].append(end - start)
     ms = {f"{phase}_ms": round(1000 * statistics.median(s), 3) for phase, s in seconds.items()}
