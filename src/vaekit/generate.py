@@ -5,6 +5,8 @@ outputs are images in [0,1] (the likelihood's mean; Bernoulli: probabilities), [
 (sample, reconstruct, posterior); the other tasks are for unconditional models."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -142,7 +144,8 @@ def region_mask(name: str, shape: tuple[int, int, int]) -> torch.Tensor:
 @torch.inference_mode()
 def inpaint(model, images: torch.Tensor, mask: torch.Tensor, steps: int = 50, chains: int = 4,
             method: str = "pseudo-gibbs", start: torch.Tensor | None = None, binarization: str = "static",
-            generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            generator: torch.Generator | None = None,
+            stop: Callable[[int], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fills the pixels of images [N,C,H,W] where mask [C,H,W] is True, observed pixels clamped.
 
     Each of `chains` independent chains per image starts with the missing pixels drawn from
@@ -154,7 +157,9 @@ def inpaint(model, images: torch.Tensor, mask: torch.Tensor, steps: int = 50, ch
     Returns (binary images x, completion: x with the missing pixels' predictive probabilities,
     predictive logits [N,C,H,W]: logit of the mean of p(x_j|z) over all chains and steps). One
     sharp decode is confidently wrong wherever a stroke lands a pixel off; the mean over many
-    steps and chains is what makes the predictive fit the truth (longer chains help most)."""
+    steps and chains is what makes the predictive fit the truth (longer chains help most).
+    `stop`, if given, is called after each step with the number of steps done; True ends the
+    chains there (the web demo bounds the time one request may hold the model with it)."""
     if method not in INPAINT_METHODS:
         raise ValueError(f"method must be one of {', '.join(INPAINT_METHODS)}; got {method!r}")
     x = preprocess(images, binarization, generator)
@@ -164,7 +169,7 @@ def inpaint(model, images: torch.Tensor, mask: torch.Tensor, steps: int = 50, ch
     current = torch.where(missing, init, xs)
     log_on = log_off = torch.full_like(xs, -torch.inf)      # log sum_t p_t(x_j = 1), log sum_t p_t(x_j = 0)
     z = logits = None
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         mean, logvar = model.encode(current)
         z_new = model.reparameterize(mean, logvar, generator)
         logits_new = model.decode(z_new)
@@ -180,6 +185,8 @@ def inpaint(model, images: torch.Tensor, mask: torch.Tensor, steps: int = 50, ch
         current = torch.where(missing, torch.bernoulli(torch.sigmoid(logits), generator=generator), xs)
         log_on = torch.logaddexp(log_on, F.logsigmoid(logits))
         log_off = torch.logaddexp(log_off, F.logsigmoid(-logits))
+        if stop is not None and stop(step):
+            break
     chain_axis = (chains, len(x))
     predictive = log_on.unflatten(0, chain_axis).logsumexp(0) - log_off.unflatten(0, chain_axis).logsumexp(0)
     return x, torch.where(mask.to(x.device), torch.sigmoid(predictive), x), predictive
@@ -197,12 +204,22 @@ def manifold(model, n: int = 20) -> torch.Tensor:
     return model.decode(torch.stack([z1, z2], dim=-1).flatten(0, 1), as_image=True)
 
 
-def project_2d(codes: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
-    """codes [N,D] -> (coordinates [N,2], axis names): the codes themselves for D = 2, else their
-    first two principal components, each named with the share of the variance it explains."""
+def latent_plane(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The plane a latent map shows, for codes [N,D]: (origin [D], orthonormal axes [2,D], their
+    names), float64. The map's point (u, v) is the code origin + u axes[0] + v axes[1]. For D = 2
+    the plane is the latent itself; else it passes through the codes' mean along their first two
+    principal components, each named with the share of the variance it explains."""
     if codes.shape[1] == 2:
-        return codes, ["z1", "z2"]
-    centred = codes.double() - codes.double().mean(0)
-    _, s, v = torch.linalg.svd(centred, full_matrices=False)
+        return (torch.zeros(2, dtype=torch.float64, device=codes.device),
+                torch.eye(2, dtype=torch.float64, device=codes.device), ["z1", "z2"])
+    centre = codes.double().mean(0)
+    _, s, v = torch.linalg.svd(codes.double() - centre, full_matrices=False)
     share = s.pow(2) / s.pow(2).sum()
-    return (centred @ v[:2].T).float(), [f"PC{i + 1} ({100 * share[i]:.0f}% of variance)" for i in range(2)]
+    return centre, v[:2], [f"PC{i + 1} ({100 * share[i]:.0f}% of variance)" for i in range(2)]
+
+
+def project_2d(codes: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+    """codes [N,D] -> (coordinates [N,2] on their latent_plane, axis names): the codes themselves
+    for D = 2, else their first two principal components."""
+    origin, axes, names = latent_plane(codes)
+    return ((codes.double() - origin) @ axes.T).float(), names
