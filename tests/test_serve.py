@@ -1,12 +1,14 @@
 """The web demo's API, served by a real uvicorn on 127.0.0.1 for a model trained briefly on the
 shipped MNIST sample: each endpoint against the generation function it calls, every kind of bad
-request (a one-line JSON error with a 4xx status), no way out to the file system, and the
-`vaekit serve` command itself."""
+request (a one-line JSON error with a 4xx status), no way out to the file system, the hardening
+(Host header, stalled connections, the model's two lanes and time bounds), every curl call of
+docs/demo.md, and the `vaekit serve` command itself."""
 import base64
 import http.client
 import importlib.util
 import io
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,18 +24,19 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from conftest import cli_env, sample_config
+from conftest import SAMPLE, cli_env, sample_config
 
 pytest.importorskip("fastapi", reason="the demo extra is not installed: pip install -e '.[test,demo]'")
 import uvicorn  # noqa: E402
 
-from vaekit import ConfigError, RunError, train  # noqa: E402
+from vaekit import ConfigError, DataConfig, RunError, train  # noqa: E402
 from vaekit.cli import main  # noqa: E402
-from vaekit.data import preprocess  # noqa: E402
+from vaekit.data import preprocess, read_idx  # noqa: E402
 from vaekit.generate import (interpolate, most_active_dims, posterior, rate_per_dim, region_mask, sample,  # noqa: E402
                              set_dims, traverse)
 from vaekit.serve import create_app, load  # noqa: E402
-from vaekit.serve.server import bind, url_of  # noqa: E402
+from vaekit.serve.app import host_allowed  # noqa: E402
+from vaekit.serve.server import STALL_SECONDS, bind, server_config, url_of  # noqa: E402
 from vaekit.viz import grid_image  # noqa: E402
 
 
@@ -52,11 +55,28 @@ def demo(run):
     return load(run, "cpu")
 
 
+@pytest.fixture(scope="module")
+def rgb_demo(tmp_path_factory):
+    """A run on a folder of RGB pictures in two classes: the sample's 0s ("rings") and 1s
+    ("strokes"), tinted."""
+    root = tmp_path_factory.mktemp("rgb") / "pictures"
+    images, labels = read_idx(SAMPLE / "train-images-idx3-ubyte.gz"), read_idx(SAMPLE / "train-labels-idx1-ubyte.gz")
+    for i in np.flatnonzero(labels[:800] <= 1):
+        folder = root / ("rings", "strokes")[labels[i]]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.stack([images[i], images[i] // 2, 255 - images[i]], axis=-1), "RGB").save(folder / f"{i}.png")
+    config = sample_config(epochs=1, lr=1e-3, batch_size=32)
+    config.data = DataConfig(dataset="folder", data_dir=str(root), channels=3)
+    config.model.image_channels = 3
+    return load(train(config, out=tmp_path_factory.mktemp("rgb-run") / "run", log=quiet).path, "cpu")
+
+
 @contextmanager
-def running(demo):
-    """The demo on a free port of 127.0.0.1 in a thread of this process; yields its URL, then stops it."""
+def running(demo, stall_seconds: float = STALL_SECONDS, **app_settings):
+    """The demo on a free port of 127.0.0.1 in a thread of this process, as `vaekit serve` runs it;
+    yields its URL, then stops it."""
     sock = bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(create_app(demo), log_level="warning"))
+    server = uvicorn.Server(server_config(create_app(demo, **app_settings), stall_seconds))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -123,16 +143,26 @@ def binary_test(demo, index: int) -> torch.Tensor:
 
 
 # -- the page --------------------------------------------------------------------------------
-def test_the_page_and_its_two_files_are_served_and_load_nothing_from_elsewhere(server):
+def test_the_page_and_its_files_are_served_and_load_nothing_from_elsewhere(server):
     status, headers, html = request(server, "GET", "/")
     assert status == 200 and headers["content-type"].startswith("text/html")
-    assert b'src="app.js"' in html and b'href="style.css"' in html
-    for path, kind in (("/app.js", "text/javascript"), ("/style.css", "text/css")):
+    assert b'src="app.js"' in html and b'href="style.css"' in html and b'href="favicon.svg"' in html
+    for path, kind in (("/app.js", "text/javascript"), ("/style.css", "text/css"), ("/favicon.svg", "image/svg+xml")):
         status, headers, body = request(server, "GET", path)
-        assert status == 200 and headers["content-type"].startswith(kind) and len(body) > 500
-    for name in ("index.html", "app.js", "style.css"):
+        assert status == 200 and headers["content-type"].startswith(kind) and len(body) > 200
+    for name in ("index.html", "app.js", "style.css", "favicon.svg"):
         text = (Path(__file__).parents[1] / "src/vaekit/serve/static" / name).read_text()
+        text = text.replace('xmlns="http://www.w3.org/2000/svg"', "")      # the SVG namespace's name, never fetched
         assert "http:" not in text and "https:" not in text and "//cdn" not in text, name
+
+
+def test_head_answers_as_get_would_without_the_body(server):
+    for path in ("/", "/favicon.svg", "/api/info"):
+        status, headers, body = request(server, "GET", path)
+        head_status, head_headers, head_body = request(server, "HEAD", path)
+        assert (head_status, head_body) == (200, b"") and status == 200
+        assert head_headers["content-type"] == headers["content-type"]
+        assert head_headers["content-length"] == str(len(body))
 
 
 def test_info_describes_the_model_and_the_limits(server, demo):
@@ -140,6 +170,7 @@ def test_info_describes_the_model_and_the_limits(server, demo):
     info = json.loads(body)
     assert status == 200
     assert info["shape"] == [1, 28, 28] and info["latent_dim"] == 50 and info["test_size"] == 500
+    assert info["class_names"] == list("0123456789") and info["drawing"] == "mnist-digit"
     assert info["masks"] == ["top", "bottom", "left", "right", "centre"] and info["paths"] == ["linear", "slerp"]
     assert info["limits"]["samples"] >= 16 and info["limits"]["dims"] <= info["latent_dim"]
 
@@ -201,29 +232,64 @@ def test_interpolation_is_framed_by_the_binary_originals(server, demo):
     ends = preprocess(demo.test_images[:2], "static")
     expected = torch.cat([ends[:1], path, ends[1:]])
     assert np.array_equal(pixels(data["image"]), grid(expected, nrow=8, padding=1))
+    assert len(data["frames"]) == 8                                        # and one by one, for the page's layout
+    assert all(np.array_equal(pixels(frame), grid(expected[i:i + 1])) for i, frame in enumerate(data["frames"]))
     assert data != ok(server, "/api/interpolate", {"a": 0, "b": 1, "steps": 6, "path": "linear"})
 
 
-def drawing(points: list[tuple[int, int]], size: int = 280, mode: str = "RGB") -> Image.Image:
-    """A canvas like the page's: black, a white stroke 22 pixels wide through `points`."""
-    img = Image.new(mode, (size, size), "black")
-    ImageDraw.Draw(img).line(points, fill="white", width=22, joint="curve")
+def drawing(points: list[tuple[float, float]], size: int = 280, width: int = 22) -> Image.Image:
+    """A canvas like the page's: black, a white stroke `width` pixels wide through `points`."""
+    img = Image.new("RGB", (size, size), "black")
+    ImageDraw.Draw(img).line(points, fill="white", width=width, joint="curve")
     return img
 
 
-def test_a_drawing_is_shrunk_binarized_and_reconstructed(server):
-    one = ok(server, "/api/reconstruct", {"image": png_url(drawing([(140, 40), (140, 240)]))})
-    x = pixels(one["input"])
+SEVEN = [(0.15, 0.1), (0.85, 0.1), (0.4, 0.95)]    # a 7 in fractions of its box
+
+
+def seven(left: float, top: float, side: float) -> Image.Image:
+    """A 7 drawn in the box of `side` pixels at (left, top), its stroke a tenth of the side wide."""
+    return drawing([(left + fx * side, top + fy * side) for fx, fy in SEVEN], width=round(side / 10))
+
+
+def test_a_drawing_is_made_a_digit_as_mnist_digits_were(server):
+    """Cropped to its ink, scaled to fit 20x20 keeping its aspect, centred by mass in 28x28: a
+    small 7 drawn in a corner is the same input as a large 7 drawn in the middle."""
+    large = ok(server, "/api/reconstruct", {"image": png_url(seven(40, 40, 200))})
+    small = ok(server, "/api/reconstruct", {"image": png_url(seven(5, 200, 60))})
+    x, y = pixels(small["input"]), pixels(large["input"])
     assert x.shape == (28, 28) and set(np.unique(x)) == {0, 255}
-    assert (x[5:23, 13:15] == 255).all() and (x[:, :10] == 0).all() and (x[:, 18:] == 0).all()   # a vertical bar
-    assert pixels(one["image"]).shape == (28, 28)
-    other = ok(server, "/api/reconstruct", {"image": png_url(drawing([(40, 140), (240, 140)]))})
-    assert np.abs(pixels(other["image"]).astype(int) - pixels(one["image"])).mean() > 5
-    # a canvas at the model's own size is used as it is; transparent parts count as black
-    small = Image.new("RGBA", (28, 28), (255, 255, 255, 0))
-    small.paste((255, 255, 255, 255), (10, 10, 18, 18))
-    x = pixels(ok(server, "/api/reconstruct", {"image": png_url(small)})["input"])
-    assert (x[10:18, 10:18] == 255).all() and x.sum() == 64 * 255
+    rows, cols = np.nonzero(x)
+    assert 18 <= rows.max() - rows.min() + 1 <= 20                       # the taller side fills the 20-pixel box
+    assert abs(rows.mean() - 13.5) < 1 and abs(cols.mean() - 13.5) < 1    # its mass in the middle
+    box = lambda image: np.ptp(np.nonzero(image), axis=1)                 # noqa: E731  (height, width) - 1
+    assert np.abs(box(x) - box(y)).max() <= 1
+    assert np.abs(pixels(small["image"]).astype(int) - pixels(large["image"])).mean() < 3
+    bar = pixels(ok(server, "/api/reconstruct", {"image": png_url(drawing([(255, 20), (255, 260)]))})["input"])
+    rows, cols = np.nonzero(bar)
+    assert rows.min() == 4 and rows.max() == 23 and 1 <= len(set(cols)) <= 3 and abs(cols.mean() - 13.5) < 1
+    # transparent parts count as black; a drawing without ink stays black
+    square = Image.new("RGBA", (28, 28), (255, 255, 255, 0))
+    square.paste((255, 255, 255, 255), (10, 10, 18, 18))
+    x = pixels(ok(server, "/api/reconstruct", {"image": png_url(square)})["input"])
+    assert (x[4:24, 4:24] == 255).all() and x.sum() == 400 * 255
+    empty = ok(server, "/api/reconstruct", {"image": png_url(Image.new("L", (280, 280)))})
+    assert pixels(empty["input"]).max() == 0 and pixels(empty["image"]).shape == (28, 28)
+
+
+def test_an_rgb_folder_run_names_its_classes_and_shrinks_the_whole_pad(rgb_demo):
+    with running(rgb_demo) as url:
+        info = json.loads(request(url, "GET", "/api/info")[2])
+        assert info["shape"] == [3, 28, 28] and info["class_names"] == ["rings", "strokes"]
+        assert info["drawing"] == "whole-pad"
+        for index in range(4):
+            shown = ok(url, "/api/test-image", {"index": index})
+            assert shown["class"] == ["rings", "strokes"][shown["label"]] == ("rings", "strokes")[
+                int(rgb_demo.test_labels[index])]
+        pad = Image.new("RGB", (280, 280), "black")
+        pad.paste((255, 255, 255), (0, 0, 100, 100))                     # a square in the top left corner
+        x = pixels(ok(url, "/api/reconstruct", {"image": png_url(pad)})["input"])
+        assert x.shape == (28, 28, 3) and (x[:10, :10] == 255).all() and x[10:].max() == 0 and x[:, 10:].max() == 0
 
 
 @pytest.mark.parametrize("which", ["brush", "centre"])
@@ -242,6 +308,29 @@ def test_inpainting_fills_the_mask_and_leaves_the_observed_pixels(server, demo, 
     assert np.array_equal(filled[~missing], original[~missing])           # observed pixels untouched
     assert (shown[missing] == 128).all() and np.array_equal(shown[~missing], original[~missing])
     assert np.abs(filled[missing].astype(int) - 128).mean() > 20          # decided pixels, not a grey fill
+    assert data["steps_done"] == 5
+
+
+def test_the_latent_map_is_the_test_codes_on_their_principal_plane_and_decodes_its_points(server, demo):
+    data = json.loads(request(server, "GET", "/api/map")[2])
+    codes = posterior(demo.model, preprocess(demo.test_images, "static"))[0].double().numpy()
+    centred = codes - codes.mean(0)
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)              # numpy's PCA, beside torch's
+    expected = centred @ vt[:2].T
+    points = np.array(data["points"])
+    signs = np.sign((points * expected).sum(0))                          # an axis is known up to its sign
+    assert np.abs(points - expected * signs).max() < 1e-3
+    assert data["labels"] == demo.test_labels.tolist() and data["class_names"] == list("0123456789")
+    assert data["axes"] == [f"PC{i + 1} ({100 * s[i] ** 2 / (s ** 2).sum():.0f}% of variance)" for i in range(2)]
+    assert len(set(data["colours"])) == 10
+    decodes = []
+    for x, y in (points[7], (-1.5, 2.0)):
+        z = codes.mean(0) + (np.array([x, y]) * signs) @ vt[:2]
+        with torch.inference_mode():
+            decoded = demo.model.decode(torch.tensor(z, dtype=torch.float32)[None], as_image=True)
+        decodes.append(pixels(ok(server, "/api/map-decode", {"x": x, "y": y})["image"]))
+        assert np.abs(decodes[-1].astype(int) - grid(decoded).astype(int)).max() <= 1
+    assert np.abs(decodes[0].astype(int) - decodes[1]).mean() > 5
 
 
 def test_concurrent_requests_are_all_answered(server):
@@ -262,7 +351,7 @@ BAD = [
     ("/api/sample", {"n": 65}, 422, "n: Input should be less than or equal to 64"),
     ("/api/sample", {"n": 4, "seed": -1}, 422, "seed:"),
     ("/api/sample", {"n": "many"}, 422, "n: Input should be a valid integer"),
-    ("/api/sample", {"n": 4, "path": "/etc/passwd"}, 422, "path: Extra inputs are not permitted"),
+    ("/api/sample", {"n": 4, "path": "/etc/passwd"}, 422, "path: not a setting of /api/sample, which takes n, seed"),
     ("/api/test-image", {"index": 500}, 400, "index 500 is out of range: the test set has 500 images (0..499)"),
     ("/api/test-image", {"index": -1}, 422, "index: Input should be greater than or equal to 0"),
     ("/api/test-image", {}, 422, "index: Field required"),
@@ -283,10 +372,14 @@ BAD = [
     ("/api/reconstruct", {"image": png_url(Image.new("L", (2000, 10)))}, 400,
      "image is 2000x10; the limit is 1024 pixels a side"),
     ("/api/inpaint", {"index": 0, "mask": "middle"}, 400, "mask must be one of top, bottom, left, right, centre or a PNG"),
-    ("/api/inpaint", {"index": 0, "mask": png_url(Image.new("L", (28, 28)))}, 400, "the mask is empty"),
+    ("/api/inpaint", {"index": 0, "mask": png_url(Image.new("L", (28, 28)))}, 400,
+     "the mask is empty: mark the pixels to fill (on the page, paint them red; in a mask PNG, white)"),
     ("/api/inpaint", {"index": 0, "mask": "top", "chains": 9}, 422, "chains: Input should be less than or equal to 8"),
     ("/api/inpaint", {"index": 0, "mask": "top", "steps": 201}, 422, "steps: Input should be less than or equal to 200"),
     ("/api/inpaint", {"index": 0, "mask": "top", "method": "gibbs"}, 422, "method: Input should be 'pseudo-gibbs'"),
+    ("/api/map-decode", {"x": 51, "y": 0}, 422, "x: Input should be less than or equal to 50"),
+    ("/api/map-decode", {"x": 0, "y": float("nan")}, 422, "y: Input should be a finite number"),
+    ("/api/map-decode", {"x": 0}, 422, "y: Field required"),
 ]
 
 
@@ -299,8 +392,9 @@ def test_bad_requests_get_a_one_line_json_error(server, path, body, status, mess
 
 def test_malformed_bodies_get_json_errors(server):
     for body, status, message in [(b"{not json", 400, "the request body is not valid JSON"),
+                                  (b"[" * 100_000 + b"]" * 100_000, 400, "the request body is not valid JSON"),
                                   (b'{"index": 0, "dims": [1], "values": [NaN]}', 422, "values.0:"),
-                                  (b"[1, 2]", 422, "Input should be a valid dictionary")]:
+                                  (b"[1, 2]", 422, 'the body must be a JSON object of settings, like {"index": 0}')]:
         got, _, data = request(server, "POST", "/api/traverse", body, {"Content-Type": "application/json"})
         assert got == status and message in json.loads(data)["error"], data
     big = json.dumps({"image": "data:image/png;base64," + "A" * 2_100_000}).encode()
@@ -320,8 +414,125 @@ def test_no_path_reaches_the_file_system(server, path):
 
 
 def test_a_get_on_a_post_endpoint_is_a_json_405(server):
-    status, _, body = request(server, "GET", "/api/sample")
+    status, headers, body = request(server, "GET", "/api/sample")
     assert status == 405 and json.loads(body)["error"] == "Method Not Allowed: GET /api/sample"
+    assert headers["allow"] == "POST"
+
+
+def test_a_body_must_say_it_is_json(server):
+    """curl -d sends a form's content type; a page of another site can send a form without asking."""
+    for headers in ({"Content-Type": "application/x-www-form-urlencoded"}, {"Content-Type": "text/plain"}, {}):
+        status, _, data = request(server, "POST", "/api/sample", b'{"n": 4}', headers)
+        error = json.loads(data)["error"]
+        assert status == 415 and "with the header Content-Type: application/json" in error and "\n" not in error
+        assert (headers.get("Content-Type") or "missing") in error
+    status, _, data = request(server, "POST", "/api/sample", b'{"n": 4}',
+                              {"Content-Type": "application/json; charset=utf-8"})
+    assert status == 200 and "image" in json.loads(data)
+
+
+def test_validation_stops_at_the_first_unknown_key(server):
+    body = json.dumps({"n": 4, **{f"x{i:05d}": 0 for i in range(150_000)}}, separators=(",", ":")).encode()
+    assert len(body) < 2_000_000                                            # within the body limit
+    status, _, data = request(server, "POST", "/api/sample", body, {"Content-Type": "application/json"})
+    assert status == 422 and json.loads(data)["error"] == "x00000: not a setting of /api/sample, which takes n, seed"
+
+
+def test_a_host_header_that_does_not_name_the_demo_is_refused(server):
+    """Against DNS rebinding: a page of another site that resolves its own name to 127.0.0.1."""
+    port = int(server.rstrip("/").rsplit(":", 1)[1])
+    for host in ("rebound.example", f"rebound.example:{port}", f"127.0.0.1.nip.io:{port}"):
+        for method, path, body in (("GET", "/", None), ("POST", "/api/sample", b'{"n": 4}')):
+            status, _, data = request(server, method, path, body, {"Host": host, "Content-Type": "application/json"})
+            error = json.loads(data)["error"]
+            assert status == 403 and f"the Host header {host!r} does not name this demo" in error
+            assert f"open it as http://127.0.0.1:{port}/" in error and "DNS rebinding" in error
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST", f"[::1]:{port}"):
+        assert request(server, "GET", "/api/info", headers={"Host": host})[0] == 200, host
+
+
+def test_which_host_names_a_demo_listening_where():
+    assert host_allowed("127.0.0.1:8000", "127.0.0.1") and host_allowed("localhost", "127.0.0.1")
+    assert not host_allowed("10.0.0.5:8000", "127.0.0.1") and not host_allowed("gpu-box:8000", "127.0.0.1")
+    assert host_allowed("gpu-box:8000", "gpu-box") and host_allowed("10.0.0.5:8000", "10.0.0.5")
+    for everywhere in ("0.0.0.0", "::"):
+        assert host_allowed("10.0.0.5:8000", everywhere) and host_allowed("[fe80::1]:8000", everywhere)
+        assert host_allowed(f"{socket.gethostname()}:8000", everywhere)
+        assert not host_allowed("rebound.example:8000", everywhere)
+
+
+def test_a_connection_that_stalls_is_closed(demo):
+    """Headers or a body that never finish are cut off after the stall time; a request that has
+    fully arrived is answered however long its work takes."""
+    with running(demo, stall_seconds=0.5) as url:
+        host, port = url.removeprefix("http://").rstrip("/").rsplit(":", 1)
+        post_head = b"POST /api/sample HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        for sent in (b"", b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n", post_head + b"Content-Length: 100\r\n\r\n{"):
+            with socket.create_connection((host, int(port)), timeout=20) as sock:
+                sock.sendall(sent)
+                assert sock.recv(1000) == b""            # closed without an answer (a hang raises TimeoutError)
+        demo.lock.acquire()
+        threading.Timer(1.0, demo.lock.release).start()    # the model busy for twice the stall time
+        conn = http.client.HTTPConnection(host, int(port), timeout=20)
+        conn.request("POST", "/api/sample", json.dumps({"n": 4}), {"Content-Type": "application/json"})
+        slow = conn.getresponse()
+        assert slow.status == 200 and "image" in json.loads(slow.read())
+        conn.sock.sendall(b"GET / HTTP/1.1\r\n")        # the same connection, then a stall
+        assert conn.sock.recv(1000) == b""
+        conn.close()
+
+
+def test_light_requests_pass_a_busy_model_and_heavy_ones_wait_a_bounded_time(demo):
+    with running(demo, queue_seconds=0.3) as url:
+        with demo.lock:                                  # the model held, as by a long fill
+            for path, body in (("/api/traverse", {"index": 0, "dims": [1], "values": [1.0]}),
+                               ("/api/latent", {"index": 1}), ("/api/test-image", {"index": 2}),
+                               ("/api/map-decode", {"x": 0.1, "y": 0.2}),
+                               ("/api/reconstruct", {"image": png_url(seven(40, 40, 200))})):
+                ok(url, path, body)
+            for path, body in (("/api/sample", {"n": 4}), ("/api/interpolate", {"a": 0, "b": 1}),
+                               ("/api/inpaint", {"index": 0, "mask": "top"})):
+                status, data = post(url, path, body)
+                assert status == 503 and data["error"] == ("the demo is busy: this request waited 0.3 s for the "
+                                                           "model; try again")
+        ok(url, "/api/sample", {"n": 4})
+
+
+def test_inpainting_stops_at_the_time_bound_with_the_steps_it_ran(demo):
+    with running(demo, work_seconds=0) as url:           # out of time after the first step
+        data = ok(url, "/api/inpaint", {"index": 4, "mask": "centre", "steps": 200, "chains": 8, "seed": 1})
+        info = json.loads(request(url, "GET", "/api/info")[2])
+    assert data["steps_done"] == 1 and info["work_seconds"] == 0
+    missing = region_mask("centre", (1, 28, 28))[0].numpy()
+    filled, original = pixels(data["image"]), pixels(data["original"])
+    assert np.array_equal(filled[~missing], original[~missing])
+
+
+def curl_calls(markdown: str) -> list[str]:
+    """The curl commands of the section "## The API" of a Markdown page."""
+    section = markdown.split("\n## The API\n", 1)[1].split("\n## ", 1)[0]
+    return [line for line in section.splitlines() if line.startswith("curl ")]
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="no curl on this machine")
+def test_every_curl_call_in_the_docs_works_and_every_endpoint_has_one(server, demo, tmp_path):
+    calls = curl_calls((Path(__file__).parents[1] / "docs" / "demo.md").read_text())
+    seven(40, 40, 200).save(tmp_path / "digit.png")
+    mask = Image.new("L", (28, 28))
+    ImageDraw.Draw(mask).rectangle((4, 14, 24, 24), fill="white")
+    mask.save(tmp_path / "mask.png")
+    for call in calls:
+        out = subprocess.run(["bash", "-c", call.replace("http://127.0.0.1:8000/", server)], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, (call, out.stderr)
+        if " -I " in call:
+            assert out.stdout.startswith("HTTP/1.1 200 OK"), (call, out.stdout)
+        elif "| python3" in call:
+            assert Image.open(tmp_path / "samples.png").size == (8 * 29 + 1, 8 * 29 + 1)
+        else:
+            assert "error" not in json.loads(out.stdout), (call, out.stdout[:300])
+    routes = {route.path for route in create_app(demo).routes if route.path.startswith("/api/")}
+    assert {path for path in routes if not any(f"8000{path} " in call + " " for call in calls)} == set()
 
 
 # -- the command -----------------------------------------------------------------------------------

@@ -17,7 +17,11 @@ MAX_SIDE = 1024          # pixels a side of an uploaded PNG (a drawing canvas is
 
 
 class BadInput(Exception):
-    """A request the demo refuses; its one-line message goes back as {"error": ...} with status 400."""
+    """A request the demo refuses; its one-line message goes back as {"error": ...} with `status`."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def to_data_url(images: torch.Tensor, nrow: int | None = None, padding: int = 0) -> str:
@@ -27,10 +31,9 @@ def to_data_url(images: torch.Tensor, nrow: int | None = None, padding: int = 0)
     return PNG_PREFIX + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def from_data_url(field: str, url: str, shape: tuple[int, int, int]) -> torch.Tensor:
-    """A PNG data URL of at most MAX_SIDE pixels a side -> uint8 [1,C,H,W] for
-    shape (C,H,W) with C 1 or 3: transparent parts count as black (an unpainted canvas), and a
-    larger picture is shrunk to H x W by averaging the pixels each output pixel covers."""
+def read_png(field: str, url: str) -> Image.Image:
+    """A PNG data URL of at most MAX_SIDE pixels a side -> an RGB image, transparent parts black
+    (an unpainted canvas)."""
     if not url.startswith(PNG_PREFIX):
         raise BadInput(f"{field} must be a PNG data URL ({PNG_PREFIX}...)")
     payload = url[len(PNG_PREFIX):]
@@ -47,11 +50,43 @@ def from_data_url(field: str, url: str, shape: tuple[int, int, int]) -> torch.Te
         img.load()
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError):
         raise BadInput(f"{field} is not a readable PNG image") from None
-    c, h, w = shape
     if "A" in img.getbands() or "transparency" in img.info:
         img = Image.alpha_composite(Image.new("RGBA", img.size, "black"), img.convert("RGBA"))
+    return img.convert("RGB")
+
+
+def shrunk(img: Image.Image, shape: tuple[int, int, int]) -> torch.Tensor:
+    """The whole picture at the model's size, shape (C,H,W) with C 1 or 3, each output pixel the
+    mean of those it covers -> uint8 [1,C,H,W]."""
+    c, h, w = shape
     img = img.convert("L" if c == 1 else "RGB")
     if img.size != (w, h):
         img = img.resize((w, h), Image.BOX)
-    pixels = torch.from_numpy(np.array(img)).reshape(h, w, c)
-    return pixels.permute(2, 0, 1)[None].contiguous()
+    return torch.from_numpy(np.array(img)).reshape(h, w, c).permute(2, 0, 1)[None].contiguous()
+
+
+def from_data_url(field: str, url: str, shape: tuple[int, int, int]) -> torch.Tensor:
+    """A PNG data URL -> uint8 [1,C,H,W], shrunk to shape (C,H,W)."""
+    return shrunk(read_png(field, url), shape)
+
+
+def as_mnist_digit(img: Image.Image) -> torch.Tensor:
+    """A drawing made into a 28x28 digit the way MNIST's were (LeCun et al.): cropped to its ink,
+    scaled to fit a 20x20 box keeping its aspect (anti-aliased), then placed in 28x28 with its
+    centre of mass at the centre -> uint8 [1,1,28,28]. A drawing without ink stays black."""
+    grey = img.convert("L")
+    box = grey.getbbox()
+    digit = np.zeros((28, 28), dtype=np.uint8)
+    if box is not None:
+        ink = grey.crop(box)
+        scale = 20 / max(ink.size)
+        ink = np.array(ink.resize((max(1, round(ink.width * scale)), max(1, round(ink.height * scale))),
+                                  Image.BILINEAR))
+        mass = ink.astype(np.float64)
+        total = max(mass.sum(), 1.0)             # 0 only when faint ink vanished in the scaling
+        rows, cols = np.indices(ink.shape)
+        centre = (rows * mass).sum() / total, (cols * mass).sum() / total
+        # the offset that moves the centre of mass to the middle (13.5), keeping the box inside
+        top, left = (int(np.clip(round(13.5 - c), 0, 28 - n)) for c, n in zip(centre, ink.shape))
+        digit[top:top + ink.shape[0], left:left + ink.shape[1]] = ink
+    return torch.from_numpy(digit)[None, None]

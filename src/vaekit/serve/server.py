@@ -1,16 +1,23 @@
 """`vaekit serve`: the demo app on uvicorn, on a socket bound before the run is loaded (so a
-taken port is a one-line error at once, not after loading)."""
+taken port is a one-line error at once, not after loading), with the connection limits that
+matter once --host opens it to other machines."""
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
 import sys
 from pathlib import Path
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..config import ConfigError
 from .app import create_app, load
+
+STALL_SECONDS = 15.0    # a request's headers and body must all arrive within this long
+CONNECTIONS = 64        # open at once; uvicorn answers 503 beyond
 
 
 def is_loopback(host: str) -> bool:
@@ -46,6 +53,48 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
+class StallGuard(H11Protocol):
+    """uvicorn's HTTP/1.1 connection, closed when a request has not fully arrived (headers and
+    body) within `stall_seconds` of the connection opening or of the previous answer: a client
+    that stalls, or sends a byte at a time, would otherwise hold its connection for ever."""
+    stall_seconds = STALL_SECONDS
+    _stall: asyncio.TimerHandle | None = None
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._stall = self.loop.call_later(self.stall_seconds, self.transport.close)
+
+    def _disarm(self) -> None:
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE and self.conn.their_state is not h11.SEND_BODY:
+            self._disarm()          # the whole request is in (or the connection is over)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+
+def server_config(app, stall_seconds: float = STALL_SECONDS) -> uvicorn.Config:
+    """uvicorn's settings for the demo: HTTP/1.1 by h11 with the stall guard, at most CONNECTIONS
+    connections at once, idle keep-alive connections closed after 5 s."""
+    guard = type("StallGuard", (StallGuard,), {"stall_seconds": stall_seconds})
+    return uvicorn.Config(app, http=guard, log_level="warning", limit_concurrency=CONNECTIONS, timeout_keep_alive=5)
+
+
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
           data_dir: str | Path | None = None) -> None:
     """Serves the demo of `run` until Ctrl-C. Off loopback anyone who reaches the port can use it:
@@ -55,10 +104,10 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, device: st
               file=sys.stderr)
     sock = bind(host, port)
     try:
-        app = create_app(load(run, device, data_dir))
+        app = create_app(load(run, device, data_dir), host)
         print(f"vaekit: the demo of {run} is on {url_of(sock)} (Ctrl-C stops it)", file=sys.stderr)
         try:
-            uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+            uvicorn.Server(server_config(app)).run(sockets=[sock])
         except KeyboardInterrupt:   # uvicorn stops gracefully on Ctrl-C, then raises it again for its caller
             pass
         print("vaekit: the demo stopped", file=sys.stderr)
