@@ -139,7 +139,10 @@ def test_the_page_plays(page):
     held = []                                             # the stroke's answer is held back until after Clear
     page.route("**/api/reconstruct", lambda route: held.append(route))
     drag(page, "#draw-canvas", [(0.2, 0.5), (0.5, 0.5), (0.8, 0.5)])
-    page.wait_for_function("() => true")                  # a round trip to the page: the request is out
+    for _ in range(100):                                  # until the stroke's request is held
+        if held:
+            break
+        page.wait_for_timeout(50)
     page.click("#draw-clear")
     assert len(held) == 1                                 # one request at a time; the later strokes' wait
     held[0].continue_()

@@ -73,15 +73,20 @@ class StallGuard(H11Protocol):
         super().connection_made(transport)
         self._arm()
 
+    def _request_incomplete(self) -> bool:
+        return self.conn.their_state is h11.IDLE or self.conn.their_state is h11.SEND_BODY
+
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self.conn.their_state is not h11.IDLE and self.conn.their_state is not h11.SEND_BODY:
+        if not self._request_incomplete():
             self._disarm()          # the whole request is in (or the connection is over)
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if not self.transport.is_closing():
+        super().on_response_complete()      # may start on a pipelined request already received
+        if not self.transport.is_closing() and self._request_incomplete():
             self._arm()
+        else:
+            self._disarm()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
