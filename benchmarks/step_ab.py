@@ -6,7 +6,8 @@
 Variants: `vaekit` (as training runs), `unfused_relu` (the decoder's ReLU as a separate pass
 instead of inside the transposed convolution), `per_tensor_adam` (Adam without fused=True),
 `autograd_last_layer` (the stride-1 output layer through vaekit's transposed-conv backward
-instead of autograd's). Each round runs every variant for --steps steps of
+instead of autograd's), `subpixel_last_layer` (that layer in the subpixel form evaluation uses,
+models/inference.py, its weights rebuilt from the parameter every step). Each round runs every variant for --steps steps of
 `vaekit.train.train_epoch` in turn (order alternating), in one process: two processes on a shared
 machine differ by more than these levers do. Prints one JSON line per variant: the median ms/step over rounds.
 """
@@ -18,6 +19,7 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 from common import emit, machine
 from tqdm import tqdm
 
@@ -25,11 +27,26 @@ import vaekit
 from vaekit.data import load_data
 from vaekit.distributed import setup
 from vaekit.models import build_model, layers
+from vaekit.models.inference import conv_transpose_as_conv, subpixel_conv
 from vaekit.runs import Progress
 from vaekit.train import train_epoch
 
 
-VARIANTS = ["vaekit", "unfused_relu", "per_tensor_adam", "autograd_last_layer"]
+VARIANTS = ["vaekit", "unfused_relu", "per_tensor_adam", "autograd_last_layer", "subpixel_last_layer"]
+
+
+class _SubpixelTraining(torch.nn.Module):
+    """The stride-1 output layer trained in subpixel form: the same function and gradients."""
+
+    def __init__(self, layer: torch.nn.ConvTranspose2d, stride: int = 4) -> None:
+        super().__init__()
+        self.layer, self.stride = layer, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, padding = conv_transpose_as_conv(self.layer.weight, self.layer.padding[0])
+        weight, bias = subpixel_conv(weight, self.layer.bias, padding, self.stride)
+        y = F.conv2d(x, weight.contiguous(memory_format=torch.channels_last), bias, stride=self.stride, padding=padding)
+        return F.pixel_shuffle(y, self.stride)
 
 
 class _NeverStop:
@@ -39,12 +56,12 @@ class _NeverStop:
 
 @contextlib.contextmanager
 def _unfused_relu():
-    fusable = layers._onednn_fusable
-    layers._onednn_fusable = lambda x: False
+    fusable = layers.onednn_runs
+    layers.onednn_runs = lambda x: False
     try:
         yield
     finally:
-        layers._onednn_fusable = fusable
+        layers.onednn_runs = fusable
 
 
 def _variant(name: str, config: vaekit.Config, rt):
@@ -53,6 +70,8 @@ def _variant(name: str, config: vaekit.Config, rt):
     if name == "autograd_last_layer":
         model.decoder[-1] = layers.ConvTranspose2d(*model.decoder[-1].weight.shape[:2], 3, stride=1, padding=1).to(
             memory_format=torch.channels_last)
+    if name == "subpixel_last_layer":
+        model.decoder[-1] = _SubpixelTraining(model.decoder[-1])
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr, fused=name != "per_tensor_adam")
     context = _unfused_relu if name == "unfused_relu" else contextlib.nullcontext
     return model, optimizer, rt.generator(1), context

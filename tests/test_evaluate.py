@@ -6,13 +6,14 @@ import math
 import pytest
 import torch
 
-from conftest import sample_config
+from conftest import SAMPLE, sample_config
 from test_cli import vaekit
 from vaekit import load_model, load_splits, train
 from vaekit.api import evaluate_run
 from vaekit.cli import main
 from vaekit.data import preprocess
 from vaekit.evaluate import evaluate_elbo, iwae_bounds
+from vaekit.models.inference import fastest_decode_batch, max_decodes
 
 
 @pytest.fixture(scope="module")
@@ -32,27 +33,60 @@ def test_iwae_bound_is_above_the_elbo_and_rises_with_k(model_and_test):
     images = images[:200]
     elbo = evaluate_elbo(model, images, "static", rt)
     x = preprocess(images, "static")
-    bounds = {k: iwae_bounds(model, x, k, rt.generator(1)).double().mean().item() for k in (1, 5, 50)}
+    bounds = {k: iwae_bounds(model, x, k, seed=1).double().mean().item() for k in (1, 5, 50)}
     assert abs(bounds[1] - elbo["elbo_analytic_kl"]) < 2      # K = 1 is the ELBO, up to sampling noise
     assert elbo["elbo_analytic_kl"] < bounds[5] < bounds[50], (elbo, bounds)
     assert bounds[50] - bounds[1] > 1                           # a real gain, not noise
 
 
-def test_iwae_bounds_cover_every_image_in_chunks(model_and_test):
-    """Chunks over images and over K (here 3 + 3 + 1 draws a pass) keep every image and every draw."""
+def reference_bounds(model, x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """The IWAE bound of each image written out in float64, one image at a time, from the draws
+    the evaluation promises (image i's from the generator seeded with seed * 2**32 + i)."""
+    bounds = []
+    for i in range(len(x)):
+        eps = torch.randn(k, model.latent_dim, generator=torch.Generator().manual_seed(seed * 2 ** 32 + i)).double()
+        mean, logvar = (t.double() for t in model.encode(x[i:i + 1]))
+        z = mean + torch.exp(logvar / 2) * eps                                       # [K,D]
+        logits = model.decode(z.float()).double().flatten(1)                         # [K,784]
+        xi = x[i].double().flatten()
+        log_px = (xi * logits - torch.nn.functional.softplus(logits)).sum(1)
+        log_pz = (-0.5 * (z ** 2 + math.log(2 * math.pi))).sum(1)
+        log_qz = (-0.5 * (eps ** 2 + logvar + math.log(2 * math.pi))).sum(1)
+        bounds.append(torch.logsumexp(log_px + log_pz - log_qz, 0) - math.log(k))
+    return torch.stack(bounds)
+
+
+@pytest.mark.parametrize("decode_batch", [3, 20, 49, 2000])
+def test_iwae_bounds_are_the_same_draws_whatever_the_chunking(model_and_test, decode_batch):
+    """Passes of 1 image in chunks of 3 + 3 + 1 draws, of 2 images with a ragged last pass of 1, of
+    all 7: each image's bound equals the float64 reference with the same draws (a dropped or
+    doubled chunk moves a bound by whole nats)."""
     model, rt, images = model_and_test
     x = preprocess(images[:7], "static")
-    chunked = iwae_bounds(model, x, 7, rt.generator(0), batch_size=3)
-    assert chunked.shape == (7,) and torch.isfinite(chunked).all()
-    whole = iwae_bounds(model, x, 7, rt.generator(0), batch_size=49)
-    assert abs(chunked.mean() - whole.mean()) < 5               # the same bound, other random draws
+    with torch.inference_mode():
+        expected = reference_bounds(model, x, 7, seed=5)
+    got = iwae_bounds(model, x, 7, seed=5, decode_batch=decode_batch)
+    assert got.shape == (7,)
+    torch.testing.assert_close(got.double(), expected, atol=2e-4, rtol=0)
+
+
+def test_bf16_moves_the_iwae_bound_by_less_than_005_nats(run):
+    """The same images, the same draws, decoded in bf16 (emulated where the CPU lacks it) and fp32."""
+    x = preprocess(load_splits("mnist", SAMPLE).test.images[:20], "static")
+    bounds = {}
+    for precision in ("fp32", "bf16"):
+        model, _, rt = load_model(run, "cpu", precision)
+        assert rt.precision == precision
+        bounds[precision] = iwae_bounds(model, x, 50, seed=0).double().mean().item()
+    assert abs(bounds["bf16"] - bounds["fp32"]) < 0.05, bounds
 
 
 def test_eval_json_holds_each_protocol_and_dynamic_is_reproducible(run):
     static = evaluate_run(run, k=4, device="cpu")
     dynamic = evaluate_run(run, k=4, binarization="dynamic", seed=3, device="cpu")
     again = evaluate_run(run, k=4, binarization="dynamic", seed=3, device="cpu")
-    assert {k: v for k, v in dynamic.items() if k != "seconds"} == {k: v for k, v in again.items() if k != "seconds"}
+    timing = {"seconds", "decodes_per_second"}
+    assert {k: v for k, v in dynamic.items() if k not in timing} == {k: v for k, v in again.items() if k not in timing}
     saved = json.loads((run / "eval.json").read_text())
     assert set(saved) == {"static", "dynamic"}
     assert saved["static"]["elbo"] == static["elbo"] and "the seed" in saved["static"]["protocol"]
@@ -68,6 +102,8 @@ def test_eval_json_holds_each_protocol_and_dynamic_is_reproducible(run):
 def test_cli_eval_prints_a_table_with_the_protocol_beside_each_number(run):
     out = vaekit("eval", run, "--k", "3", "--device", "cpu").stdout
     rows = [line for line in out.splitlines() if line.endswith("  static")]
+    assert all("±" in row for row in rows[:-1])                   # every mean with its standard error
+    assert "decodes/s" in out.splitlines()[0]
     assert [row.strip().split("  ")[0] for row in rows] == [
         "test ELBO, single-sample (the seed's)", "test ELBO, analytic KL", "distortion", "rate", "IWAE bound, K=3",
         "NLL <= -IWAE bound, K=3", "active units (Cov > 0.01)"]
@@ -77,9 +113,42 @@ def test_cli_eval_prints_a_table_with_the_protocol_beside_each_number(run):
 @pytest.mark.parametrize("args, message", [
     (["--k", "0"], "--k must be at least 1"),
     (["--binarization", "fuzzy"], "--binarization must be one of static, dynamic"),
-    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--decode-batch", "0"], "--decode-batch must be at least 1"),
+    (["--n", "0"], "--n must be at least 1"),
+    (["--n", "501"], "--n 501 is more than the 500 test images"),
+    (["--max-memory", "0"], "--max-memory must be a positive number of MB"),
 ])
 def test_bad_eval_input_gets_one_line(run, capsys, args, message):
     assert main(["eval", str(run), "--device", "cpu", *args]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("vaekit: error: ") and err.count("\n") == 1 and message in err
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("warning: ")]   # the sample's
+    assert len(err) == 1 and err[0].startswith("vaekit: error: ") and message in err[0]
+
+
+def test_a_quick_estimate_states_its_standard_error_and_keeps_the_full_result(run):
+    full = evaluate_run(run, k=5, device="cpu", precision="fp32")
+    quick = evaluate_run(run, k=5, n=100, device="cpu", precision="fp32")
+    assert quick["n"] == 100 and full["n"] == 500
+    for name in ("elbo", "elbo_analytic_kl", "distortion", "rate", "iwae_bound"):
+        se = quick[f"{name}_stderr"]
+        assert 0 < se < 10 and full[f"{name}_stderr"] < se     # five times the images, a smaller error
+        assert abs(quick[name] - full[name]) < 6 * se, name     # the quick estimate is near the full one
+    saved = json.loads((run / "eval.json").read_text())
+    assert saved["static"]["n"] == 500 and saved["static_n100"]["n"] == 100
+    for record in (quick, full):
+        assert record["precision"] == "fp32" and record["decodes"] == record["n"] * 6
+        assert record["decodes_per_second"] > 0 and record["seconds"] >= 0 and record["decode_batch"] >= 1
+
+
+def test_the_decode_batch_changes_the_time_not_the_numbers(run):
+    """A memory cap that allows a handful of decodes at once gives the very same bound."""
+    roomy = evaluate_run(run, k=6, n=30, device="cpu", precision="fp32")
+    tight = evaluate_run(run, k=6, n=30, device="cpu", precision="fp32", max_memory_mb=2)
+    model, _, _ = load_model(run, "cpu", "fp32")
+    assert tight["decode_batch"] == max_decodes(model, torch.device("cpu"), 2) < 10 < roomy["decode_batch"]
+    assert tight["iwae_bound"] == pytest.approx(roomy["iwae_bound"], abs=1e-4)
+
+
+def test_decode_batch_tuning_stays_under_the_cap(run):
+    model, _, _ = load_model(run, "cpu", "fp32")
+    assert 1 <= fastest_decode_batch(model, torch.device("cpu"), cap=300) <= 300
+    assert max_decodes(model, torch.device("cpu"), 1024) > max_decodes(model, torch.device("cpu"), 512) > 100

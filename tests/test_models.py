@@ -102,7 +102,7 @@ def test_fast_transposed_conv_matches_autograd(stride, padding, output_padding, 
     """layers.ConvTranspose2d (and its relu=True form) computes what nn.ConvTranspose2d (then a
     ReLU) computes, forward and backward. float32 on CPU takes oneDNN's fused conv+ReLU kernel,
     float64 the plain one."""
-    from vaekit.models.layers import ConvTranspose2d, _onednn_fusable
+    from vaekit.models.layers import ConvTranspose2d, onednn_runs
 
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -111,7 +111,7 @@ def test_fast_transposed_conv_matches_autograd(stride, padding, output_padding, 
     fast.load_state_dict(ref.state_dict())
     ref, fast = ref.to(memory_format=fmt), fast.to(memory_format=fmt)
     x = torch.randn(3, 8, size, size, dtype=dtype).to(memory_format=fmt)
-    assert _onednn_fusable(x) == (dtype == torch.float32 and torch.backends.mkldnn.is_available())
+    assert onednn_runs(x) == (dtype == torch.float32 and torch.backends.mkldnn.is_available())
 
     def reference(inp):
         y = ref(inp)
@@ -222,3 +222,62 @@ def test_a_few_steps_lower_the_resnet_loss_on_real_digits():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("out_channels, size, padding, stride", [(1, 28, 1, 4), (1, 30, 1, 2), (2, 28, 1, 2),
+                                                                 (3, 32, 0, 2), (1, 28, 2, 4)])
+def test_subpixel_form_equals_the_transposed_convolution_in_float64(out_channels, size, padding, stride):
+    """The one-channel output layer rewritten as a stride-s convolution plus a pixel shuffle is the
+    same function, to float64 rounding."""
+    import torch.nn.functional as F
+
+    from vaekit.models.inference import conv_transpose_as_conv, subpixel_conv
+
+    torch.manual_seed(0)
+    layer = torch.nn.ConvTranspose2d(32, out_channels, 3 + 2 * (padding == 2), stride=1, padding=padding).double()
+    x = torch.randn(3, 32, size, size, dtype=torch.float64)
+    weight, conv_padding = conv_transpose_as_conv(layer.weight.detach(), padding)
+    sub_weight, sub_bias = subpixel_conv(weight, layer.bias.detach(), conv_padding, stride)
+    assert sub_weight.shape[0] == out_channels * stride ** 2
+    y = F.pixel_shuffle(F.conv2d(x, sub_weight, sub_bias, stride=stride, padding=conv_padding), stride)
+    torch.testing.assert_close(y, layer(x), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("family, config", [
+    ("conv", {}), ("conv", {"tf_padding": True}), ("conv", {"image_size": 32, "image_channels": 3}),
+    ("conv", {"conditional": True, "num_classes": 10}),
+    ("resnet", {"image_size": 32, "image_channels": 3, "likelihood": "logistic"})])
+def test_the_inference_form_computes_what_the_model_computes(family, config):
+    """prepare_for_inference (weights laid out once, the subpixel output layer) decodes and encodes
+    as the model does, in fp32; the model itself is left as it was."""
+    from vaekit.distributed import setup
+    from vaekit.models.inference import PackedConv, prepare_for_inference
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(family=family, **config)).eval()
+    for p in model.parameters():                       # weights away from Keras's zero biases
+        p.data.normal_(0, 0.05)
+    model = model.to(memory_format=torch.channels_last)
+    prepared = prepare_for_inference(model, setup("cpu", "fp32"))
+    assert isinstance(prepared.decoder.module[-1], PackedConv) and not isinstance(model.decoder[-1], PackedConv)
+    c = model.config
+    z, x = torch.randn(37, c.latent_dim), torch.rand(37, c.image_channels, c.image_size, c.image_size).round()
+    y = torch.arange(37) % 10 if c.conditional else None
+    with torch.inference_mode():
+        torch.testing.assert_close(prepared.decode(z, y), model.decode(z, y), rtol=1e-5, atol=1e-5)
+        for got, want in zip(prepared.encode(x, y), model.encode(x, y)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_inference_form_in_bf16_stays_near_fp32():
+    from vaekit.distributed import setup
+    from vaekit.models.inference import prepare_for_inference
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig()).eval()
+    prepared = prepare_for_inference(model, setup("cpu", "bf16"))
+    z = torch.randn(16, 50)
+    with torch.inference_mode():
+        out = prepared.decode(z)
+        assert out.dtype == torch.float32                    # bf16 inside, float32 handed back
+        torch.testing.assert_close(out, model.decode(z), rtol=0.05, atol=0.05)

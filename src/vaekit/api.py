@@ -14,6 +14,7 @@ from .evaluate import evaluate, inpainting_log_likelihood
 from .generate import (INPAINT_METHODS, MASKS, PATHS, apply_attribute, attribute_vector, inpaint, interleave,
                        interpolate, manifold, mean_image, most_active_dims, posterior, project_2d, reconstruct,
                        region_mask, sample, traverse)
+from .models.inference import decode_batch_for
 from .runs import Run, load_model
 from .train import check_data_fits, train
 from .viz import gif_from_pngs, grid_image, save_gif, save_grid, scatter_image
@@ -27,10 +28,11 @@ def _positive(name: str, value: int) -> None:
         raise ConfigError(f"--{name} must be at least 1, got {value}")
 
 
-def open_run(run: str | Path, device: str, data_dir: str | Path | None, task: str | None = None):
-    """(model, config, runtime, splits): a run's model on its device and its dataset in memory.
-    `task`: the command, when it is one for unconditional models only."""
-    model, config, rt = load_model(run, device)
+def open_run(run: str | Path, device: str, data_dir: str | Path | None, task: str | None = None,
+             precision: str = "auto"):
+    """(model, config, runtime, splits): a run's model on its device, in `precision`, and its
+    dataset in memory. `task`: the command, when it is one for unconditional models only."""
+    model, config, rt = load_model(run, device, precision)
     if task and config.model.conditional:
         raise ConfigError(f"`vaekit {task}` is for unconditional models and {run} is class-conditional: "
                           "use `vaekit sample --label` or `vaekit reconstruct`")
@@ -56,11 +58,11 @@ def _ping_pong(frames: list) -> list:
 
 
 def sample_to_png(run: str | Path, n: int = 100, seed: int = 0, out: str | Path | None = None,
-                  device: str = "auto", label: int | None = None) -> Path:
+                  device: str = "auto", label: int | None = None, precision: str = "auto") -> Path:
     """A grid of `n` images decoded from prior draws (of class `label`, for a class-conditional
     model); returns the PNG's path."""
     _positive("n", n)
-    model, config, rt = load_model(run, device)
+    model, config, rt = load_model(run, device, precision)
     classes = config.model.num_classes
     if label is not None and not config.model.conditional:
         raise ConfigError(f"--label {label}: {run} is not a class-conditional model (train one with --conditional)")
@@ -74,10 +76,10 @@ def sample_to_png(run: str | Path, n: int = 100, seed: int = 0, out: str | Path 
 
 
 def reconstruct_to_png(run: str | Path, n: int = 16, seed: int = 0, out: str | Path | None = None,
-                       data_dir: str | Path | None = None, device: str = "auto") -> Path:
+                       data_dir: str | Path | None = None, device: str = "auto", precision: str = "auto") -> Path:
     """The first `n` test images beside their decodes (z ~ q(z|x)); returns the PNG's path."""
     _positive("n", n)
-    model, config, rt, splits = open_run(run, device, data_dir)
+    model, config, rt, splits = open_run(run, device, data_dir, None, precision)
     test = splits.test
     if n > len(test):
         raise ConfigError(f"--n {n} is more than the {len(test)} test images")
@@ -99,36 +101,49 @@ def make_gif(run: str | Path) -> Path:
 
 
 def evaluate_run(run: str | Path, k: int = 5000, binarization: str | None = None, seed: int = 0,
-                 batch_size: int = 2000, data_dir: str | Path | None = None, device: str = "auto") -> dict:
+                 n: int | None = None, decode_batch: int | None = None, max_memory_mb: float | None = None,
+                 data_dir: str | Path | None = None, device: str = "auto", precision: str = "auto") -> dict:
     """`vaekit eval`: test ELBO (rate, distortion), IWAE bound with `k` draws, active units (and bits
-    per dimension, for grey levels), over the whole test set binarised as `binarization` (default:
-    as the run was trained). The record is also kept in RUN/eval.json under its binarization, one
-    entry per protocol; returns it."""
+    per dimension, for grey levels), each mean with its standard error, over the first `n` test
+    images (default: all) binarised as `binarization` (default: as the run was trained), in
+    `precision`. `decode_batch` decodes at once (default: the fastest measured on this device, within
+    `max_memory_mb`; see models/inference.py). The record is also kept in RUN/eval.json under its
+    binarization, one entry per protocol (`BINARIZATION_nN` for the first N images only); returns it."""
     _positive("k", k)
-    _positive("batch-size", batch_size)
+    for flag, value in (("n", n), ("decode-batch", decode_batch)):
+        if value is not None:
+            _positive(flag, value)
+    if max_memory_mb is not None and not max_memory_mb > 0:
+        raise ConfigError(f"--max-memory must be a positive number of MB, got {max_memory_mb}")
     if binarization is not None and binarization not in BINARIZATIONS:
         raise ConfigError(f"--binarization must be one of {', '.join(BINARIZATIONS)}; got {binarization!r}")
-    model, config, rt, splits = open_run(run, device, data_dir)
+    model, config, rt, splits = open_run(run, device, data_dir, precision=precision)
     binarization = binarization or config.data.binarization
     mc = config.model
     if binarization == "none" and mc.likelihood == "bernoulli" and not mc.allow_continuous_bernoulli:
         raise ConfigError(f"{run} has a bernoulli likelihood, for binary data: pass --binarization static or dynamic")
-    result = evaluate(model, splits.test.images.to(rt.device), binarization, rt, k, batch_size, seed,
-                      _labels(config, splits.test, rt))
+    test = splits.test
+    if n is not None and n > len(test):
+        raise ConfigError(f"--n {n} is more than the {len(test)} test images")
+    n = n or len(test)
+    labels = _labels(config, test, rt)
+    decode_batch = decode_batch or decode_batch_for(model, rt.device, n * (k + 1), max_memory_mb)
+    result = evaluate(model, test.images[:n].to(rt.device), binarization, rt, k, decode_batch, seed,
+                      None if labels is None else labels[:n])
     path = Path(run) / "eval.json"
     saved = json.loads(path.read_text()) if path.exists() else {}
-    saved[binarization] = result
+    saved[binarization if n == len(test) else f"{binarization}_n{n}"] = result   # a quick estimate keeps the full one
     path.write_text(json.dumps(saved, indent=1) + "\n")
     return result
 
 
 def interpolate_to_png(run: str | Path, index: tuple[int, int] = (0, 1), steps: int = 10, gif: bool = False,
                        seed: int = 0, out: str | Path | None = None, data_dir: str | Path | None = None,
-                       device: str = "auto") -> list[Path]:
+                       device: str = "auto", precision: str = "auto") -> list[Path]:
     """Two rows, the linear and the spherical path between test images index[0] and index[1], each
     framed by the two binary originals; with `gif`, an animation of both paths beside the PNG."""
     _positive("steps", steps)
-    model, config, rt, splits = open_run(run, device, data_dir, "interpolate")
+    model, config, rt, splits = open_run(run, device, data_dir, "interpolate", precision)
     for i in index:
         _check_index("--index", i, len(splits.test))
     images = splits.test.images[list(index)].to(rt.device)
@@ -144,12 +159,12 @@ def interpolate_to_png(run: str | Path, index: tuple[int, int] = (0, 1), steps: 
 
 def traverse_to_png(run: str | Path, index: int = 0, dims: int = 8, steps: int = 9, seed: int = 0,
                     out: str | Path | None = None, data_dir: str | Path | None = None,
-                    device: str = "auto") -> list[Path]:
+                    device: str = "auto", precision: str = "auto") -> list[Path]:
     """One row per latent dimension, the `dims` with the most KL over the test set first: test image
     `index` decoded with that dimension set to -3..3 (`steps` values). A PNG and a GIF."""
     _positive("dims", dims)
     _positive("steps", steps)
-    model, config, rt, splits = open_run(run, device, data_dir, "traverse")
+    model, config, rt, splits = open_run(run, device, data_dir, "traverse", precision)
     _check_index("--index", index, len(splits.test))
     if dims > model.latent_dim:
         raise ConfigError(f"--dims {dims} is more than the model's {model.latent_dim} latent dimensions")
@@ -165,13 +180,13 @@ def traverse_to_png(run: str | Path, index: int = 0, dims: int = 8, steps: int =
 
 def attribute_to_png(run: str | Path, to: int, from_: int | None = None, n: int = 8, strength: float = 2.0,
                      steps: int = 7, seed: int = 0, out: str | Path | None = None,
-                     data_dir: str | Path | None = None, device: str = "auto") -> Path:
+                     data_dir: str | Path | None = None, device: str = "auto", precision: str = "auto") -> Path:
     """Morphs the first `n` test images labelled `from_` (or, without it, not labelled `to`) toward
     `to`: their posterior means plus s times the attribute vector (class means over the training
     set), s = 0..strength in `steps`. One row per image: the binary original, then the sweep."""
     _positive("n", n)
     _positive("steps", steps)
-    model, config, rt, splits = open_run(run, device, data_dir, "attribute")
+    model, config, rt, splits = open_run(run, device, data_dir, "attribute", precision)
     labels = set(splits.train.labels.tolist())
     for flag, label in (("--to", to), ("--from", from_)):
         if label is not None and label not in labels:
@@ -207,7 +222,7 @@ def _mask(spec: str, shape: tuple[int, int, int]) -> torch.Tensor:
 def inpaint_to_png(run: str | Path, mask: str = "centre", n: int = 8, steps: int = 50, chains: int = 4,
                    method: str = "pseudo-gibbs", score_n: int | None = None, seed: int = 0,
                    out: str | Path | None = None, data_dir: str | Path | None = None,
-                   device: str = "auto") -> tuple[Path, dict]:
+                   device: str = "auto", precision: str = "auto") -> tuple[Path, dict]:
     """Fills the `mask` region of the first `n` test images (rows: binary original, the input with
     the missing pixels grey, the completion) and scores the first `score_n` test images (all by
     default) against the training set's mean image (see evaluate.inpainting_log_likelihood)."""
@@ -217,7 +232,7 @@ def inpaint_to_png(run: str | Path, mask: str = "centre", n: int = 8, steps: int
         _positive("score-n", score_n)
     if method not in INPAINT_METHODS:
         raise ConfigError(f"--method must be one of {', '.join(INPAINT_METHODS)}; got {method!r}")
-    model, config, rt, splits = open_run(run, device, data_dir, "inpaint")
+    model, config, rt, splits = open_run(run, device, data_dir, "inpaint", precision)
     if config.model.likelihood != "bernoulli":
         raise ConfigError(f"`vaekit inpaint` samples binary pixels: it is for bernoulli models, and {run} is a "
                           f"{config.model.likelihood} model")
@@ -234,11 +249,11 @@ def inpaint_to_png(run: str | Path, mask: str = "centre", n: int = 8, steps: int
 
 
 def latent_map_to_png(run: str | Path, n: int = 20, seed: int = 0, out: str | Path | None = None,
-                      data_dir: str | Path | None = None, device: str = "auto") -> list[Path]:
+                      data_dir: str | Path | None = None, device: str = "auto", precision: str = "auto") -> list[Path]:
     """The test set's posterior means as a scatter coloured by label (a PCA projection beyond two
     dimensions); for a 2-D latent also the decoded manifold, n x n, beside it (`*_manifold.png`)."""
     _positive("n", n)
-    model, config, rt, splits = open_run(run, device, data_dir, "latent")
+    model, config, rt, splits = open_run(run, device, data_dir, "latent", precision)
     x = preprocess(splits.test.images.to(rt.device), config.data.binarization, rt.generator(seed))
     coords, axes = project_2d(posterior(model, x)[0])
     png = Path(out or Path(run) / "samples" / "latent_scatter.png")

@@ -109,12 +109,13 @@ def _cmd_data(args) -> None:
 
 
 def _cmd_sample(args) -> None:
-    print(api.sample_to_png(args.run, n=args.n, seed=args.seed, out=args.out, device=args.device, label=args.label))
+    print(api.sample_to_png(args.run, n=args.n, seed=args.seed, out=args.out, device=args.device, label=args.label,
+                            precision=args.precision))
 
 
 def _cmd_reconstruct(args) -> None:
     print(api.reconstruct_to_png(args.run, n=args.n, seed=args.seed, out=args.out,
-                                 data_dir=args.data_dir, device=args.device))
+                                 data_dir=args.data_dir, device=args.device, precision=args.precision))
 
 
 def _cmd_gif(args) -> None:
@@ -122,15 +123,17 @@ def _cmd_gif(args) -> None:
 
 
 def _cmd_eval(args) -> None:
-    result = api.evaluate_run(args.run, k=args.k, binarization=args.binarization, seed=args.seed,
-                              batch_size=args.batch_size, data_dir=args.data_dir, device=args.device)
+    result = api.evaluate_run(args.run, k=args.k, binarization=args.binarization, seed=args.seed, n=args.n,
+                              decode_batch=args.decode_batch, max_memory_mb=args.max_memory,
+                              data_dir=args.data_dir, device=args.device, precision=args.precision)
     print(eval_table(result))
     print(f"saved in {args.run / 'eval.json'}")
 
 
 def _where(args) -> dict:
     """The flags every generation command shares."""
-    return {"seed": args.seed, "out": args.out, "data_dir": args.data_dir, "device": args.device}
+    return {"seed": args.seed, "out": args.out, "data_dir": args.data_dir, "device": args.device,
+            "precision": args.precision}
 
 
 def _cmd_interpolate(args) -> None:
@@ -169,6 +172,12 @@ def _cmd_serve(args) -> None:
     serve(args.run, args.host, args.port, args.device, args.data_dir)
 
 
+def _add_precision_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="the arithmetic of the decodes: auto (default) picks bf16 where the hardware runs it "
+                        "natively (AVX512-BF16 or AMX CPUs, Ampere and newer GPUs), as training does")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="vaekit", description="Train variational autoencoders on images "
                                      "and generate new ones.")
@@ -202,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--out", type=Path, help="the PNG to write (default: inside RUN/samples/)")
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        _add_precision_flag(p)
         p.set_defaults(func=func)
         return p
 
@@ -228,7 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "et al.); N*K decodes: minutes on a GPU, hours on a CPU (--k 100 for a quick look)")
     p.add_argument("--binarization", help="static, dynamic or none (default: as the run was trained); dynamic "
                    "draws the test set once from --seed; none keeps grey levels (8-bit likelihoods)")
-    p.add_argument("--batch-size", type=int, default=2000, help="images decoded at once (default 2000)")
+    p.add_argument("--n", type=int, metavar="N", help="score the first N test images only, for a quick estimate "
+                   "(default: all); every mean comes with its standard error over the images scored")
+    _add_precision_flag(p)
+    p.add_argument("--decode-batch", type=int, metavar="N", help="decodes at once (default: the fastest, measured "
+                   "on this device in a few seconds for long evaluations, within --max-memory)")
+    p.add_argument("--max-memory", type=float, metavar="MB", help="memory the decodes may use (default 1024 MB on "
+                   "CPU, half the free memory of a GPU); the seed's model needs about 0.34 MB per decode")
     p = data_command("interpolate", "linear and spherical paths between two test images' codes", _cmd_interpolate)
     p.add_argument("--index", type=int, nargs=2, default=[0, 1], metavar=("A", "B"),
                    help="the two test images (default 0 1)")

@@ -9,13 +9,14 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from .allocator import keep_freed_memory
-from .config import ConfigError
+from .config import PRECISIONS, ConfigError
 
 
 @dataclass
@@ -115,6 +116,11 @@ def setup(device: str = "auto", precision: str = "auto", distributed: bool = Fal
     one process, this also joins the process group (the caller ends it with `Runtime.close`)."""
     keep_freed_memory()
     dev = resolve_device(device)
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if precision == "bf16" and not bf16_is_fast(dev):
+        print(f"vaekit: warning: this {dev.type} has no bf16 instructions: bf16 is emulated, about 10x slower "
+              "than fp32 (--precision auto picks fp32 here)", file=sys.stderr)
     use_bf16 = precision == "bf16" or (precision == "auto" and bf16_is_fast(dev))
     autocast_dtype = torch.bfloat16 if use_bf16 else None
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if distributed else 1

@@ -40,6 +40,43 @@ def _bits_per_dim(model, nll: float) -> float:
     return bits_per_dim(nll, c.image_channels * c.image_size * c.image_size, model.likelihood)
 
 
+def _mean_and_stderr(values: torch.Tensor) -> tuple[float, float | None]:
+    """The mean of per-image values [N] and its standard error over images (None for one image)."""
+    values = values.double()
+    stderr = (values.std() / len(values) ** 0.5).item() if len(values) > 1 else None
+    return values.mean().item(), stderr
+
+
+@torch.inference_mode()
+def elbo_per_image(model, x: torch.Tensor, generator: torch.Generator, batch_size: int = 2000,
+                   labels: torch.Tensor | None = None, progress=None) -> torch.Tensor:
+    """The seed's single-sample ELBO, the distortion -log p(x|z) of the same z and the analytic
+    rate of each preprocessed image of x [N,C,H,W] -> [N,3] float64, nats; z drawn from `generator`
+    a batch at a time. `progress`: a bar advanced by each batch's decodes."""
+    parts = []
+    for start in range(0, len(x), batch_size):
+        xb = x[start:start + batch_size]
+        y = None if labels is None else labels[start:start + batch_size]
+        mean, logvar = model.encode(xb, y)
+        z = model.reparameterize(mean, logvar, generator)
+        params = model.decode(z, y)
+        elbo = single_sample_elbo(xb, params, z, mean, logvar, model.likelihood)
+        distortion, rate = analytic_elbo_terms(xb, params, mean, logvar, model.likelihood)
+        parts.append(torch.stack([elbo, distortion, rate], dim=1).double())
+        if progress is not None:
+            progress.update(len(xb))
+    return torch.cat(parts)
+
+
+def _elbo_record(terms: torch.Tensor) -> dict:
+    """The means of elbo_per_image's columns (and the analytic-KL ELBO) with their standard errors."""
+    record = {}
+    for name, values in (("elbo", terms[:, 0]), ("distortion", terms[:, 1]), ("rate", terms[:, 2]),
+                         ("elbo_analytic_kl", -(terms[:, 1] + terms[:, 2]))):
+        record[name], record[f"{name}_stderr"] = _mean_and_stderr(values)
+    return record
+
+
 @torch.inference_mode()
 def evaluate_elbo(model, images: torch.Tensor, binarization: str, runtime: Runtime,
                   batch_size: int = 2000, seed: int = 0, labels: torch.Tensor | None = None) -> dict:
@@ -47,102 +84,127 @@ def evaluate_elbo(model, images: torch.Tensor, binarization: str, runtime: Runti
 
     `elbo` is the seed's single-sample estimator (what it prints every epoch); `distortion`
     (-log p(x|z)) and `rate` (analytic KL) are the same pass's parts, and `elbo_analytic_kl`
-    = -(distortion + rate), a lower-variance estimate of the same bound. The test set is
-    binarised once with a generator seeded by `seed` (then used for z), so `evaluate` scores
-    the very same binary images. Always the ELBO (beta 1), whatever the training objective;
-    with grey levels ("none") also `bits_per_dim`, of -elbo on the 8-bit scale."""
+    = -(distortion + rate), a lower-variance estimate of the same bound; each with its standard
+    error over images. The test set is binarised with a generator seeded by `seed`, then used
+    for z. Always the ELBO (beta 1), whatever the training objective; with grey levels ("none")
+    also `bits_per_dim`, of -elbo on the 8-bit scale."""
     was_training = model.training
     model.eval()
     gen = runtime.generator(seed)
-    x_all = preprocess(images, binarization, gen)   # [N,C,H,W] in {0,1} (or [0,1] for "none")
-    sums = torch.zeros(3, dtype=torch.float64, device=runtime.device)
-    for start in range(0, len(x_all), batch_size):
-        x = x_all[start:start + batch_size]
-        y = None if labels is None else labels[start:start + batch_size]
-        with runtime.autocast():
-            mean, logvar = model.encode(x, y)
-            z = model.reparameterize(mean, logvar, gen)
-            params = model.decode(z, y)
-        elbo = single_sample_elbo(x, params, z, mean, logvar, model.likelihood)
-        distortion, rate = analytic_elbo_terms(x, params, mean, logvar, model.likelihood)
-        sums += torch.stack([elbo.sum(), distortion.sum(), rate.sum()]).double()
+    x = preprocess(images, binarization, gen)   # [N,C,H,W] in {0,1} (or [0,1] for "none")
+    with runtime.autocast():
+        terms = elbo_per_image(model, x, gen, batch_size, labels)
     model.train(was_training)
-    elbo, distortion, rate = (sums / len(images)).tolist()
-    result = {"elbo": elbo, "distortion": distortion, "rate": rate,
-              "elbo_analytic_kl": -(distortion + rate), "n": len(images)}
+    result = {**_elbo_record(terms), "n": len(images)}
     if reports_bits(model, binarization):
-        result["bits_per_dim"] = _bits_per_dim(model, -elbo)
+        result["bits_per_dim"] = _bits_per_dim(model, -result["elbo"])
     return result
 
 
+IMAGE_STREAMS = 2 ** 32   # image i's importance draws come from the generator seeded with seed * IMAGE_STREAMS + i
+
+
+def _image_noise(seed: int, first: int, count: int, k: int, dim: int, device: torch.device) -> torch.Tensor:
+    """The K standard-normal draws of images first..first+count-1: [K, count, dim]. Each image's
+    draws come from a generator of its own, so an image's bound never depends on batch sizes, on
+    how many images are scored, on the device's batch order or on the precision."""
+    draws = [torch.randn(k, dim, device=device,
+                         generator=torch.Generator(device).manual_seed(seed * IMAGE_STREAMS + first + i))
+             for i in range(count)]
+    return torch.stack(draws, dim=1)
+
+
 @torch.inference_mode()
-def iwae_bounds(model, x: torch.Tensor, k: int, generator: torch.Generator | None = None,
-                batch_size: int = 2000, labels: torch.Tensor | None = None) -> torch.Tensor:
+def iwae_bounds(model, x: torch.Tensor, k: int, seed: int = 0, decode_batch: int = 2000,
+                labels: torch.Tensor | None = None, progress=None) -> torch.Tensor:
     """The IWAE bound log (1/K) sum_k p(x,z_k)/q(z_k|x), z_k ~ q(z|x), for each preprocessed image
     of x [N,C,H,W] (and label) -> [N] (nats; -bound is an upper bound on the NLL that tightens as K grows).
 
-    At most `batch_size` images are decoded at once: max(1, batch_size // K) images at a time,
-    their K draws in chunks, the log weights [K,B] joined and reduced with one logsumexp."""
-    per_pass = max(1, batch_size // k)              # images per pass
-    chunk = max(1, batch_size // per_pass)          # draws per decode, per image
+    At most `decode_batch` decodes at once: max(1, decode_batch // K) images a pass, their K draws
+    in equal chunks, the log weights [K,B] joined and reduced with one logsumexp. Image i's draws
+    are fixed by `seed` and i alone (see _image_noise). `progress`: a bar advanced per decode."""
+    per_pass = max(1, decode_batch // k)                            # images per pass
+    chunks = -(-k // decode_batch)                                  # draws split in this many chunks
+    chunk = -(-k // chunks)                                         # draws per decode, per image
     bounds = []
-    for start in tqdm(range(0, len(x), per_pass), desc=f"IWAE K={k}", unit="batch", leave=False, disable=None):
+    for start in range(0, len(x), per_pass):
         xb = x[start:start + per_pass]
         yb = None if labels is None else labels[start:start + per_pass]
-        mean, logvar = model.encode(xb, yb)         # [B,D] each
+        mean, logvar = model.encode(xb, yb)                         # [B,D] each
+        eps = _image_noise(seed, start, len(xb), k, mean.shape[1], x.device)   # [K,B,D]
         log_w = []
         for done in range(0, k, chunk):
-            kc = min(chunk, k - done)
-            z = model.reparameterize(mean.expand(kc, *mean.shape), logvar.expand(kc, *logvar.shape), generator)
+            z = model.reparameterize(mean, logvar, eps=eps[done:done + chunk])  # [kc,B,D]
+            kc = len(z)
             y = None if yb is None else yb.repeat(kc)
             params = model.decode(z.flatten(0, 1), y).unflatten(0, (kc, len(xb)))          # [kc,B,C*P,H,W]
             log_w.append(importance_weights(xb, params, z, mean, logvar, model.likelihood))   # [kc,B]
+            if progress is not None:
+                progress.update(kc * len(xb))
         bounds.append(iwae_bound(torch.cat(log_w)))
     return torch.cat(bounds)
 
 
 @torch.inference_mode()
 def evaluate(model, images: torch.Tensor, binarization: str, runtime: Runtime, k: int = 5000,
-             batch_size: int = 2000, seed: int = 0, labels: torch.Tensor | None = None) -> dict:
+             decode_batch: int = 2000, seed: int = 0, labels: torch.Tensor | None = None) -> dict:
     """Everything `vaekit eval` reports, in nats per image over all of `images` (uint8 [N,C,H,W]):
     the ELBO (single-sample and analytic-KL, with rate and distortion apart), the IWAE bound
-    with K draws and the NLL it bounds, active units and the rate of each latent dimension;
-    for grey levels also both in bits per dimension. `labels` [N]: for a conditional model."""
+    with K draws and the NLL it bounds, each mean with its standard error over images; active
+    units and the rate of each latent dimension; for grey levels also both in bits per dimension;
+    and what it cost (seconds, decodes per second, precision, decode batch). `labels` [N]: for a
+    conditional model. The images are preprocessed once; every pass scores those same x."""
     start = time.perf_counter()
     n = len(images)
-    elbo = evaluate_elbo(model, images, binarization, runtime, batch_size, seed, labels)
-    x = preprocess(images, binarization, runtime.generator(seed))   # the images evaluate_elbo scored
-    mean, logvar = posterior(model, x, batch_size, labels)           # [N,D] each
+    gen = runtime.generator(seed)
+    x = preprocess(images, binarization, gen)                       # [N,C,H,W], once
+    with runtime.autocast(), tqdm(total=n * (k + 1), desc=f"eval K={k}", unit="decode", unit_scale=True,
+                                  disable=None, smoothing=0.05) as bar:
+        elbo = _elbo_record(elbo_per_image(model, x, gen, decode_batch, labels, bar))
+        mean, logvar = posterior(model, x, decode_batch, labels)     # [N,D] each
+        bounds = iwae_bounds(model, x, k, seed + 1, decode_batch, labels, bar)
+    seconds = time.perf_counter() - start
+    bound, bound_stderr = _mean_and_stderr(bounds)
+    bits = {}
+    if reports_bits(model, binarization):
+        bits = {"bits_per_dim": _bits_per_dim(model, -elbo["elbo"]), "nll_bits_per_dim": _bits_per_dim(model, -bound)}
     unit_variance = mean.double().var(dim=0)                         # diagonal of Cov_x(E_q[z]), [D]
-    bound = iwae_bounds(model, x, k, runtime.generator(seed + 1), batch_size, labels).double().sum().item() / n
-    bits = {"nll_bits_per_dim": _bits_per_dim(model, -bound)} if reports_bits(model, binarization) else {}
     return {
         "protocol": protocol(binarization, seed), "binarization": binarization, "seed": seed, "n": n,
         "likelihood": model.config.likelihood, **elbo, "k": k, "iwae_bound": bound, "nll_upper_bound": -bound,
-        **bits, "active_units": int((unit_variance > ACTIVE_UNIT_THRESHOLD).sum()), "latent_dim": mean.shape[1],
+        "iwae_bound_stderr": bound_stderr, **bits,
+        "active_units": int((unit_variance > ACTIVE_UNIT_THRESHOLD).sum()), "latent_dim": mean.shape[1],
         "rate_per_dim": [round(r, 4) for r in rate_per_dim(mean, logvar).tolist()],
-        "seconds": round(time.perf_counter() - start, 1),
+        "precision": runtime.precision, "decode_batch": decode_batch, "decodes": n * (k + 1),
+        "seconds": round(seconds, 1), "decodes_per_second": round(n * (k + 1) / seconds),
     }
 
 
 def eval_table(result: dict) -> str:
-    """The record of `evaluate` as a table for the terminal, the protocol beside each number."""
+    """The record of `evaluate` as a table for the terminal: each mean with its standard error over
+    the images scored, the protocol beside each number."""
     b, k = result["binarization"], result["k"]
+
+    def nats(name: str, sign: float = 1.0) -> tuple[str, str]:
+        stderr = result.get(f"{name}_stderr")
+        return f"{sign * result[name]:.2f}", "" if stderr is None else f"± {stderr:.2f}"
+
     rows = [
-        ("test ELBO, single-sample (the seed's)", f"{result['elbo']:.2f}"),
-        ("test ELBO, analytic KL", f"{result['elbo_analytic_kl']:.2f}"),
-        ("  distortion  -log p(x|z)", f"{result['distortion']:.2f}"),
-        ("  rate  KL(q(z|x) || p(z))", f"{result['rate']:.2f}"),
-        (f"IWAE bound, K={k}", f"{result['iwae_bound']:.2f}"),
-        (f"NLL <= -IWAE bound, K={k}", f"{result['nll_upper_bound']:.2f}"),
-        (f"active units (Cov > {ACTIVE_UNIT_THRESHOLD})", f"{result['active_units']}/{result['latent_dim']}"),
+        ("test ELBO, single-sample (the seed's)", *nats("elbo")),
+        ("test ELBO, analytic KL", *nats("elbo_analytic_kl")),
+        ("  distortion  -log p(x|z)", *nats("distortion")),
+        ("  rate  KL(q(z|x) || p(z))", *nats("rate")),
+        (f"IWAE bound, K={k}", *nats("iwae_bound")),
+        (f"NLL <= -IWAE bound, K={k}", *nats("iwae_bound", -1.0)),
+        (f"active units (Cov > {ACTIVE_UNIT_THRESHOLD})", f"{result['active_units']}/{result['latent_dim']}", ""),
     ]
     if "bits_per_dim" in result:
-        rows[1:1] = [("  = bits/dim, 8-bit scale (its -ELBO)", f"{result['bits_per_dim']:.4f}")]
-        rows[-1:-1] = [(f"  = bits/dim, 8-bit scale (NLL, K={k})", f"{result['nll_bits_per_dim']:.4f}")]
-    lines = [f"{result['n']} test images, binarization {result['protocol']}; {result['seconds']} s",
-             f"{'':40}{'nats/image':>12}  binarization"]
-    lines += [f"{name:40}{value:>12}  {b}" for name, value in rows]
+        rows[1:1] = [("  = bits/dim, 8-bit scale (its -ELBO)", f"{result['bits_per_dim']:.4f}", "")]
+        rows[-1:-1] = [(f"  = bits/dim, 8-bit scale (NLL, K={k})", f"{result['nll_bits_per_dim']:.4f}", "")]
+    lines = [f"{result['n']} test images, binarization {result['protocol']}; {result['seconds']} s, "
+             f"{result['decodes_per_second']:,} decodes/s ({result['precision']}, {result['decode_batch']} at once)",
+             f"{'':40}{'nats/image':>12}  {'std. error':<10}  binarization"]
+    lines += [f"{name:40}{value:>12}  {stderr:<10}  {b}" for name, value, stderr in rows]
     return "\n".join(lines)
 
 

@@ -323,15 +323,17 @@ def _atomic_write_text(path: Path, text: str) -> None:
     _fsync(path.parent)
 
 
-def load_model(path: str | Path, device: str = "auto"):
-    """The model of a run directory with its newest weights, ready for inference on `device`.
-    Returns (model, config, runtime)."""
+def load_model(path: str | Path, device: str = "auto", precision: str = "auto"):
+    """The model of a run directory with its newest weights, ready for inference on `device` in
+    `precision` (auto: bf16 where the hardware runs it natively, as in training; see
+    models/inference.py). Returns (model, config, runtime)."""
     from .distributed import setup
     from .models import build_model
+    from .models.inference import prepare_for_inference
 
     run = Run.open(path)
     config = run.config()
-    runtime = setup(device, "fp32")
+    runtime = setup(device, precision)
     model = build_model(config.model)
     load_weights_into(model, run.load_weights(), run.path)
-    return model.to(runtime.device, memory_format=torch.channels_last).eval(), config, runtime
+    return prepare_for_inference(model, runtime), config, runtime

@@ -231,7 +231,7 @@ def evaluate_test(model, images: torch.Tensor, labels: torch.Tensor | None, conf
     if config.model.objective == "iwae":
         k = config.model.iwae_k
         x = preprocess(images, config.data.binarization, rt.generator(seed))
-        bounds = iwae_bounds(model, x, k, rt.generator(seed + 1), config.train.eval_batch_size, labels)
+        bounds = iwae_bounds(model, x, k, seed + 1, config.train.eval_batch_size, labels)
         record[f"test_iwae_bound_k{k}"] = bounds.double().mean().item()
     return record
 

@@ -6,10 +6,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _onednn_fusable(x: torch.Tensor) -> bool:
-    """Whether oneDNN can run a convolution on `x` with the ReLU fused in (CPU, fp32 or bf16).
-    torch.ops.mkldnn's fused ops are the ones torch.compile emits for CPU convolutions."""
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
+def onednn_runs(x: torch.Tensor) -> bool:
+    """Whether oneDNN's own convolution kernels (torch.ops.mkldnn, the ones torch.compile emits for
+    CPU convolutions, with a ReLU fused in) run on `x`: CPU, fp32, or bf16 where the CPU has bf16
+    instructions (elsewhere they refuse bf16, and torch's generic kernels emulate it, slowly)."""
+    if x.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    return x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class _ConvTranspose2dFunction(torch.autograd.Function):
@@ -34,7 +37,7 @@ class _ConvTranspose2dFunction(torch.autograd.Function):
         if weight.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)   # one layout for both kernels
         with torch.autocast(x.device.type, enabled=False):
-            if relu and _onednn_fusable(x):
+            if relu and onednn_runs(x):
                 y = torch.ops.mkldnn._convolution_transpose_pointwise.default(
                     x, weight, bias, [padding] * 2, [output_padding] * 2, [stride] * 2, [1, 1], 1, "relu", [None], "")
             else:

@@ -1,0 +1,228 @@
+"""A trained model made ready for many decodes (evaluation, sampling, the demo), computing what
+it computes in training.
+
+`prepare_for_inference(model, runtime)` returns a frozen copy in which
+- every convolution's weights are laid out once for the backend (on CPU, oneDNN's blocked
+  layout, which it would otherwise build again on every call) in the precision of the run;
+- a stride-1 output layer with few channels (the seed's ConvTranspose 32 -> 1) becomes the same
+  function computed without waste: oneDNN pads the output channels of a convolution to its
+  vector block (8 floats with AVX2, 16 with AVX-512), so one output channel costs as much as 16.
+  The layer is rewritten as a stride-s convolution with out * s * s channels, each computing one
+  of the s x s positions of an output block, then a pixel shuffle (see `subpixel_conv`);
+- the encoder and decoder run under the run's precision (bf16 autocast where asked) and hand
+  back float32, so likelihoods and objectives never see bf16.
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import ConvTranspose2d, onednn_runs
+
+VECTOR_BLOCK = 16       # output channels the subpixel form aims to fill: oneDNN's AVX-512 block (AVX2's is 8)
+SUBPIXEL_STRIDES = (4, 2)
+
+
+def conv_transpose_as_conv(weight: torch.Tensor, padding: int) -> tuple[torch.Tensor, int]:
+    """A stride-1 transposed convolution as an ordinary one: weight [in, out, k, k] with padding p
+    -> (weight [out, in, k, k] flipped in space, padding k - 1 - p), the same function exactly."""
+    k = weight.shape[-1]
+    return weight.flip(2, 3).transpose(0, 1), k - 1 - padding
+
+
+def subpixel_conv(weight: torch.Tensor, bias: torch.Tensor, padding: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stride-1 convolution (weight [out, in, k, k], `padding`) as a stride-s convolution with
+    kernel k + s - 1 and out * s * s channels followed by `F.pixel_shuffle(., s)`.
+
+    Output pixel (s*Y + a, s*X + b) of the original reads input rows s*Y + a - p + i, i < k; the
+    channel (c, a, b) of the new convolution reads rows s*Y - p + t, t < k + s - 1, so its kernel
+    is the original one placed at offset (a, b) in a zero (k + s - 1)^2 window. Same sums, in
+    the same order: the result equals the original's (tested in float64). Returns (weight, bias)."""
+    out_ch, in_ch, k, _ = weight.shape
+    window = k + stride - 1
+    sub = weight.new_zeros(out_ch, stride, stride, in_ch, window, window)
+    for a in range(stride):
+        for b in range(stride):
+            sub[:, a, b, :, a:a + k, b:b + k] = weight
+    return sub.flatten(0, 2), bias.repeat_interleave(stride * stride)
+
+
+class PackedConv(nn.Module):
+    """A convolution (or transposed convolution) with its weights prepared once, optionally
+    followed by a ReLU and a pixel shuffle. Inputs are cast to `dtype`; outputs stay in it.
+
+    On CPU (oneDNN) the weights are reordered into the kernel's blocked layout here, once; on
+    other devices they are only cast, as cuDNN keeps no such layout."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, padding: int,
+                 output_padding: int = 0, transposed: bool = False, relu: bool = False, shuffle: int = 1,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.geometry = dict(stride=stride, padding=padding, output_padding=output_padding)
+        self.transposed, self.relu, self.shuffle, self.dtype = transposed, relu, shuffle, dtype
+        weight = weight.detach().to(dtype).contiguous(memory_format=torch.channels_last)
+        self.bias = None if bias is None else bias.detach().to(dtype)
+        self.onednn = onednn_runs(weight)
+        if self.onednn:
+            pads, strides, ones = [padding] * 2, [stride] * 2, [1, 1]
+            if transposed:
+                weight = torch.ops.mkldnn._reorder_convolution_transpose_weight(
+                    weight, pads, [output_padding] * 2, strides, ones, 1, None)
+            else:
+                weight = torch.ops.mkldnn._reorder_convolution_weight(weight, pads, strides, ones, 1, None)
+        self.weight = weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
+        s, p, op = self.geometry["stride"], self.geometry["padding"], self.geometry["output_padding"]
+        if self.onednn:
+            post = "relu" if self.relu else "none"
+            if self.transposed:
+                y = torch.ops.mkldnn._convolution_transpose_pointwise(
+                    x, self.weight, self.bias, [p] * 2, [op] * 2, [s] * 2, [1, 1], 1, post, [None], "")
+            else:
+                y = torch.ops.mkldnn._convolution_pointwise(x, self.weight, self.bias, [p] * 2, [s] * 2, [1, 1], 1,
+                                                            post, [None], "")
+        else:
+            y = (F.conv_transpose2d(x, self.weight, self.bias, s, p, op) if self.transposed
+                 else F.conv2d(x, self.weight, self.bias, s, p))
+            y = torch.relu(y) if self.relu else y
+        return F.pixel_shuffle(y, self.shuffle) if self.shuffle > 1 else y
+
+
+def _square(value) -> int:
+    """The single value of a square kernel's stride or padding (an int or an equal pair)."""
+    if isinstance(value, str) or len(set(value)) != 1:
+        raise ValueError(f"prepare_for_inference handles square, numeric geometry; got {value!r}")
+    return value[0]
+
+
+def _subpixel_stride(out_channels: int, out_size: int) -> int:
+    """The stride s that fills VECTOR_BLOCK output channels best (out * s * s <= the block), s
+    dividing the output's side; 1 when no rewrite pays (out_channels already fill a block)."""
+    return next((s for s in SUBPIXEL_STRIDES if out_channels * s * s <= VECTOR_BLOCK and out_size % s == 0), 1)
+
+
+def pack(module: nn.Module, dtype: torch.dtype, out_size: int | None = None) -> PackedConv:
+    """The PackedConv computing what `module` (nn.Conv2d, nn.ConvTranspose2d or vaekit's fused
+    ConvTranspose2d) computes. With `out_size` (the output's side), a stride-1 layer with few
+    output channels is rewritten in subpixel form."""
+    stride, padding = _square(module.stride), _square(module.padding)
+    transposed = isinstance(module, nn.ConvTranspose2d)
+    relu = isinstance(module, ConvTranspose2d) and module.relu
+    weight, bias = module.weight, module.bias
+    s = _subpixel_stride(module.out_channels, out_size) if out_size and stride == 1 and not relu else 1
+    if s == 1:
+        output_padding = _square(module.output_padding) if transposed else 0
+        return PackedConv(weight, bias, stride, padding, output_padding, transposed, relu, dtype=dtype)
+    if transposed:
+        weight, padding = conv_transpose_as_conv(weight, padding)
+    weight, bias = subpixel_conv(weight, bias, padding, s)
+    return PackedConv(weight, bias, s, padding, shuffle=s, dtype=dtype)
+
+
+class Precision(nn.Module):
+    """Runs `module` under autocast to `dtype` (None: as it is) and hands back float32."""
+
+    def __init__(self, module: nn.Module, device_type: str, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.module, self.device_type, self.dtype = module, device_type, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            return self.module(x).float()
+
+
+def _replace_convs(network: nn.Sequential, dtype: torch.dtype, out_size: int) -> None:
+    """Every convolution of `network` packed in place; its last layer, when a stride-1
+    convolution, in subpixel form (its output's side is the image's, `out_size`)."""
+    last = network[-1]
+    for name, module in list(network.named_modules()):
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            parent_name, _, attr = name.rpartition(".")
+            parent = network.get_submodule(parent_name) if parent_name else network
+            setattr(parent, attr, pack(module, dtype, out_size if module is last else None))
+
+
+@torch.no_grad()
+def prepare_for_inference(model, runtime) -> nn.Module:
+    """A frozen copy of `model` for decoding on `runtime.device` in `runtime.precision`; see the
+    module docstring. The original is left as it was (training can go on with it)."""
+    model = copy.deepcopy(model).to(runtime.device).eval().requires_grad_(False)
+    dtype = runtime.autocast_dtype or torch.float32
+    _replace_convs(model.encoder, dtype, out_size=0)
+    _replace_convs(model.decoder, dtype, out_size=model.config.image_size)
+    model.encoder = Precision(model.encoder, runtime.device.type, runtime.autocast_dtype)
+    model.decoder = Precision(model.decoder, runtime.device.type, runtime.autocast_dtype)
+    return model
+
+
+DEFAULT_MAX_MEMORY_MB = 1024            # on CPU; on a GPU, half its free memory
+TUNED_SIZES = tuple(2 ** i for i in range(8, 17))   # decode batches tried: 256 .. 65536
+TUNING_PAYS = 1_000_000                 # decodes from which tuning (seconds) is worth its cost
+UNTUNED_DECODE_BATCH = 1024
+
+
+def _decode_random(model, n: int, device: torch.device) -> torch.Tensor:
+    """Decodes n random codes (of class 0, for a conditional model): what sizing measures."""
+    y = torch.zeros(n, dtype=torch.long, device=device) if model.config.conditional else None
+    return model.decode(torch.randn(n, model.latent_dim, device=device), y)
+
+
+def bytes_per_decode(model, device: torch.device) -> int:
+    """The memory one decode needs at most, by a documented rule: twice the bytes of the outputs of
+    all the decoder's layers for one code (a layer's input and output live together, and the
+    likelihood's terms need about one more output's worth). The seed's model: about 340 KB."""
+    sizes = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(out.numel() * out.element_size()))
+             for m in model.decoder.modules() if not list(m.children())]
+    try:
+        with torch.inference_mode():
+            _decode_random(model, 1, device)
+    finally:
+        for h in hooks:
+            h.remove()
+    return 2 * sum(sizes)
+
+
+def max_decodes(model, device: torch.device, max_memory_mb: float | None = None) -> int:
+    """The most decodes at once within `max_memory_mb` (default: DEFAULT_MAX_MEMORY_MB on CPU,
+    half the GPU's free memory on CUDA)."""
+    if max_memory_mb is None:
+        budget = torch.cuda.mem_get_info(device)[0] / 2 if device.type == "cuda" else DEFAULT_MAX_MEMORY_MB * 2 ** 20
+    else:
+        budget = max_memory_mb * 2 ** 20
+    return max(1, int(budget // bytes_per_decode(model, device)))
+
+
+@torch.inference_mode()
+def fastest_decode_batch(model, device: torch.device, cap: int) -> int:
+    """The decode batch with the most decodes per second on this device and precision, measured:
+    sizes doubling from 256 up to `cap`, each timed on a second decode (the first warms up),
+    stopping once a size is 10% slower than the best so far."""
+    best, best_rate = min(cap, TUNED_SIZES[0]), 0.0
+    for size in [s for s in TUNED_SIZES if s < cap] + [cap]:
+        _decode_random(model, size, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        _decode_random(model, size, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        rate = size / (time.perf_counter() - start)
+        if rate > best_rate:
+            best, best_rate = size, rate
+        elif rate < 0.9 * best_rate:
+            break
+    return best
+
+
+def decode_batch_for(model, device: torch.device, decodes: int, max_memory_mb: float | None = None) -> int:
+    """How many decodes to run at once for a job of `decodes`: measured (fastest_decode_batch)
+    when the job is long enough for the measurement to pay, within the memory cap (max_decodes)."""
+    cap = max_decodes(model, device, max_memory_mb)
+    return fastest_decode_batch(model, device, cap) if decodes >= TUNING_PAYS else min(cap, UNTUNED_DECODE_BATCH)
