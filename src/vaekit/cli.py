@@ -169,7 +169,7 @@ def _cmd_serve(args) -> None:
         raise ConfigError(f"the web demo needs {' and '.join(missing)}: pip install 'vaekit[demo]'")
     from .serve import serve
 
-    serve(args.run, args.host, args.port, args.device, args.data_dir)
+    serve(args.run, args.host, args.port, args.device, args.data_dir, args.precision)
 
 
 def _add_precision_flag(p: argparse.ArgumentParser) -> None:
@@ -282,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="the TCP port (default 8000)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--data-dir", type=Path, help="a folder holding the IDX files, to use instead of fetching")
+    _add_precision_flag(p)
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("gif", help="make RUN/training.gif again from RUN/images")

@@ -81,9 +81,9 @@ class Demo:
         return tuple(self.test_images.shape[1:])
 
 
-def load(run: str | Path, device: str = "auto", data_dir: str | Path | None = None) -> Demo:
-    """A run's model with its newest weights and its dataset, ready to serve."""
-    model, config, rt, splits = open_run(run, device, data_dir, "serve")
+def load(run: str | Path, device: str = "auto", data_dir: str | Path | None = None, precision: str = "auto") -> Demo:
+    """A run's model with its newest weights, in `precision`, and its dataset, ready to serve."""
+    model, config, rt, splits = open_run(run, device, data_dir, "serve", precision)
     if config.model.likelihood != "bernoulli":   # the page's inpainting and drawing pad are binary
         raise RunError(f"the demo is for bernoulli models (binary images), and {run} has a "
                        f"{config.model.likelihood} likelihood")

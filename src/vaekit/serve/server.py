@@ -101,7 +101,7 @@ def server_config(app, stall_seconds: float = STALL_SECONDS) -> uvicorn.Config:
 
 
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
-          data_dir: str | Path | None = None) -> None:
+          data_dir: str | Path | None = None, precision: str = "auto") -> None:
     """Serves the demo of `run` until Ctrl-C. Off loopback anyone who reaches the port can use it:
     the demo has no login, so that is said on the way."""
     if not is_loopback(host):
@@ -109,7 +109,7 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, device: st
               file=sys.stderr)
     sock = bind(host, port)
     try:
-        app = create_app(load(run, device, data_dir), host)
+        app = create_app(load(run, device, data_dir, precision), host)
         print(f"vaekit: the demo of {run} is on {url_of(sock)} (Ctrl-C stops it)", file=sys.stderr)
         try:
             uvicorn.Server(server_config(app)).run(sockets=[sock])
