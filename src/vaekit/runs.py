@@ -18,12 +18,14 @@ RUN/
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,10 +109,21 @@ class Run:
 
     # -- creating and opening -------------------------------------------------------------
     def check_new(self) -> None:
-        """Raises RunError unless `path` is free for a new run (missing, or an empty folder)."""
+        """Raises RunError unless `path` is free for a new run (missing, or an empty folder) and
+        can be made: checked by making a file in the nearest folder that exists, as permission
+        bits say nothing for root or a read-only mount."""
         if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
             raise RunError(f"{self.path} already exists and is not empty: resume it with "
                            f"`vaekit train --resume {self.path}` or choose another --out")
+        nearest = self.path.absolute()
+        while not nearest.exists():
+            nearest = nearest.parent
+        try:
+            if not nearest.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+            tempfile.TemporaryFile(dir=nearest).close()
+        except OSError as e:
+            raise RunError(f"cannot write the run directory {self.path}: {e.strerror}; choose a writable --out") from None
 
     @classmethod
     def create(cls, path: str | Path, config: Config, data: dict | None = None) -> "Run":
