@@ -4,6 +4,7 @@ RUN/
   config.json                  the Config that made it
   metrics.jsonl                one JSON object per epoch
   fixed_z.safetensors          the 16 codes decoded into every progress grid
+  data.json                    the data it was trained on: split sizes, SHA-256 (data.fingerprint)
   images/image_at_epoch_NNNN.png
   training.gif
   checkpoints/epoch_NNNN/      after epoch NNNN: model.safetensors, optimizer.safetensors,
@@ -392,8 +393,9 @@ class Run:
             return Checkpoint(progress, model, optimizer, rng, step_losses)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError,
                 AttributeError) as e:
-            raise RunError(f"checkpoint {path} is damaged ({type(e).__name__}: {e}); `vaekit train --resume "
-                           f"{self.path} --fall-back` goes on from the newest intact one") from None
+            raise RunError(f"checkpoint {path} is damaged ({type(e).__name__}: {e}), though its checksums hold: it "
+                           f"was altered after it was written; restore it, or move it out of {self.checkpoints} "
+                           "to go on from an older one") from None
 
     def load_weights(self, fall_back: bool = False) -> dict[str, torch.Tensor]:
         """The model weights of the newest checkpoint, its checksums verified (all that generation
