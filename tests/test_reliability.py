@@ -521,6 +521,10 @@ def test_eval_checks_it_can_write_before_the_work_and_prints_its_result_before_w
     assert f"cannot write {run / 'eval.json'}: File too large; the result above is not saved" in error
     assert "NLL" in result.stdout and "test ELBO" in result.stdout   # the table came first
     assert sorted(p.name for p in run.iterdir() if "eval" in p.name) == []
+    (run / "eval.json").write_text('{"static": {"k": 5000, "iwae')    # damaged: kept aside, not overwritten
+    assert vaekit("eval", run, "--k", "2", "--device", "cpu").returncode == 0
+    assert json.loads((run / "eval.json").read_text())["static"]["k"] == 2
+    assert (run / "eval.json.unreadable").read_text() == '{"static": {"k": 5000, "iwae'
 
 
 @pytest.mark.parametrize("command", [["sample", "--out", "{file}/x.png"], ["gif"],

@@ -152,13 +152,14 @@ def evaluate_run(run: str | Path, k: int = 5000, binarization: str | None = None
                       _labels(config, splits.test, rt))
     if report:
         report(result)
-    try:
-        saved = json.loads(path.read_text()) if path.exists() else {}
-    except (OSError, ValueError):
-        saved = {}    # unreadable: replaced by this result alone
-    saved[binarization] = result
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        try:
+            saved = json.loads(path.read_text()) if path.exists() else {}
+        except ValueError:   # a damaged file is kept beside the new one, never overwritten
+            saved = {}
+            os.replace(path, path.with_name(path.name + ".unreadable"))
+        saved[binarization] = result
         tmp.write_text(json.dumps(saved, indent=1) + "\n")
         os.replace(tmp, path)    # whole or not at all: a full disk never leaves half a file
     except OSError as e:
