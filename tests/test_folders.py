@@ -123,8 +123,10 @@ def test_bad_files_are_skipped_with_a_count_and_named(tmp_path):
     data = load_folder(folder, 28, 3, 0.1, 0, log=log)
     warnings = [line for line in log if line.startswith("warning: skipped")]
     assert len(warnings) == 1
-    assert "skipped 4 of 46 images" in warnings[0] and "and 1 more" in warnings[0]
-    assert "3/corrupt.png (unreadable" in warnings[0] and "5/cmyk.jpg (CMYK mode" in warnings[0]
+    assert "skipped 4 of 46 images" in warnings[0]
+    for named in ("3/corrupt.png (unreadable", "3/truncated.png (unreadable", "5/cmyk.jpg (CMYK mode",
+                  "5/sixteen-bit.png (I;16 mode"):   # every one, each with why
+        assert named in warnings[0]
     assert sorted(name.split(" ")[0] for name in data.skipped) == [
         "3/corrupt.png", "3/truncated.png", "5/cmyk.jpg", "5/sixteen-bit.png"]
     images = np.concatenate([data.train_images, data.test_images])
@@ -132,6 +134,47 @@ def test_bad_files_are_skipped_with_a_count_and_named(tmp_path):
     assert any((image == np.array([30, 90, 150], np.uint8)[:, None, None]).all() for image in images)
     alpha = [image for image in images if (image[:, :, :14] == 255).all()]
     assert len(alpha) == 1 and (alpha[0][:, :, 14:] == 0).all()
+
+
+def test_many_skipped_files_are_all_listed_with_why_in_a_file_the_warning_names(tmp_path):
+    folder = tmp_path / "mixed"
+    write_digit_folder(folder, n=30)
+    for i in range(12):
+        (folder / "4" / f"broken-{i:02d}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(100))
+    log = Log()
+    load_folder(folder, 28, 1, 0.1, 0, log=log)
+    [warning] = [line for line in log if line.startswith("warning: skipped 12 of 42")]
+    listing = Path(warning.rsplit(" are listed in ", 1)[1])
+    assert "all 12, each with why" in warning and "4/broken-00.png (unreadable" in warning
+    lines = listing.read_text().splitlines()
+    assert [line.split(" ")[0] for line in lines] == [f"4/broken-{i:02d}.png" for i in range(12)]
+    assert all("(unreadable: " in line for line in lines)
+
+
+def test_a_file_name_that_is_not_utf8_is_read_and_shown_escaped(tmp_path):
+    folder = tmp_path / "names"
+    write_digit_folder(folder, n=30)
+    os.rename(folder / "1" / "0003.png", os.fsencode(folder / "1") + b"/caf\xe9.png")   # Latin-1, not UTF-8
+    (folder / "2" / "0005.png").unlink()
+    with open(os.fsencode(folder / "2") + b"/bad-\xff.png", "wb") as f:
+        f.write(b"not an image")
+    log = Log()
+    data = load_folder(folder, 28, 1, 0.1, 0, log=log)
+    assert len(data.train_images) + len(data.test_images) == 29
+    [warning] = [line for line in log if line.startswith("warning: skipped")]
+    assert "2/bad-\\xff.png (unreadable" in warning
+    assert len(load_folder(folder, 28, 1, 0.1, 0, log=Log()).skipped) == 1   # the cache is found again
+
+
+def test_an_image_of_too_many_pixels_is_skipped_saying_why(tmp_path, recwarn):
+    folder = tmp_path / "big"
+    write_digit_folder(folder, n=30)
+    Image.new("L", (9750, 9750)).save(folder / "3" / "95-megapixels.png")   # over Pillow's 89.5 M guard
+    log = Log()
+    load_folder(folder, 28, 1, 0.1, 0, log=log)
+    [warning] = [line for line in log if line.startswith("warning: skipped 1 of 31")]
+    assert "3/95-megapixels.png (too large: more than 89,478,485 pixels" in warning
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
 
 
 def test_a_folder_without_usable_images_is_one_line_error(tmp_path):

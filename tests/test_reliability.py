@@ -2,6 +2,7 @@
 disk, a second trainer, a diverging loss, damaged or foreign checkpoints, bad arguments, and
 data mirrors that hang. Training runs in child processes with one thread, so that results are
 bitwise reproducible and comparable with an uninterrupted run."""
+import hashlib
 import http.server
 import json
 import os
@@ -10,6 +11,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -22,8 +24,10 @@ from safetensors.torch import load_file, save_file
 from conftest import SAMPLE, cli_env
 from test_data import Log, _offline, one_line, recognise_sample_as, serve  # noqa: F401 (serve is a fixture)
 from vaekit import Run, RunError
+from vaekit.runs import CHECKPOINT_FILES
 from vaekit.cli import main
-from vaekit.data import DataError, fetch, sources
+from vaekit.data import DataError, fetch, read_idx, sources, write_idx
+from vaekit.data.sources import FILES
 
 # 2 epochs of 20 steps; a checkpoint every 3 steps and at each epoch's end
 TRAIN = ["--data-dir", SAMPLE, "--device", "cpu", "--epochs", "2", "--checkpoint-every", "3"]
@@ -97,10 +101,13 @@ def assert_same_run(run, reference) -> None:
 
 
 def assert_one_line_error(result, returncode=2) -> str:
+    """The error line (after any warning lines, such as the shipped sample's not being canonical MNIST)."""
     assert result.returncode == returncode, result.stderr
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith("vaekit: error: "), result.stderr
+    *warnings, error = result.stderr.splitlines()
+    assert all(line.startswith("warning: ") for line in warnings), result.stderr
+    assert error.startswith("vaekit: error: ") and result.stderr.endswith("\n"), result.stderr
     assert "Traceback" not in result.stderr
-    return result.stderr
+    return error
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +173,7 @@ def test_a_crash_inside_the_checkpoint_write_leaves_the_previous_one(reference, 
     assert result.returncode == 9
     assert (run / "checkpoints" / leftover).is_dir()                  # the crash really was in the write
     assert Run(run).latest_checkpoint().name == "step_00000006"
-    assert Run(run).load_checkpoint().progress.step == 6               # and the previous one is whole
+    assert Run(run).load_checkpoint(Run(run).latest_checkpoint()).progress.step == 6   # the previous one is whole
     result = vaekit("train", "--resume", run)
     assert result.returncode == 0, result.stderr
     assert_same_run(run, reference)
@@ -293,19 +300,40 @@ def truncate(path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def intact(change):
+    """`change` made to a checkpoint whose checksums are then recorded again: a foreign checkpoint
+    (another model's, another device's, an older vaekit's) rather than a damaged one."""
+    def make(ckpt):
+        change(ckpt)
+        (ckpt / "SHA256SUMS").write_text("".join(f"{hashlib.sha256((ckpt / f).read_bytes()).hexdigest()}  {f}\n"
+                                                 for f in CHECKPOINT_FILES))
+    return make
+
+
+def unsummed(change):
+    """`change` made to a checkpoint written before vaekit recorded checksums."""
+    def make(ckpt):
+        (ckpt / "SHA256SUMS").unlink()
+        change(ckpt)
+    return make
+
+
+DAMAGED = "epoch_0002/{} is damaged (its SHA-256 differs from the one recorded when it was written)"
 DAMAGE = {
-    "truncated weights": (lambda ckpt: truncate(ckpt / "model.safetensors"), "not a safetensors file"),
+    "truncated weights": (lambda ckpt: truncate(ckpt / "model.safetensors"), DAMAGED.format("model.safetensors")),
     "garbage optimizer": (lambda ckpt: (ckpt / "optimizer.safetensors").write_bytes(os.urandom(4096)),
-                          "not a safetensors file"),
-    "truncated state": (lambda ckpt: truncate(ckpt / "state.json"), "is damaged"),
-    "foreign state": (lambda ckpt: (ckpt / "state.json").write_text("[1, 2]"), "is damaged"),
-    "missing rng": (lambda ckpt: (ckpt / "rng.safetensors").unlink(), "is missing"),
-    "wrong shapes": (foreign_weights, "do not fit its config.json"),
-    "rng of another device": (lambda ckpt: save_file({k: torch.zeros(3, dtype=torch.uint8) for k in
-                                                      ("torch", "order", "noise")}, str(ckpt / "rng.safetensors")),
+                          DAMAGED.format("optimizer.safetensors")),
+    "truncated state": (lambda ckpt: truncate(ckpt / "state.json"), DAMAGED.format("state.json")),
+    "damaged checksums": (lambda ckpt: truncate(ckpt / "SHA256SUMS"), "SHA256SUMS is damaged (it records no"),
+    "missing rng": (lambda ckpt: (ckpt / "rng.safetensors").unlink(), "epoch_0002/rng.safetensors is missing"),
+    "foreign state": (intact(lambda ckpt: (ckpt / "state.json").write_text("[1, 2]")), "is damaged (TypeError"),
+    "wrong shapes": (intact(foreign_weights), "do not fit its config.json"),
+    "rng of another device": (intact(lambda ckpt: save_file({k: torch.zeros(3, dtype=torch.uint8) for k in
+                                                             ("torch", "order", "noise")},
+                                                            str(ckpt / "rng.safetensors"))),
                               "does not fit this run"),
-    "latest points outside": (lambda ckpt: (ckpt.parent / "latest").write_text("../../../etc\n"),
-                              "not a checkpoint name"),
+    "truncated weights of an older vaekit": (unsummed(lambda ckpt: truncate(ckpt / "model.safetensors")),
+                                             "not a safetensors file"),
     "unknown config key": (lambda ckpt: (ckpt.parent.parent / "config.json").write_text(
         json.dumps({"train": {"epochs": 3, "warp_speed": 9}})), "unknown key(s) warp_speed"),
 }
@@ -318,7 +346,7 @@ def test_a_damaged_or_foreign_checkpoint_is_one_line(reference, tmp_path, capsys
     make(ckpt)
     assert main(["train", "--resume", str(run), "--epochs", "3"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("vaekit: error: ") and message in err, err
+    assert message in assert_one_line_error(subprocess.CompletedProcess([], 2, "", err)), err
 
 
 class _Exploit:
@@ -332,8 +360,8 @@ class _Exploit:
 def test_a_pickled_checkpoint_is_refused_without_running_it(reference, tmp_path, capsys):
     run, ckpt = run_copy(reference, tmp_path)
     marker = tmp_path / "pwned"
-    torch.save({"weights": _Exploit(marker)}, ckpt / "model.safetensors")   # what a torch.load would execute
-    assert main(["train", "--resume", str(run)]) == 2
+    intact(lambda ckpt: torch.save({"weights": _Exploit(marker)}, ckpt / "model.safetensors"))(ckpt)  # what a
+    assert main(["train", "--resume", str(run), "--epochs", "3"]) == 2                     # torch.load would run
     assert "not a safetensors file" in capsys.readouterr().err
     assert not marker.exists()
 
@@ -355,7 +383,7 @@ def test_out_of_range_arguments_are_one_line(tmp_path, capsys, args, message):
         argv += ["--out", str(tmp_path / "run")]
     assert main([a.format(file=file) for a in argv]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("vaekit: error: ") and message in err, err
+    assert message in assert_one_line_error(subprocess.CompletedProcess([], 2, "", err)), err
 
 
 def test_fewer_epochs_than_done_is_refused_and_leaves_the_config(reference, tmp_path, capsys):
@@ -364,6 +392,199 @@ def test_fewer_epochs_than_done_is_refused_and_leaves_the_config(reference, tmp_
     assert main(["train", "--resume", str(run), "--epochs", "1"]) == 2
     assert "--epochs 1 is fewer than the 2 epochs" in capsys.readouterr().err
     assert (run / "config.json").read_text() == before
+
+
+# --- silent wrong results: damaged checkpoints, a wrong `latest`, other data ------------------
+
+
+def flip_a_bit(path):
+    """One bit of the tensor data in the middle of a safetensors file changed, as a bad disk does."""
+    data = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")     # after the length and the JSON header
+    data[(start + len(data)) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_bit_is_refused_by_every_command_and_fall_back_goes_on_only_when_asked(reference, tmp_path):
+    run, ckpt = run_copy(reference, tmp_path)
+    flip_a_bit(ckpt / "model.safetensors")
+    damaged = (ckpt / "model.safetensors").read_bytes()
+    for command in (["sample", run, "--device", "cpu"], ["eval", run, "--k", "2", "--device", "cpu"],
+                    ["train", "--resume", run, "--epochs", "3"]):
+        error = assert_one_line_error(vaekit(*command))
+        assert f"checkpoint file {ckpt / 'model.safetensors'} is damaged" in error, command
+        assert f"--resume {run} --fall-back` goes on from the newest intact checkpoint, epoch_0001" in error
+    assert not (run / "eval.json").exists() and not (run / "samples").exists()
+    assert Run(run).config().train.epochs == 2             # the refused resume left config.json alone
+    result = vaekit("train", "--resume", run, "--fall-back")
+    assert result.returncode == 0, result.stderr
+    assert f"set epoch_0002 aside as {run / 'checkpoints' / 'set-aside' / 'epoch_0002'}" in result.stderr
+    assert f"Resuming {run} from epoch_0001" in result.stdout
+    assert (run / "checkpoints" / "set-aside" / "epoch_0002" / "model.safetensors").read_bytes() == damaged
+    assert_same_run(run, reference)                        # epoch 2 trained again, as it was the first time
+
+
+@pytest.mark.parametrize("pointer", ["missing", "garbage", "older"])
+def test_resume_goes_on_from_the_newest_complete_checkpoint_whatever_latest_says(reference, tmp_path, pointer):
+    run = tmp_path / "run"
+    proc = start("train", *TRAIN, "--out", run)
+    wait_for_step(proc, run, 25)
+    proc.kill()
+    proc.communicate()
+    latest = run / "checkpoints" / "latest"
+    newest = latest.read_text().strip()
+    if pointer == "missing":
+        latest.unlink()
+    else:
+        latest.write_text("../../../etc\n" if pointer == "garbage" else "epoch_0001\n")
+    sample = vaekit("sample", run, "--device", "cpu")
+    assert sample.returncode == 0, sample.stderr
+    result = vaekit("train", "--resume", run)
+    assert result.returncode == 0, result.stderr
+    assert f"Resuming {run} from {newest} (step {int(newest[5:]) if newest.startswith('step') else 20}" in result.stdout
+    assert not (run / "checkpoints" / "set-aside").exists()
+    assert_same_run(run, reference)
+
+
+def test_resume_takes_data_dir_again_only_for_the_same_data_and_a_failed_resume_keeps_config(reference, tmp_path):
+    run, _ = run_copy(reference, tmp_path)
+    config = (run / "config.json").read_text()
+    other = tmp_path / "other"      # the sample with one pixel of one test image changed
+    other.mkdir()
+    for fname in FILES.values():
+        array = read_idx(SAMPLE / fname)
+        if fname.startswith("t10k-images"):
+            array[0, 14, 14] ^= 1
+        write_idx(other / fname, array)
+    error = assert_one_line_error(vaekit("train", "--resume", run, "--data-dir", other, "--epochs", "3"))
+    assert f"{other} does not hold the data {run} was trained on" in error and "pass --data-dir" in error
+    assert (run / "config.json").read_text() == config
+    moved = tmp_path / "moved"
+    shutil.copytree(SAMPLE, moved)
+    result = vaekit("train", "--resume", run, "--data-dir", moved, "--epochs", "3")
+    assert result.returncode == 0, result.stderr
+    saved = Run(run).config()
+    assert saved.data.data_dir == str(moved) and saved.train.epochs == 3
+    assert [m["epoch"] for m in Run(run).metrics()] == [1, 2, 3]
+
+
+# --- runs lost or left broken ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "5000"], "larger than the 2000 training images"),
+    (["--image-size", "32"], "pass --image-channels 1 --image-size 28"),
+    (["--data-dir", "{tmp}/nowhere"], "does not exist"),
+    (["--lr", "1e6"], "training diverged and stopped (no checkpoint was written)"),
+])
+def test_a_failed_start_leaves_no_run_directory_so_the_retry_is_not_refused(tmp_path, args, message):
+    run, empty = tmp_path / "run", tmp_path / "empty"
+    empty.mkdir()
+    for out in (run, empty):
+        argv = ["train", "--data-dir", SAMPLE, "--device", "cpu", "--epochs", "1", "--out", out, *args]
+        assert message in assert_one_line_error(vaekit(*[str(a).format(tmp=tmp_path) for a in argv]))
+    assert not run.exists() and list(empty.iterdir()) == []    # a folder that was there, empty, stays
+    result = vaekit("train", "--data-dir", SAMPLE, "--device", "cpu", "--epochs", "1", "--out", run)
+    assert result.returncode == 0, result.stderr
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(reference, tmp_path):
+    run, _ = run_copy(reference, tmp_path)
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    result = vaekit("train", "--resume", run)
+    assert result.returncode == 0, result.stderr
+    assert f"Nothing to do: {run} has done its 2 epochs" in result.stdout and "epochs 3..2" not in result.stdout
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == files
+
+
+def test_a_run_without_checkpoints_points_to_the_command_that_trains_it(reference, tmp_path):
+    run, _ = run_copy(reference, tmp_path)
+    shutil.rmtree(run / "checkpoints")
+    error = assert_one_line_error(vaekit("sample", run, "--device", "cpu"))
+    assert f"`vaekit train --resume {run}`" in error
+    result = vaekit("train", "--resume", run)      # the command it names is not refused
+    assert result.returncode == 0, result.stderr
+    assert_same_run(run, reference)
+
+
+def test_eval_checks_it_can_write_before_the_work_and_prints_its_result_before_writing(reference, tmp_path):
+    run, _ = run_copy(reference, tmp_path)
+    (run / "eval.json").mkdir()
+    result = vaekit("eval", run, "--k", "2", "--device", "cpu")
+    assert f"cannot write {run / 'eval.json'}: it is a folder" in assert_one_line_error(result)
+    assert result.stdout == ""                                   # refused before the work
+    (run / "eval.json").rmdir()
+    limit = 512   # bytes per file: eval.json (about 2 kB) does not fit, as on a full disk
+    script = f"import resource, sys\nresource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))"
+    result = vaekit("eval", run, "--k", "2", "--device", "cpu", script=script)
+    error = assert_one_line_error(result)
+    assert f"cannot write {run / 'eval.json'}: File too large; the result above is not saved" in error
+    assert "NLL" in result.stdout and "test ELBO" in result.stdout   # the table came first
+    assert sorted(p.name for p in run.iterdir() if "eval" in p.name) == []
+    (run / "eval.json").write_text('{"static": {"k": 5000, "iwae')    # damaged: kept aside, not overwritten
+    assert vaekit("eval", run, "--k", "2", "--device", "cpu").returncode == 0
+    assert json.loads((run / "eval.json").read_text())["static"]["k"] == 2
+    assert (run / "eval.json.unreadable").read_text() == '{"static": {"k": 5000, "iwae'
+
+
+@pytest.mark.parametrize("command", [["sample", "--out", "{file}/x.png"], ["gif"],
+                                     ["interpolate", "--out", "{file}/x.png"]])
+def test_an_unwritable_output_is_one_line(reference, tmp_path, command):
+    run, _ = run_copy(reference, tmp_path)
+    file = tmp_path / "a-file"
+    file.write_text("not a folder")
+    if command == ["gif"]:
+        (run / "training.gif").unlink()
+        (run / "training.gif").mkdir()
+    argv = [command[0], run, *[a.format(file=file) for a in command[1:]]]
+    argv += [] if command == ["gif"] else ["--device", "cpu"]
+    error = assert_one_line_error(vaekit(*argv))
+    assert (f"{file}: File exists" if command != ["gif"] else f"{run / 'training.gif'}: Is a directory") in error
+
+
+def test_checkpoint_files_have_the_mode_of_the_rest_of_the_run(reference):
+    mode = stat.S_IMODE((reference / "config.json").stat().st_mode)
+    files = [p for p in (reference / "checkpoints").rglob("*") if p.is_file()]
+    assert len(files) > 5
+    assert {stat.S_IMODE(p.stat().st_mode) for p in [*files, reference / "fixed_z.safetensors"]} == {mode}
+
+
+# --- logs a user can follow ------------------------------------------------------------------
+
+
+def test_a_log_file_gets_each_line_as_it_happens_and_warnings_go_to_stderr(tmp_path):
+    run = tmp_path / "run"
+    script = HELD_AFTER_FIRST_CHECKPOINT + "sys.modules['vaekit.train'].PROGRESS_SECONDS = 0   # a line a batch\n"
+    with open(tmp_path / "log", "w") as out, open(tmp_path / "err", "w") as err:   # files, as `> log` gives
+        proc = subprocess.Popen([sys.executable, "-c", script + "from vaekit.cli import main\nsys.exit(main())",
+                                 "train", *map(str, TRAIN[:-2]), "--out", str(run)], env=child_env(), text=True,
+                                stdout=out, stderr=err)
+        CHILDREN.append(proc)
+        wait_for_step(proc, run, 20)       # held after epoch 1's checkpoint: the run is still going
+    log = (tmp_path / "log").read_text()
+    assert "Epoch: 1, Test set ELBO: -" in log
+    assert [line for line in log.splitlines() if line.startswith("epoch 1/2: batch ")][-1].startswith(
+        "epoch 1/2: batch 20/20, ")         # plain progress lines, the bar being off
+    assert "warning" not in log and "not the canonical mnist release" in (tmp_path / "err").read_text()
+    proc.kill()
+    proc.communicate()
+
+
+# --- input not yet validated ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("part, key, value, message", [
+    ("model", "latent_dim", 50.7, "model: latent_dim must be an integer, got 50.7"),
+    ("model", "latent_dim", "fifty", 'model: latent_dim must be an integer, got "fifty"'),
+    ("train", "epochs", True, "train: epochs must be an integer, got true"),
+])
+def test_a_config_value_of_the_wrong_type_is_one_line(reference, tmp_path, part, key, value, message):
+    run, _ = run_copy(reference, tmp_path)
+    config = json.loads((run / "config.json").read_text())
+    config[part][key] = value
+    (run / "config.json").write_text(json.dumps(config))
+    for command in (["sample", run, "--device", "cpu"], ["train", "--resume", run]):
+        assert f"{run / 'config.json'}: {message}" in assert_one_line_error(vaekit(*command))
 
 
 # --- the data fetch: mirrors that hang -------------------------------------------------------

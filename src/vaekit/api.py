@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ from .generate import (INPAINT_METHODS, MASKS, PATHS, apply_attribute, attribute
                        interpolate, manifold, mean_image, most_active_dims, posterior, project_2d, reconstruct,
                        region_mask, sample, traverse)
 from .models.inference import decode_batch_for
-from .runs import Run, load_model
+from .runs import Run, RunError, load_model
 from .train import check_data_fits, train
 from .viz import gif_from_pngs, grid_image, save_gif, save_grid, scatter_image
 
@@ -23,9 +25,36 @@ __all__ = ["train", "fetch", "dataset_info", "sample_to_png", "reconstruct_to_pn
            "interpolate_to_png", "traverse_to_png", "attribute_to_png", "inpaint_to_png", "latent_map_to_png"]
 
 
-def _positive(name: str, value: int) -> None:
+MAX_GRID_IMAGES = 2500     # images in one PNG grid: 50 x 50 cells, 6,008 pixels a side at the 4x enlargement
+MAX_CHAINS = 1000          # inpainting chains per image: each is a decode per step
+MAX_SAMPLER_STEPS = 10000
+MAX_DECODE_BATCH = 1_000_000   # decodes at once by `vaekit eval`
+
+
+def _positive(name: str, value: int, most: int | None = None) -> None:
     if value < 1:
         raise ConfigError(f"--{name} must be at least 1, got {value}")
+    if most is not None and value > most:
+        raise ConfigError(f"--{name} {value} is over vaekit's limit of {most}; ask for at most {most}")
+
+
+def _grid_of(images: int, given: str) -> None:
+    """Refuses a picture of more than MAX_GRID_IMAGES images (`given`: the flags that ask for them)."""
+    if images > MAX_GRID_IMAGES:
+        raise ConfigError(f"{given} make a grid of {images} images, over vaekit's limit of {MAX_GRID_IMAGES} in "
+                          "one picture; ask for fewer (several pictures: vary --seed)")
+
+
+def _writable(path: Path) -> None:
+    """Raises RunError unless `path` can be written, by making a file beside it (permission bits do
+    not say it for root, nor for a read-only mount): checked before long work, not after."""
+    if path.is_dir():
+        raise RunError(f"cannot write {path}: it is a folder; move it away")
+    try:
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as e:
+        raise RunError(f"cannot write {path}: {e.strerror}; fix the permissions of {path.parent}") from None
 
 
 def open_run(run: str | Path, device: str, data_dir: str | Path | None, task: str | None = None,
@@ -62,6 +91,7 @@ def sample_to_png(run: str | Path, n: int = 100, seed: int = 0, out: str | Path 
     """A grid of `n` images decoded from prior draws (of class `label`, for a class-conditional
     model); returns the PNG's path."""
     _positive("n", n)
+    _grid_of(n, f"--n {n}")
     model, config, rt = load_model(run, device, precision)
     classes = config.model.num_classes
     if label is not None and not config.model.conditional:
@@ -79,6 +109,7 @@ def reconstruct_to_png(run: str | Path, n: int = 16, seed: int = 0, out: str | P
                        data_dir: str | Path | None = None, device: str = "auto", precision: str = "auto") -> Path:
     """The first `n` test images beside their decodes (z ~ q(z|x)); returns the PNG's path."""
     _positive("n", n)
+    _grid_of(2 * n, f"--n {n} (each beside its decode)")
     model, config, rt, splits = open_run(run, device, data_dir, None, precision)
     test = splits.test
     if n > len(test):
@@ -102,22 +133,27 @@ def make_gif(run: str | Path) -> Path:
 
 def evaluate_run(run: str | Path, k: int = 5000, binarization: str | None = None, seed: int = 0,
                  n: int | None = None, decode_batch: int | None = None, max_memory_mb: float | None = None,
-                 data_dir: str | Path | None = None, device: str = "auto", precision: str = "auto") -> dict:
+                 data_dir: str | Path | None = None, device: str = "auto", precision: str = "auto",
+                 report=None) -> dict:
     """`vaekit eval`: test ELBO (rate, distortion), IWAE bound with `k` draws, active units (and bits
     per dimension, for grey levels), each mean with its standard error, over the first `n` test
     images (default: all) binarised as `binarization` (default: as the run was trained), in
     `precision`. `decode_batch` decodes at once (default: the fastest measured on this device, within
     `max_memory_mb`; see models/inference.py). The record is also kept in RUN/eval.json under its
-    binarization, one entry per protocol (`BINARIZATION_nN` for the first N images only); returns it."""
+    binarization, one entry per protocol (`BINARIZATION_nN` for the first N images only); returns it.
+    `report(result)` is called before the file is written (the CLI prints its table), so a failed
+    write loses nothing."""
     _positive("k", k)
-    for flag, value in (("n", n), ("decode-batch", decode_batch)):
+    for flag, value, most in (("n", n, None), ("decode-batch", decode_batch, MAX_DECODE_BATCH)):
         if value is not None:
-            _positive(flag, value)
+            _positive(flag, value, most)
     if max_memory_mb is not None and not max_memory_mb > 0:
         raise ConfigError(f"--max-memory must be a positive number of MB, got {max_memory_mb}")
     if binarization is not None and binarization not in BINARIZATIONS:
         raise ConfigError(f"--binarization must be one of {', '.join(BINARIZATIONS)}; got {binarization!r}")
+    path = Path(run) / "eval.json"
     model, config, rt, splits = open_run(run, device, data_dir, precision=precision)
+    _writable(path)     # before the work (hours at K = 5000), not after it
     binarization = binarization or config.data.binarization
     mc = config.model
     if binarization == "none" and mc.likelihood == "bernoulli" and not mc.allow_continuous_bernoulli:
@@ -130,10 +166,22 @@ def evaluate_run(run: str | Path, k: int = 5000, binarization: str | None = None
     decode_batch = decode_batch or decode_batch_for(model, rt.device, n * (k + 1), max_memory_mb)
     result = evaluate(model, test.images[:n].to(rt.device), binarization, rt, k, decode_batch, seed,
                       None if labels is None else labels[:n])
-    path = Path(run) / "eval.json"
-    saved = json.loads(path.read_text()) if path.exists() else {}
-    saved[binarization if n == len(test) else f"{binarization}_n{n}"] = result   # a quick estimate keeps the full one
-    path.write_text(json.dumps(saved, indent=1) + "\n")
+    if report:
+        report(result)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        try:
+            saved = json.loads(path.read_text()) if path.exists() else {}
+        except ValueError:   # a damaged file is kept beside the new one, never overwritten
+            saved = {}
+            os.replace(path, path.with_name(path.name + ".unreadable"))
+        saved[binarization if n == len(test) else f"{binarization}_n{n}"] = result   # a quick estimate keeps the full one
+        tmp.write_text(json.dumps(saved, indent=1) + "\n")
+        os.replace(tmp, path)    # whole or not at all: a full disk never leaves half a file
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise RunError(f"cannot write {path}: {e.strerror}; the result{' above' if report else ''} is not "
+                       "saved") from None
     return result
 
 
@@ -143,6 +191,7 @@ def interpolate_to_png(run: str | Path, index: tuple[int, int] = (0, 1), steps: 
     """Two rows, the linear and the spherical path between test images index[0] and index[1], each
     framed by the two binary originals; with `gif`, an animation of both paths beside the PNG."""
     _positive("steps", steps)
+    _grid_of(2 * (steps + 2), f"--steps {steps} (two paths, framed by their ends)")
     model, config, rt, splits = open_run(run, device, data_dir, "interpolate", precision)
     for i in index:
         _check_index("--index", i, len(splits.test))
@@ -164,6 +213,7 @@ def traverse_to_png(run: str | Path, index: int = 0, dims: int = 8, steps: int =
     `index` decoded with that dimension set to -3..3 (`steps` values). A PNG and a GIF."""
     _positive("dims", dims)
     _positive("steps", steps)
+    _grid_of(dims * steps, f"--dims {dims} x --steps {steps}")
     model, config, rt, splits = open_run(run, device, data_dir, "traverse", precision)
     _check_index("--index", index, len(splits.test))
     if dims > model.latent_dim:
@@ -186,6 +236,7 @@ def attribute_to_png(run: str | Path, to: int, from_: int | None = None, n: int 
     set), s = 0..strength in `steps`. One row per image: the binary original, then the sweep."""
     _positive("n", n)
     _positive("steps", steps)
+    _grid_of(n * (steps + 1), f"--n {n} x (--steps {steps} + the original)")
     model, config, rt, splits = open_run(run, device, data_dir, "attribute", precision)
     labels = set(splits.train.labels.tolist())
     for flag, label in (("--to", to), ("--from", from_)):
@@ -226,8 +277,9 @@ def inpaint_to_png(run: str | Path, mask: str = "centre", n: int = 8, steps: int
     """Fills the `mask` region of the first `n` test images (rows: binary original, the input with
     the missing pixels grey, the completion) and scores the first `score_n` test images (all by
     default) against the training set's mean image (see evaluate.inpainting_log_likelihood)."""
-    for flag, value in (("n", n), ("steps", steps), ("chains", chains)):
-        _positive(flag, value)
+    for flag, value, most in (("n", n, None), ("steps", steps, MAX_SAMPLER_STEPS), ("chains", chains, MAX_CHAINS)):
+        _positive(flag, value, most)
+    _grid_of(3 * n, f"--n {n} (three rows)")
     if score_n is not None:
         _positive("score-n", score_n)
     if method not in INPAINT_METHODS:
@@ -254,6 +306,8 @@ def latent_map_to_png(run: str | Path, n: int = 20, seed: int = 0, out: str | Pa
     dimensions); for a 2-D latent also the decoded manifold, n x n, beside it (`*_manifold.png`)."""
     _positive("n", n)
     model, config, rt, splits = open_run(run, device, data_dir, "latent", precision)
+    if model.latent_dim == 2:
+        _grid_of(n * n, f"--n {n} (an n x n manifold)")
     x = preprocess(splits.test.images.to(rt.device), config.data.binarization, rt.generator(seed))
     coords, axes = project_2d(posterior(model, x)[0])
     png = Path(out or Path(run) / "samples" / "latent_scatter.png")

@@ -73,13 +73,18 @@ def _config_flags(overrides: dict) -> list[str]:
     return flags
 
 
+RESUME_SETTINGS = {"epochs", "data_dir"}   # what a resume may set: its length, where its data is now
+
+
 def _cmd_train(args) -> int | None:
     overrides = _config_overrides(args)
+    if args.fall_back and not args.resume:
+        raise ConfigError("--fall-back applies to --resume RUN only; leave it out")
     if args.resume:
-        extra = {k for part in overrides.values() for k in part} - {"epochs"}
+        extra = {k for part in overrides.values() for k in part} - RESUME_SETTINGS
         if extra:
-            raise ConfigError(f"--resume continues a run with its own config.json; only --epochs may change "
-                              f"(got {', '.join(sorted(extra))})")
+            raise ConfigError(f"--resume continues a run with its own config.json; only --epochs and --data-dir "
+                              f"may change (got {', '.join(sorted(extra))})")
     else:
         config = Config.from_dict(overrides, source="command line")
         out = args.out or Path("runs") / f"cvae-{config.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -89,9 +94,11 @@ def _cmd_train(args) -> int | None:
         if launched_by_torchrun():
             raise ConfigError("--nproc starts torchrun itself; under torchrun, leave it out")
         where = ["--resume", str(args.resume)] if args.resume else ["--out", str(out)]
+        where += ["--fall-back"] if args.fall_back else []
         return launch(args.nproc, ["train", *where, *_config_flags(overrides)], args.max_restarts)
     if args.resume:
-        api.train(resume=args.resume, epochs=overrides.get("train", {}).get("epochs"))
+        api.train(resume=args.resume, epochs=overrides.get("train", {}).get("epochs"),
+                  data_dir=overrides.get("data", {}).get("data_dir"), fall_back=args.fall_back)
     else:
         api.train(config, out=out)
     return None
@@ -123,11 +130,21 @@ def _cmd_gif(args) -> None:
 
 
 def _cmd_eval(args) -> None:
-    result = api.evaluate_run(args.run, k=args.k, binarization=args.binarization, seed=args.seed, n=args.n,
-                              decode_batch=args.decode_batch, max_memory_mb=args.max_memory,
-                              data_dir=args.data_dir, device=args.device, precision=args.precision)
-    print(eval_table(result))
+    api.evaluate_run(args.run, k=args.k, binarization=args.binarization, seed=args.seed, n=args.n,
+                     decode_batch=args.decode_batch, max_memory_mb=args.max_memory, data_dir=args.data_dir,
+                     device=args.device, precision=args.precision,
+                     report=lambda result: print(eval_table(result), flush=True))   # shown before it is saved
     print(f"saved in {args.run / 'eval.json'}")
+
+
+def _image_path(text: str) -> Path:
+    """--out of the commands that write pictures: a name Pillow can write an image to."""
+    from PIL import Image
+
+    path = Path(text)
+    if Image.registered_extensions().get(path.suffix.lower()) not in Image.SAVE:
+        raise argparse.ArgumentTypeError(f"{text} does not end in an image file extension; end it in .png")
+    return path
 
 
 def _where(args) -> dict:
@@ -186,7 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model into a run directory (or resume one)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--out", type=Path, help="the new run directory (default: runs/cvae-DATASET-TIME)")
-    where.add_argument("--resume", type=Path, metavar="RUN", help="go on with this run from its last checkpoint")
+    where.add_argument("--resume", type=Path, metavar="RUN", help="go on with this run from its newest checkpoint "
+                       "(--epochs may extend it; --data-dir says where its data is now)")
+    p.add_argument("--fall-back", action="store_true", help="with --resume: when the newest checkpoint is damaged, "
+                   "go on from the newest intact one (the damaged ones are moved to RUN/checkpoints/set-aside/)")
     launcher = p.add_argument_group("processes (see README: several GPUs and machines)")
     launcher.add_argument("--nproc", type=int, default=1, metavar="N",
                           help="train on N processes of this machine (one per GPU, or CPU processes) through "
@@ -209,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
         p.add_argument("run", type=Path, metavar="RUN", help="a run directory made by `vaekit train`")
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--out", type=Path, help="the PNG to write (default: inside RUN/samples/)")
+        p.add_argument("--out", type=_image_path, help="the PNG to write (default: inside RUN/samples/)")
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         _add_precision_flag(p)
         p.set_defaults(func=func)
@@ -300,6 +320,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Interrupted as e:   # training saved a checkpoint and said how to go on
         return 128 + e.signum
+    except OSError as e:      # a read-only or full disk under a picture or a result: one line, not a traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"vaekit: error: {where}{e.strerror or e}; choose another --out, free disk space or fix the "
+              "permissions", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("vaekit: interrupted", file=sys.stderr)
         return 130

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +114,7 @@ class Config:
                 raise ConfigError(f"{source}: '{f.name}' must be an object, got {type(sub).__name__}")
             part_cls = _field_types(cls)[f.name]
             _no_unknown(sub, part_cls, f"{source}: {f.name}")
+            sub = _typed(sub, part_cls, f"{source}: {f.name}")
             try:
                 parts[f.name] = part_cls(**sub)
             except (TypeError, ValueError) as e:
@@ -141,6 +143,25 @@ def _choice(name: str, value, allowed: tuple) -> None:
 
 def _field_types(cls) -> dict[str, type]:
     return typing.get_type_hints(cls)
+
+
+_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+
+
+def _typed(d: dict, cls, source: str) -> dict:
+    """`d` with each value checked against its field's type (a JSON file can hold 50.7, "fifty" or
+    true where an integer belongs); an integer where a float belongs becomes that float."""
+    hints = _field_types(cls)
+    checked = {}
+    for name, value in d.items():
+        kinds = typing.get_args(hints[name]) or (hints[name],)    # `str | None` -> (str, NoneType)
+        if float in kinds and type(value) is int:
+            value = float(value)
+        if type(value) not in kinds or (type(value) is float and not math.isfinite(value)):
+            wanted = " or ".join(_KINDS[k] for k in kinds)
+            raise ConfigError(f"{source}: {name} must be {wanted}, got {json.dumps(value)}")
+        checked[name] = value
+    return checked
 
 
 def _no_unknown(d: dict, cls, source: str) -> None:

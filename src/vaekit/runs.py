@@ -4,22 +4,29 @@ RUN/
   config.json                  the Config that made it
   metrics.jsonl                one JSON object per epoch
   fixed_z.safetensors          the 16 codes decoded into every progress grid
+  data.json                    the data it was trained on: split sizes, SHA-256 (data.fingerprint)
   images/image_at_epoch_NNNN.png
   training.gif
   checkpoints/epoch_NNNN/      after epoch NNNN: model.safetensors, optimizer.safetensors,
-                               rng.safetensors, state.json (where training stands, optimizer scalars)
+                               rng.safetensors, state.json (where training stands, optimizer scalars),
+                               SHA256SUMS (of those four, as `sha256sum` writes them; checked on load)
   checkpoints/step_NNNNNNNN/   the same, within an epoch (--checkpoint-every, or on a stop signal);
                                only the newest is kept
-  checkpoints/latest           the name of the newest complete checkpoint
+  checkpoints/latest           the name of the newest complete checkpoint (a hint: loading takes the
+                               newest checkpoint whose checksums hold, whatever `latest` says)
+  checkpoints/set-aside/       damaged checkpoints moved out of the way by `--fall-back`, never deleted
   .lock                        held (flock) by the one training process writing here; holds its pid
 """
 from __future__ import annotations
 
+import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +37,9 @@ from safetensors.torch import load_file, save_file
 from .config import Config, ConfigError
 
 CHECKPOINT_NAME = re.compile(r"(epoch_\d{4,}|step_\d{8,})")
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
+CHECKSUMS = "SHA256SUMS"   # written last into each checkpoint; `sha256sum -c SHA256SUMS` checks it too
+SET_ASIDE = "set-aside"    # under checkpoints/: damaged checkpoints a --fall-back resume moved away
 
 
 class RunError(Exception):
@@ -94,22 +104,70 @@ class Run:
         self.metrics_path = self.path / "metrics.jsonl"
         self.fixed_z_path = self.path / "fixed_z.safetensors"
         self.gif_path = self.path / "training.gif"
+        self.data_path = self.path / "data.json"
+        self.created = False     # whether this object made the run directory (see remove_unstarted)
         self._lock_file = None
 
     # -- creating and opening -------------------------------------------------------------
-    @classmethod
-    def create(cls, path: str | Path, config: Config) -> "Run":
-        run = cls(path)
-        if run.path.exists() and (not run.path.is_dir() or any(run.path.iterdir())):
-            raise RunError(f"{run.path} already exists and is not empty: resume it with "
-                           f"`vaekit train --resume {run.path}` or choose another --out")
+    def check_new(self) -> None:
+        """Raises RunError unless `path` is free for a new run (missing, or an empty folder) and
+        can be made: checked by making a file in the nearest folder that exists, as permission
+        bits say nothing for root or a read-only mount."""
+        if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
+            raise RunError(f"{self.path} already exists and is not empty: resume it with "
+                           f"`vaekit train --resume {self.path}` or choose another --out")
+        nearest = self.path.absolute()
+        while not nearest.exists():
+            nearest = nearest.parent
         try:
-            run.images.mkdir(parents=True, exist_ok=True)
-            run.checkpoints.mkdir(exist_ok=True)
-            run.save_config(config)
+            if not nearest.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+            tempfile.TemporaryFile(dir=nearest).close()
         except OSError as e:
-            raise RunError(f"cannot write the run directory {run.path}: {e.strerror}; choose a writable --out") from None
+            raise RunError(f"cannot write the run directory {self.path}: {e.strerror}; choose a writable --out") from None
+
+    @classmethod
+    def create(cls, path: str | Path, config: Config, data: dict | None = None) -> "Run":
+        run = cls(path)
+        run.make(config, data)
         return run
+
+    def make(self, config: Config, data: dict | None = None) -> None:
+        """Makes the run directory with its config.json (and `data`, the fingerprint of its data,
+        as data.json). Training calls this only once the data and the model are known good, so a
+        start that fails on them leaves nothing behind."""
+        self.check_new()
+        made_folder = not self.path.exists()
+        try:
+            self.images.mkdir(parents=True, exist_ok=True)
+            self.created = "folder" if made_folder else "contents"
+            self.checkpoints.mkdir(exist_ok=True)
+            self.save_config(config)
+            if data is not None:
+                _atomic_write_text(self.data_path, json.dumps(data, indent=1) + "\n")
+        except OSError as e:
+            raise RunError(f"cannot write the run directory {self.path}: {e.strerror}; choose a writable --out") from None
+
+    def remove_unstarted(self) -> None:
+        """Undoes `make` when training failed before its first checkpoint: nothing of value is in
+        the run yet, and a retry with the same --out must not be refused. Only what `make` made goes
+        (the folder, or its contents when the folder was there, empty)."""
+        if not self.created or self.checkpoint_dirs():
+            return
+        if self.created == "folder":
+            shutil.rmtree(self.path, ignore_errors=True)
+        else:
+            for child in self.path.iterdir():
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+
+    def data_fingerprint(self) -> dict | None:
+        """What data.json recorded of the data the run was trained on (None for runs made before it)."""
+        try:
+            return json.loads(self.data_path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise RunError(f"{self.data_path} is damaged ({e}); the run directory was altered") from None
 
     @classmethod
     def open(cls, path: str | Path) -> "Run":
@@ -181,6 +239,7 @@ class Run:
 
     def save_fixed_z(self, z: torch.Tensor) -> None:
         save_file({"z": z.detach().cpu().contiguous()}, str(self.fixed_z_path))
+        os.chmod(self.fixed_z_path, _file_mode())
 
     def fixed_z(self) -> torch.Tensor:
         return _load_tensors(self.fixed_z_path)["z"]
@@ -203,11 +262,14 @@ class Run:
             save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
             save_file({k: v.cpu().contiguous() for k, v in ckpt.rng.items()}, str(tmp / "rng.safetensors"))
             (tmp / "state.json").write_text(json.dumps(state, indent=1))
+            # hashed from the disk, so the sums vouch for what was written
+            (tmp / CHECKSUMS).write_text("".join(f"{_sha256(tmp / f)}  {f}\n" for f in CHECKPOINT_FILES))
             for f in tmp.iterdir():
+                os.chmod(f, _file_mode())   # safetensors writes 0600; a run's files share one mode
                 _fsync(f)
             _fsync(tmp)
-            if final.exists():   # renamed into place by a run that crashed before moving `latest`: never `latest`
-                shutil.rmtree(final)
+            if final.exists():   # not written by this process (a resume starts after the newest intact one)
+                self.set_aside(final)
             os.rename(tmp, final)
             _fsync(self.checkpoints)
             _atomic_write_text(self.checkpoints / "latest", name + "\n")
@@ -228,7 +290,82 @@ class Run:
         for old in epochs[:-keep] + steps:
             shutil.rmtree(old, ignore_errors=True)
 
+    def checkpoint_dirs(self) -> list[Path]:
+        """Every checkpoint directory, complete or not, newest first: by the step its state.json
+        records (an epoch's end after a step checkpoint of the same step); a checkpoint whose
+        state cannot be read counts as the newest of its kind, so it is never passed over unseen."""
+        if not self.checkpoints.is_dir():
+            return []
+        found = [p for p in self.checkpoints.iterdir() if CHECKPOINT_NAME.fullmatch(p.name) and p.is_dir()]
+
+        def newness(path: Path) -> tuple:
+            try:
+                step = int(json.loads((path / "state.json").read_text())["step"])
+            except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+                step = int(path.name[5:]) if path.name.startswith("step_") else float("inf")
+            return step, path.name.startswith("epoch_"), path.name
+
+        return sorted(found, key=newness, reverse=True)
+
+    def verify_checkpoint(self, path: Path) -> None:
+        """Raises RunError, naming the file, unless every file of checkpoint `path` is there and
+        has the SHA-256 recorded when it was written (a checkpoint of a vaekit that recorded no
+        sums is checked for its files only)."""
+        missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
+        if missing:
+            raise RunError(f"checkpoint file {path / missing[0]} is missing")
+        if not (path / CHECKSUMS).exists():
+            return
+        recorded = {}
+        try:
+            for line in (path / CHECKSUMS).read_text().splitlines():
+                digest, _, name = line.partition("  ")
+                recorded[name] = digest
+        except (OSError, UnicodeDecodeError):
+            pass
+        for f in CHECKPOINT_FILES:
+            if f not in recorded:
+                raise RunError(f"checkpoint file {path / CHECKSUMS} is damaged (it records no checksum of {f})")
+            if _sha256(path / f) != recorded[f]:
+                raise RunError(f"checkpoint file {path / f} is damaged (its SHA-256 differs from the one "
+                               "recorded when it was written)")
+
+    def find_checkpoint(self, fall_back: bool = False) -> tuple[Path | None, list[Path]]:
+        """(the checkpoint to go on from, the damaged ones newer than it). That is the newest one
+        whose files verify, whatever `latest` says, when it is also the newest there is; when a
+        newer one is damaged, RunError naming its file, unless `fall_back` asks for the newest
+        intact one. (None, []) when the run has no checkpoint."""
+        damaged = []
+        for path in self.checkpoint_dirs():
+            try:
+                self.verify_checkpoint(path)
+            except RunError as e:
+                if not damaged:
+                    first_error = str(e)
+                damaged.append(path)
+                continue
+            if damaged and not fall_back:
+                raise RunError(f"{first_error}; `vaekit train --resume {self.path} --fall-back` goes on from the "
+                               f"newest intact checkpoint, {path.name}, and moves the damaged one to "
+                               f"{self.checkpoints / SET_ASIDE}") from None
+            return path, damaged
+        if damaged:
+            raise RunError(f"{first_error}, and no checkpoint of {self.path} is intact; start a new run") from None
+        return None, []
+
+    def set_aside(self, path: Path) -> Path:
+        """Moves checkpoint `path` into checkpoints/set-aside/ (renamed, never deleted)."""
+        aside = self.checkpoints / SET_ASIDE
+        aside.mkdir(exist_ok=True)
+        target, n = aside / path.name, 1
+        while target.exists():
+            n += 1
+            target = aside / f"{path.name}.{n}"
+        os.rename(path, target)
+        return target
+
     def latest_checkpoint(self) -> Path | None:
+        """The checkpoint `latest` names (what the last writer committed last)."""
         pointer = self.checkpoints / "latest"
         if not pointer.exists():
             return None
@@ -241,9 +378,9 @@ class Run:
         return path
 
     def load_checkpoint(self, path: Path | None = None) -> Checkpoint:
-        path = path or self.latest_checkpoint()
-        if path is None:
-            raise RunError(f"{self.path} has no checkpoint yet; train it first (`vaekit train --out {self.path}`)")
+        """Checkpoint `path` (default: the newest intact one), its checksums verified."""
+        path = path or self._newest()
+        self.verify_checkpoint(path)
         try:
             state = json.loads((path / "state.json").read_text())
             progress = Progress(*(int(state[k]) for k in ("epoch", "batch", "step")))
@@ -256,15 +393,21 @@ class Run:
             return Checkpoint(progress, model, optimizer, rng, step_losses)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError,
                 AttributeError) as e:
-            raise RunError(f"checkpoint {path} is damaged ({type(e).__name__}: {e}); "
-                           "delete it and its `latest` entry to fall back to an older one") from None
+            raise RunError(f"checkpoint {path} is damaged ({type(e).__name__}: {e}), though its checksums hold: it "
+                           f"was altered after it was written; restore it, or move it out of {self.checkpoints} "
+                           "to go on from an older one") from None
 
-    def load_weights(self) -> dict[str, torch.Tensor]:
-        """The newest checkpoint's model weights (all that generation and evaluation need)."""
-        path = self.latest_checkpoint()
-        if path is None:
-            raise RunError(f"{self.path} has no checkpoint yet; train it first (`vaekit train --out {self.path}`)")
+    def load_weights(self, fall_back: bool = False) -> dict[str, torch.Tensor]:
+        """The model weights of the newest checkpoint, its checksums verified (all that generation
+        and evaluation need); with `fall_back`, of the newest intact one."""
+        path = self._newest(fall_back)
         return _load_tensors(path / "model.safetensors")
+
+    def _newest(self, fall_back: bool = False) -> Path:
+        path, _ = self.find_checkpoint(fall_back)
+        if path is None:
+            raise RunError(f"{self.path} has no checkpoint yet; train it first (`vaekit train --resume {self.path}`)")
+        return path
 
 
 def load_weights_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
@@ -304,6 +447,21 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _file_mode() -> int:
+    """The mode open() gives a new file here (0666 less the umask): that of the run's other files."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -323,10 +481,11 @@ def _atomic_write_text(path: Path, text: str) -> None:
     _fsync(path.parent)
 
 
-def load_model(path: str | Path, device: str = "auto", precision: str = "auto"):
-    """The model of a run directory with its newest weights, ready for inference on `device` in
-    `precision` (auto: bf16 where the hardware runs it natively, as in training; see
-    models/inference.py). Returns (model, config, runtime)."""
+def load_model(path: str | Path, device: str = "auto", precision: str = "auto", fall_back: bool = False):
+    """The model of a run directory with its newest weights (with `fall_back`, the newest intact
+    ones when newer ones are damaged), ready for inference on `device` in `precision` (auto: bf16
+    where the hardware runs it natively, as in training; see models/inference.py).
+    Returns (model, config, runtime)."""
     from .distributed import setup
     from .models import build_model
     from .models.inference import prepare_for_inference
@@ -335,5 +494,5 @@ def load_model(path: str | Path, device: str = "auto", precision: str = "auto"):
     config = run.config()
     runtime = setup(device, precision)
     model = build_model(config.model)
-    load_weights_into(model, run.load_weights(), run.path)
+    load_weights_into(model, run.load_weights(fall_back), run.path)
     return prepare_for_inference(model, runtime), config, runtime

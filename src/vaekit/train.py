@@ -22,7 +22,8 @@ import torch
 from tqdm import tqdm
 
 from .config import Config, ConfigError
-from .data import Splits, load_data, preprocess
+from .data import DataError, Splits, fingerprint, load_data, preprocess
+from .data.sources import to_stderr
 from .distributed import Runtime, restarted, setup
 from .evaluate import evaluate_elbo, iwae_bounds
 from .models import ModelConfig, build_model
@@ -32,6 +33,13 @@ from .viz import gif_from_pngs, save_grid
 
 NUM_EXAMPLES_TO_GENERATE = 16   # the seed's 4x4 progress grid
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+PROGRESS_SECONDS = 60           # without a progress bar (stderr not a terminal): a plain line this often
+
+
+def say(message: str) -> None:
+    """train's default log: stdout, flushed, so `vaekit train > log` or `| tee log` shows each line
+    when it is written rather than when the run ends."""
+    print(message, flush=True)
 
 
 class Interrupted(Exception):
@@ -43,9 +51,13 @@ class Interrupted(Exception):
 
 
 def train(config: Config | None = None, out: str | Path | None = None, resume: str | Path | None = None,
-          epochs: int | None = None, log=print) -> Run:
+          epochs: int | None = None, log=say, data_dir: str | Path | None = None, fall_back: bool = False) -> Run:
     """Trains a new run in `out` with `config`, or goes on with the run in `resume` from its
-    newest checkpoint (`epochs` may extend it). Returns the run.
+    newest checkpoint (`epochs` may extend it; `data_dir` names where its data is now, which must
+    be the data it was trained on; `fall_back`: from the newest intact checkpoint when newer
+    ones are damaged, moving those to checkpoints/set-aside/). Returns the run. The run
+    directory of a new run is made once its data and model are known good, and removed again
+    when training fails before its first checkpoint.
 
     Under torchrun every rank calls this; rank 0 alone writes the run directory. When torchrun
     restarts the ranks after a failure (--max-restarts), `out` holding a run of this very config
@@ -61,21 +73,29 @@ def train(config: Config | None = None, out: str | Path | None = None, resume: s
         config = run.config()
         if epochs is not None:
             config.train.epochs = epochs
+        if data_dir is not None:
+            config.data = replace(config.data, data_dir=str(data_dir))
     else:
         run = Run(out)
     rt = setup(config.train.device, config.train.precision, distributed=True)
+    finished = False
     try:
         if rt.is_main:
             if resume is None:
-                run = Run.create(out, config)
-            run.lock()
-        _train(run, config, rt, resuming=resume is not None, log=log if rt.is_main else _silent)
+                run.check_new()    # at once, before the data is read; the folder is made later
+            else:
+                run.lock()
+        _train(run, config, rt, resuming=resume is not None, fall_back=fall_back,
+               log=log if rt.is_main else _silent)
         rt.barrier()   # no rank leaves the process group while rank 0 still writes: gloo may abort the leaver
+        finished = True
     except OSError as e:   # a full disk or a run directory made read-only while training
         raise RunError(f"cannot write {e.filename or run.path}: {e.strerror}; free disk space or fix permissions, "
                        f"then `vaekit train --resume {run.path}` (its last checkpoint is intact)") from None
     finally:
         run.unlock()
+        if not finished:
+            run.remove_unstarted()    # a new run that failed before its first checkpoint: a retry may reuse --out
         rt.close()
     return run
 
@@ -92,10 +112,10 @@ def _silent(*_) -> None:
     """The log of ranks other than 0: one process speaks for the job."""
 
 
-def _train(run: Run, config: Config, rt: Runtime, resuming: bool, log) -> None:
+def _train(run: Run, config: Config, rt: Runtime, resuming: bool, fall_back: bool, log) -> None:
     tc = config.train
     with rt.local_main_first():    # one download per machine; the other ranks then read the cache
-        splits = load_data(config.data, log=log)
+        splits = load_data(config.data, log=to_stderr if rt.is_main else _silent)   # warnings: stderr
     if config.model.conditional and not config.model.num_classes:
         config.model.num_classes = splits.num_classes     # saved in config.json below
     check_data_fits(config.model, splits, config.data.data_dir or config.data.dataset)
@@ -108,7 +128,7 @@ def _train(run: Run, config: Config, rt: Runtime, resuming: bool, log) -> None:
     noise_gen = rt.generator(tc.seed + 1)                       # reparameterization, dynamic binarization
 
     at, step_losses = Progress(), []
-    latest = run.latest_checkpoint() if resuming else None
+    latest, damaged = run.find_checkpoint(fall_back) if resuming else (None, [])
     if latest is not None:
         ckpt = run.load_checkpoint(latest)
         ckpt.restore(model, optimizer, {"torch": torch.default_generator, "order": order_gen, "noise": noise_gen},
@@ -116,6 +136,10 @@ def _train(run: Run, config: Config, rt: Runtime, resuming: bool, log) -> None:
         at, step_losses = ckpt.progress, ckpt.step_losses
         if tc.epochs < at.epoch:
             raise ConfigError(f"--epochs {tc.epochs} is fewer than the {at.epoch} epochs {run.path} has done")
+        if tc.epochs == at.epoch:
+            log(f"Nothing to do: {run.path} has done its {at.epoch} epochs; `vaekit train --resume {run.path} "
+                "--epochs N` trains on to epoch N")
+            return
         log(f"Resuming {run.path} from {latest.name} (step {at.step}: epoch {at.epoch + 1}, batch {at.batch})")
     train_images = splits.train.images.to(rt.device)
     test_images = splits.test.images.to(rt.device)
@@ -128,9 +152,23 @@ def _train(run: Run, config: Config, rt: Runtime, resuming: bool, log) -> None:
     if tc.batch_size < rt.world_size:
         raise ConfigError(f"batch_size {tc.batch_size} (the global batch) is smaller than the {rt.world_size} "
                           "processes; raise --batch-size")
+    data = fingerprint(splits)
+    recorded = run.data_fingerprint() if resuming else None
+    if recorded is not None and recorded != data:
+        raise DataError(f"{config.data.data_dir or config.data.dataset} does not hold the data {run.path} was "
+                        f"trained on ({data['train']}/{data['test']} train/test images of SHA-256 "
+                        f"{data['sha256'][:12]}, not {recorded['train']}/{recorded['test']} of "
+                        f"{recorded['sha256'][:12]}); pass --data-dir the folder it was trained on")
+    # a resume's changed settings (--epochs, --data-dir) reach config.json with its first checkpoint:
+    # a resume that fails before it leaves config.json as it was
+    unsaved_config = resuming and config != run.config()
     if rt.is_main:
-        if resuming or config.model.conditional:
-            run.save_config(config)     # --epochs may have changed; num_classes is known now
+        if not resuming:
+            run.make(config, data)      # the data and the model are known good: now the run directory
+            run.lock()
+        for path in damaged:            # --fall-back: the damaged checkpoints go out of the way, kept
+            to_stderr(f"warning: set {path.name} aside as {run.set_aside(path)} (damaged); "
+                      f"going on from {latest.name}")
         run.truncate_metrics(at.epoch)
         if latest is None:
             fixed_z = torch.randn(NUM_EXAMPLES_TO_GENERATE, config.model.latent_dim,
@@ -139,6 +177,13 @@ def _train(run: Run, config: Config, rt: Runtime, resuming: bool, log) -> None:
             save_grid(model.sample(fixed_z.to(rt.device), y=grid_labels(config.model, rt.device)).detach(),
                       run.image_path(0))
         fixed_z = run.fixed_z().to(rt.device)
+
+    def checkpoint(order_state: torch.Tensor) -> None:
+        nonlocal unsaved_config
+        if unsaved_config:
+            run.save_config(config)
+            unsaved_config = False
+        _save(run, at, model, optimizer, order_state, noise_gen, losses, tc.keep_checkpoints)
 
     trained = rt.wrap(model)
     processes = f"{rt.world_size} processes on {rt.device.type}" if rt.world_size > 1 else rt.device.type
@@ -158,6 +203,8 @@ def _train(run: Run, config: Config, rt: Runtime, resuming: bool, log) -> None:
             with tqdm(total=len(batches), initial=at.batch, desc=f"epoch {epoch}/{tc.epochs}", unit="img",
                       unit_scale=tc.batch_size, leave=False, disable=None if rt.is_main else True,
                       dynamic_ncols=True) as bar:
+                if bar.disable:    # stderr is no terminal (a log file, a pipe, a batch job): plain lines
+                    bar = _PlainProgress(log, f"epoch {epoch}/{tc.epochs}", len(batches), at.batch, tc.batch_size)
                 while at.batch < len(batches):
                     first = at.batch
                     train_epoch(trained, optimizer, train_images, train_labels, batches, at, losses, config, rt,
@@ -165,7 +212,7 @@ def _train(run: Run, config: Config, rt: Runtime, resuming: bool, log) -> None:
                     rt.sum_all(losses[first:at.batch])     # this rank's sums -> the global batches'
                     _check_finite(losses, first, at, run)
                     if rt.is_main and (stop.signum or at.batch < len(batches)):
-                        _save(run, at, model, optimizer, epoch_order, noise_gen, losses, tc.keep_checkpoints)
+                        checkpoint(epoch_order)
                     if stop.signum:
                         rt.barrier()   # a rank that exits makes torchrun stop the others: not before rank 0 saved
                         message = (f"Stopped by {signal.Signals(stop.signum).name} after step {at.step} "
@@ -188,7 +235,7 @@ def _train(run: Run, config: Config, rt: Runtime, resuming: bool, log) -> None:
                     "epoch_seconds": round(end_time - start_time, 3), "eval_seconds": round(eval_seconds, 3),
                     "images_per_second": round(trained_images / (end_time - start_time), 1),
                 })
-                _save(run, at, model, optimizer, order_gen.get_state(), noise_gen, losses, tc.keep_checkpoints)
+                checkpoint(order_gen.get_state())
             step_losses = []
     if rt.is_main:
         gif_from_pngs(sorted(run.images.glob("image_at_epoch_*.png")), run.gif_path)
@@ -296,6 +343,25 @@ def _save(run: Run, at: Progress, model, optimizer, order_state: torch.Tensor, n
     run.save_checkpoint(Checkpoint(replace(at), model.state_dict(), optimizer.state_dict(), {
         "torch": torch.get_rng_state(), "order": order_state, "noise": noise_gen.get_state(),
     }, losses[:at.batch].tolist()), keep=keep)
+
+
+class _PlainProgress:
+    """The progress bar's stand-in where the bar is off: a plain line through `log` every
+    PROGRESS_SECONDS (train_epoch calls update() after each batch)."""
+    disable = True
+
+    def __init__(self, log, what: str, total: int, done: int, batch_size: int) -> None:
+        self.log, self.what, self.total, self.done, self.batch_size = log, what, total, done, batch_size
+        self.started_at, self.start = done, time.monotonic()
+        self.last = self.start
+
+    def update(self) -> None:
+        self.done += 1
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_SECONDS:
+            self.last = now
+            rate = (self.done - self.started_at) * self.batch_size / (now - self.start)
+            self.log(f"{self.what}: batch {self.done}/{self.total}, {rate:.0f} images/s")
 
 
 class _StopSignals:

@@ -1,5 +1,5 @@
 """Datasets: the IDX format, where the data comes from (verified, cached), image folders, in-memory splits."""
-from .datasets import ImageData, Splits, dataset_info, fetch, load_data, load_splits, preprocess
+from .datasets import ImageData, Splits, dataset_info, fetch, fingerprint, load_data, load_splits, preprocess
 from .folders import load_folder
 from .idx import DataError, read_idx, write_idx
 from .sources import DATASETS, cache_root
@@ -12,6 +12,7 @@ __all__ = [
     "cache_root",
     "dataset_info",
     "fetch",
+    "fingerprint",
     "load_data",
     "load_folder",
     "load_splits",

@@ -8,6 +8,7 @@ dataset through the fetch chain (sources.py) or an image folder (folders.py).
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -17,7 +18,6 @@ import torch
 from ..config import BINARIZATIONS, FOLDER, DataConfig
 from .folders import FolderData, load_folder
 from .sources import DATASETS, Log, fetch_idx, idx_info, resolve, to_stderr
-
 
 
 @dataclass
@@ -77,6 +77,17 @@ def load_splits(name: str, data_dir: str | Path | None = None, *, log: Log = to_
         return ImageData(images, labels)
 
     return Splits(train=split("train"), test=split("test"), class_names=DATASETS[name].class_names)
+
+
+def fingerprint(splits: Splits) -> dict:
+    """What identifies a dataset in memory: the split sizes and one SHA-256 over both splits'
+    images and labels. A run records it (data.json) and a resume checks the data it is given
+    against it, so a --data-dir given again can only be the same data."""
+    digest = hashlib.sha256()
+    for split in (splits.train, splits.test):
+        for tensor in (split.images, split.labels):
+            digest.update(memoryview(tensor.contiguous().numpy()).cast("B"))
+    return {"train": len(splits.train), "test": len(splits.test), "sha256": digest.hexdigest()}
 
 
 def fetch(dataset: str | DataConfig, data_dir: str | Path | None = None, *, log: Log = to_stderr) -> Path:

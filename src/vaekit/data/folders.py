@@ -10,8 +10,11 @@ to grey ("L", ITU-R 601 luma) or RGB (grey replicated), transparency composited 
 fitted to size x size: the shorter side resized to `size` (bicubic, antialiased), the centre
 square kept. Only 8-bit modes are converted (1, L, LA, P, PA, RGB, RGBA); CMYK, 16-bit and float
 images are skipped as a wrong mode (Pillow would convert CMYK without its colour profile and clip
-16-bit values), as are unreadable and truncated files: one warning line counts them and names the
-first few; no usable image at all is a DataError.
+16-bit values), as are unreadable and truncated files and images of more pixels than Pillow's guard
+against decompression bombs admits: one warning line counts them and names them with the reason
+for each (beyond a few, the full list goes to a file beside the cache entry, which the line names);
+no usable image at all is a DataError. File names need not be valid UTF-8 (they are hashed as the
+bytes they are, and shown with backslash escapes).
 
 Split: a file is a test image when a hash of (split seed, its path relative to the folder) falls
 below `test_fraction`, so the split is deterministic and adding or removing files never moves
@@ -27,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +44,7 @@ from .sources import Log, cache_root, to_stderr
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CONVERTIBLE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA")   # 8-bit modes with a meaning as grey or colour
 DECODER = f"vaekit-folder-1 pillow-{PIL.__version__}"   # in the cache key: a new decoder re-decodes
-NAMED_SKIPS = 3   # bad files named in the warning; the rest are counted
+NAMED_SKIPS = 5   # skipped files named in the warning itself; more go to a list in a file
 
 
 @dataclass(frozen=True)
@@ -76,11 +80,11 @@ def load_folder(folder: str | Path, size: int, channels: int, test_fraction: flo
         _write_cache(data, settings, log)
     usable = len(files) - len(data.skipped)
     if usable == 0:
-        raise DataError(f"{folder}: none of its {len(files)} images can be used ({_named(data.skipped)}); "
+        raise DataError(f"{folder}: none of its {len(files)} images can be used ({_named(data)}); "
                         "save them as 8-bit grey or RGB PNG/JPEG")
     if data.skipped:
         log(f"warning: skipped {len(data.skipped)} of {len(files)} images in {folder} that cannot be used: "
-            f"{_named(data.skipped)}")
+            f"{_named(data)}")
     for split in ("train", "test"):
         if len(getattr(data, f"{split}_images")) == 0:
             raise DataError(f"{folder}: the {split} split is empty ({usable} usable images, test fraction "
@@ -88,10 +92,24 @@ def load_folder(folder: str | Path, size: int, channels: int, test_fraction: flo
     return data
 
 
-def _named(skipped: tuple[str, ...]) -> str:
-    """The first few skipped files with their reasons, and how many more."""
-    more = f" and {len(skipped) - NAMED_SKIPS} more" if len(skipped) > NAMED_SKIPS else ""
-    return "; ".join(skipped[:NAMED_SKIPS]) + more
+def _named(data: FolderData) -> str:
+    """The skipped files, each with why: all of them, or beyond NAMED_SKIPS the first few and the
+    file (beside the cache entry) that lists them all, one a line."""
+    skipped = data.skipped
+    if len(skipped) <= NAMED_SKIPS:
+        return "; ".join(skipped)
+    listing = data.cache_file.with_suffix(".skipped.txt")
+    try:
+        listing.parent.mkdir(parents=True, exist_ok=True)
+        listing.write_text("".join(line + "\n" for line in skipped))
+    except OSError:   # no cache to write to: the line itself names them all
+        return "; ".join(skipped)
+    return f"{'; '.join(skipped[:NAMED_SKIPS])}; all {len(skipped)}, each with why, are listed in {listing}"
+
+
+def _shown(name: str) -> str:
+    """A file name for messages: bytes that are not UTF-8 (kept by Python as surrogates) as escapes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _list_images(folder: Path, log: Log) -> tuple[tuple[str, ...], list[tuple[str, int]]]:
@@ -101,12 +119,12 @@ def _list_images(folder: Path, log: Log) -> tuple[tuple[str, ...], list[tuple[st
     classes = [(name, files) for name, files in classes if files]
     loose = [p.name for p in sorted(folder.iterdir()) if _is_image(p)]
     if not classes:
-        return (folder.resolve().name,), [(name, 0) for name in loose]
+        return (_shown(folder.resolve().name),), [(name, 0) for name in loose]
     if loose:
-        log(f"warning: {len(loose)} images directly in {folder} (e.g. {loose[0]}) are in no class subfolder; "
-            "left out")
+        log(f"warning: {len(loose)} images directly in {folder} (e.g. {_shown(loose[0])}) are in no class "
+            "subfolder; left out")
     files = [(rel, label) for label, (_, rels) in enumerate(classes) for rel in rels]
-    return tuple(name for name, _ in classes), files
+    return tuple(_shown(name) for name, _ in classes), files
 
 
 def _images_under(directory: Path, folder: Path) -> list[str]:
@@ -126,28 +144,33 @@ def _content_key(folder: Path, files: list[tuple[str, int]]) -> str:
     """Hash of the decoder, and each file's relative path and bytes (labels follow from the paths)."""
     key = hashlib.sha256(DECODER.encode())
     for rel, _ in files:
-        key.update(rel.encode() + b"\0" + hashlib.sha256((folder / rel).read_bytes()).digest())
+        key.update(os.fsencode(rel) + b"\0" + hashlib.sha256((folder / rel).read_bytes()).digest())
     return key.hexdigest()[:32]
 
 
 def _cache_dir(folder: Path) -> Path:
-    where = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:12]
-    return cache_root() / "folders" / f"{folder.resolve().name}-{where}"
+    where = hashlib.sha256(os.fsencode(folder.resolve())).hexdigest()[:12]
+    return cache_root() / "folders" / f"{_shown(folder.resolve().name)}-{where}"
 
 
 def is_test(rel: str, test_fraction: float, split_seed: int) -> bool:
     """Whether the file at relative path `rel` belongs to the test split (by its hash alone)."""
-    digest = hashlib.sha256(f"{split_seed}/{rel}".encode()).digest()
+    digest = hashlib.sha256(f"{split_seed}/".encode() + os.fsencode(rel)).digest()
     return int.from_bytes(digest[:8], "big") < test_fraction * 2**64
 
 
 def decode_image(path: Path, size: int, channels: int) -> np.ndarray:
     """One image file -> uint8 [channels, size, size]; raises ValueError(why) if it cannot be used."""
     try:
-        with Image.open(path) as img:
-            if img.mode not in CONVERTIBLE_MODES:
-                raise ValueError(f"{img.mode} mode; save it as 8-bit grey or RGB")
-            img = ImageOps.exif_transpose(img)    # loads the pixels: truncated data fails here
+        with warnings.catch_warnings():   # Pillow warns of (and then refuses) images of very many pixels
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.mode not in CONVERTIBLE_MODES:
+                    raise ValueError(f"{img.mode} mode; save it as 8-bit grey or RGB")
+                img = ImageOps.exif_transpose(img)    # loads the pixels: truncated data fails here
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise ValueError(f"too large: more than {Image.MAX_IMAGE_PIXELS:,} pixels, Pillow's guard against "
+                         "decompression bombs; scale it down") from None
     except ValueError:
         raise
     except Exception as e:   # untrusted bytes: any failure to decode means an unusable file
@@ -171,7 +194,7 @@ def _decode_all(folder: Path, files: list[tuple[str, int]], size: int, channels:
         try:
             image = decode_image(folder / rel, size, channels)
         except ValueError as e:
-            skipped.append(f"{rel} ({' '.join(str(e).split())})")
+            skipped.append(f"{_shown(rel)} ({' '.join(str(e).split())})")
             continue
         images, labels = splits["test" if is_test(rel, test_fraction, split_seed) else "train"]
         images.append(image)

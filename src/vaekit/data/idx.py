@@ -7,6 +7,7 @@ magic bytes, never by the file name.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 import tempfile
@@ -65,7 +66,11 @@ def read_idx(path: str | Path) -> np.ndarray:
     def bad(what: str) -> DataError:
         return DataError(f"{path}: not a valid IDX file: {what}; {_FIX}")
 
-    if len(data) < 4 or data[:2] != b"\x00\x00":
+    if not data:
+        raise bad("the file is empty (0 bytes)")
+    if len(data) < 4:
+        raise bad(f"header cut short ({len(data)} bytes)")
+    if data[:2] != b"\x00\x00":
         raise bad("wrong magic number")
     code, ndim = data[2], data[3]
     if code not in _DTYPES:
@@ -77,9 +82,9 @@ def read_idx(path: str | Path) -> np.ndarray:
         raise bad("header cut short")
     shape = struct.unpack(f">{ndim}I", data[4:header])
     dtype = _DTYPES[code]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize    # Python ints: sizes of 2**32 - 1 do not overflow
     if len(data) - header != expected:
-        raise bad(f"payload is {len(data) - header} bytes, sizes {shape} need {expected}")
+        raise bad(f"payload is {len(data) - header} bytes, sizes {shape} need {expected} bytes")
     array = np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
     return array.astype(dtype.newbyteorder("="))
 

@@ -1,9 +1,12 @@
 """Where each dataset comes from, how its files are verified, and the local cache.
 
 `fetch_idx(name)` (and `resolve`, which also returns the arrays) tries, in order:
-  1. `data_dir`, if given: the 4 canonical file names (FILES), gzipped or not. Files that
-     are not the canonical release (a subset, a re-compressed copy) are used after one
-     warning line and are never copied into the cache.
+  1. `data_dir`, if given, and then nothing else: a folder the user names is the only source,
+     so a file missing there is an error naming what was found and what is expected, never a
+     silent fall-back to other data. The 4 files go by their canonical names (FILES) or as
+     Kaggle ships them (`train-images.idx3-ubyte`), gzipped or not. Files that are not the
+     canonical release (a subset, a re-compressed copy) are used after one warning line and
+     are never copied into the cache.
   2. the cache, `cache_root()/<name>/`: only verified files live there; a file that fails
      verification is removed and fetched again.
   3. the canonical mirrors (the list in DATASETS, or $VAEKIT_MIRRORS = comma-separated
@@ -25,6 +28,7 @@ import http.client
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import tempfile
@@ -167,12 +171,9 @@ def resolve(name: str, data_dir: str | Path | None = None, *, log: Log = to_stde
     Raises DataError, one line, when no source can provide the data.
     """
     spec = _spec(name)
-    tried = []
     if data_dir is not None:
-        found = _from_data_dir(spec, Path(data_dir), log)
-        if found:
-            return found
-        tried.append(f"data_dir {data_dir}")
+        return _from_data_dir(spec, Path(data_dir).expanduser(), log)
+    tried = []
     cache = cache_root() / spec.name
     found = _from_cache(spec, cache, log)
     if found:
@@ -215,6 +216,22 @@ def _find(directory: Path, fname: str) -> Path | None:
     return None
 
 
+def _kaggle_name(fname: str) -> str:
+    """The name Kaggle's MNIST copies give canonical file `fname`: `train-images.idx3-ubyte`."""
+    return re.sub(r"-(idx\d-ubyte)", r".\1", fname)
+
+
+def _find_in_data_dir(directory: Path, fname: str) -> Path:
+    """The user's file for canonical name `fname`: by that name or Kaggle's, gzipped or not;
+    DataError when it is missing or when both spellings are there (which one is meant?)."""
+    found = [path for path in (_find(directory, fname), _find(directory, _kaggle_name(fname))) if path]
+    if len(found) == 2:
+        raise DataError(f"{directory} holds both {found[0].name} and {found[1].name}; remove the one not meant")
+    if not found:
+        raise FileNotFoundError(fname)
+    return found[0]
+
+
 def _array_sha256(array: np.ndarray) -> str:
     return hashlib.sha256(idx_bytes(array)).hexdigest()
 
@@ -243,13 +260,25 @@ def _check_structure(spec: DatasetSpec, paths: dict[str, Path], arrays: dict[str
             raise DataError(f"{lpath}: label {labels.max()} is out of range 0..{spec.num_classes - 1}; {fix}")
 
 
-def _from_data_dir(spec: DatasetSpec, data_dir: Path, log: Log) -> Resolved | None:
-    """The user's files: None when some are missing; DataError when one is broken."""
-    paths = {role: _find(data_dir, fname) for role, fname in FILES.items()}
-    missing = [FILES[role] for role, path in paths.items() if path is None]
+def _from_data_dir(spec: DatasetSpec, data_dir: Path, log: Log) -> Resolved:
+    """The user's files; DataError when one is missing or broken (no other source stands in)."""
+    if not data_dir.is_dir():
+        what = "does not exist" if not data_dir.exists() else "is not a folder"
+        raise DataError(f"--data-dir {data_dir} {what}; pass the folder holding the 4 {spec.name} IDX files "
+                        f"({', '.join(FILES.values())}), or leave --data-dir out to fetch them")
+    paths, missing = {}, []
+    for role, fname in FILES.items():
+        try:
+            paths[role] = _find_in_data_dir(data_dir, fname)
+        except FileNotFoundError:
+            missing.append(fname)
     if missing:
-        log(f"{data_dir}: no {', '.join(missing)} (gzipped or not); trying the other sources")
-        return None
+        present = sorted(p.name for p in data_dir.iterdir() if not p.name.startswith("."))
+        shown = ", ".join(present[:12]) + (f" and {len(present) - 12} more" if len(present) > 12 else "")
+        raise DataError(f"--data-dir {data_dir} has no {', '.join(missing)} (gzipped or not, or named as Kaggle "
+                        f"ships them, e.g. {_kaggle_name(missing[0]).removesuffix('.gz')}); it holds "
+                        f"{shown or 'nothing'}; put all 4 {spec.name} IDX files there, or leave --data-dir out "
+                        "to fetch them")
     arrays = {role: read_idx(path) for role, path in paths.items()}
     _check_structure(spec, paths, arrays)
     odd = [path.name for role, path in paths.items() if not _is_canonical(spec, role, path, arrays[role])]
