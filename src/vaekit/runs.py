@@ -12,6 +12,10 @@ RUN/
                                only the newest is kept
   checkpoints/latest           the name of the newest complete checkpoint
   .lock                        held (flock) by the one training process writing here; holds its pid
+  tensorboard/                 event files for TensorBoard (train --tensorboard)
+
+A model shipped in vaekit/pretrained is a run reduced to config.json, metrics.jsonl and
+model.safetensors (the weights alone, no checkpoints/), named `pretrained:NAME`.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import pretrained
 from .config import Config, ConfigError
 
 CHECKPOINT_NAME = re.compile(r"(epoch_\d{4,}|step_\d{8,})")
@@ -94,6 +99,7 @@ class Run:
         self.metrics_path = self.path / "metrics.jsonl"
         self.fixed_z_path = self.path / "fixed_z.safetensors"
         self.gif_path = self.path / "training.gif"
+        self.packaged_weights = self.path / "model.safetensors"    # a shipped model's (see vaekit.pretrained)
         self._lock_file = None
 
     # -- creating and opening -------------------------------------------------------------
@@ -113,7 +119,8 @@ class Run:
 
     @classmethod
     def open(cls, path: str | Path) -> "Run":
-        run = cls(path)
+        """The run in directory `path`, or the shipped model `pretrained:NAME`."""
+        run = cls(resolve(path))
         if not run.config_path.is_file():
             raise RunError(f"{run.path} is not a vaekit run directory (no config.json); "
                            "pass the folder `vaekit train` made")
@@ -131,6 +138,9 @@ class Run:
     def lock(self) -> None:
         """Refuses a second training process on this run. flock, not the file's existence, is the
         lock: the kernel releases it when its process dies, even by kill -9, so no stale lock remains."""
+        if self.packaged_weights.is_file():
+            raise RunError(f"{self.path} is a model shipped with vaekit (weights only, no optimizer state) and "
+                           "cannot be trained further; train a new run with `vaekit train --out DIR`")
         try:
             f = open(self.path / ".lock", "a+")
         except OSError as e:
@@ -260,11 +270,34 @@ class Run:
                            "delete it and its `latest` entry to fall back to an older one") from None
 
     def load_weights(self) -> dict[str, torch.Tensor]:
-        """The newest checkpoint's model weights (all that generation and evaluation need)."""
+        """The newest checkpoint's model weights (all that generation and evaluation need), or a
+        shipped model's."""
         path = self.latest_checkpoint()
+        if path is None and self.packaged_weights.is_file():
+            return _load_tensors(self.packaged_weights)
         if path is None:
             raise RunError(f"{self.path} has no checkpoint yet; train it first (`vaekit train --out {self.path}`)")
         return _load_tensors(path / "model.safetensors")
+
+
+def resolve(run: str | Path) -> Path:
+    """The directory of `run`: itself, or for `pretrained:NAME` the shipped model's folder."""
+    if not pretrained.is_pretrained(run):
+        return Path(run)
+    name = str(run)[len(pretrained.PREFIX):]
+    if name not in pretrained.names():
+        shipped = ", ".join(pretrained.PREFIX + n for n in pretrained.names()) or "none"
+        raise RunError(f"{run} is not a model shipped with vaekit (shipped: {shipped}); pass one of them "
+                       "or a run directory")
+    return pretrained.FOLDER / name
+
+
+def output_dir(run: str | Path) -> Path:
+    """Where commands write what they make of `run` (samples/, eval.json, ...): the run directory,
+    or for a shipped model (read-only, inside the installed package) ./pretrained-NAME."""
+    if pretrained.is_pretrained(run):
+        return Path("pretrained-" + str(run)[len(pretrained.PREFIX):])
+    return Path(run)
 
 
 def load_weights_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
