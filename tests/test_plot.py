@@ -73,7 +73,8 @@ def test_plot_refuses_in_one_line_a_run_without_metrics_and_a_missing_extra(runs
     shutil.copytree(runs[0], empty)
     (empty / "metrics.jsonl").unlink()
     assert main(["plot", str(runs[0]), str(empty)]) == 2
-    assert capsys.readouterr().err == f"vaekit: error: {empty} has no metrics.jsonl lines yet: train it for an epoch first\n"
+    assert capsys.readouterr().err == (f"vaekit: error: {empty} has no metrics.jsonl lines yet: train it for an "
+                                       "epoch first\n")
     monkeypatch.setitem(sys.modules, "matplotlib", None)        # as if it were not installed
     with pytest.raises(ConfigError, match=r"pip install 'vaekit\[plot\]'"):
         plot_runs(runs)

@@ -159,11 +159,13 @@ def inpainting_log_likelihood(model, images: torch.Tensor, mask: torch.Tensor, m
     baseline_logits = torch.logit(mean_image.to(runtime.device))
     per_image = []   # [B,2] a pass: log p under the inpainting's predictive, under the baseline
     per_pass = max(1, batch_size // chains)
-    for start in range(0, len(images), per_pass):
-        x, _, logits = inpaint(model, images[start:start + per_pass], mask, steps, chains, method, mean_image,
-                               binarization, gen)
-        per_image.append(torch.stack([Bernoulli.log_prob(x, logits, mask),
-                                      Bernoulli.log_prob(x, baseline_logits.expand_as(x), mask)], dim=1).double())
+    with tqdm(total=len(images), desc="inpainting score", unit="img", leave=False, disable=None) as bar:
+        for start in range(0, len(images), per_pass):
+            x, _, logits = inpaint(model, images[start:start + per_pass], mask, steps, chains, method, mean_image,
+                                   binarization, gen)
+            per_image.append(torch.stack([Bernoulli.log_prob(x, logits, mask),
+                                          Bernoulli.log_prob(x, baseline_logits.expand_as(x), mask)], dim=1).double())
+            bar.update(len(x))
     values = torch.cat(per_image)
     values = torch.cat([values, values[:, :1] - values[:, 1:]], dim=1)      # [N,3]: inpainting, baseline, gain
     (inpainted, baseline, gain), se = values.mean(0).tolist(), (values.std(0) / len(values) ** 0.5).tolist()
