@@ -220,8 +220,8 @@ def inpaint_to_png(run: str | Path, mask: str = "centre", n: int = 8, steps: int
                    device: str = "auto") -> tuple[Path, dict]:
     """Fills the `mask` region of the first `n` test images (rows: binary original, the input with
     the missing pixels grey, the completion) and scores the first `score_n` test images (None: all;
-    the default 1000 takes well under a minute on 2 CPU cores, and the standard errors say how far
-    the full score can be) against the training set's mean image (see evaluate.inpainting_log_likelihood)."""
+    the standard errors say how far the full score can be from a quick one) against the training
+    set's mean image (see evaluate.inpainting_log_likelihood)."""
     for flag, value in (("n", n), ("steps", steps), ("chains", chains)):
         _positive(flag, value)
     if score_n is not None:

@@ -223,7 +223,8 @@ def _log_board(board, epoch: int, record: dict, grid: Path) -> None:
     for key, value in record.items():
         if key not in ("epoch", "step"):
             board.add_scalar(key, value, epoch)
-    board.add_image("fixed_z_grid", np.asarray(Image.open(grid).convert("RGB")), epoch, dataformats="HWC")
+    with Image.open(grid) as image:
+        board.add_image("fixed_z_grid", np.asarray(image.convert("RGB")), epoch, dataformats="HWC")
     board.flush()
 
 
