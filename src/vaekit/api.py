@@ -16,6 +16,7 @@ from .generate import (INPAINT_METHODS, MASKS, PATHS, apply_attribute, attribute
                        interpolate, manifold, mean_image, most_active_dims, posterior, project_2d, reconstruct,
                        region_mask, sample, traverse)
 from .plot import plot_runs
+from .pretrained import is_pretrained
 from .runs import Run, load_model, output_dir
 from .train import check_data_fits, train
 from .viz import gif_from_pngs, grid_image, save_gif, save_grid, scatter_image
@@ -94,6 +95,8 @@ def reconstruct_to_png(run: str | Path, n: int = 16, seed: int = 0, out: str | P
 
 def make_gif(run: str | Path) -> Path:
     """RUN/training.gif from RUN/images/image_at_epoch_*.png, with the seed's frame choice."""
+    if is_pretrained(run):
+        raise ConfigError(f"{run} is shipped without its epoch images, so there is no GIF to make of it")
     r = Run.open(run)
     pngs = sorted(r.images.glob("image_at_epoch_*.png"))
     if not pngs:

@@ -158,7 +158,7 @@ def _threads_per_process(nproc: int) -> str:
     """Sets OMP_NUM_THREADS for the ranks to this machine's cores shared out (torchrun would set
     1 and print a banner about it), unless the user set it; says which, for the launch line."""
     if "OMP_NUM_THREADS" in os.environ:
-        return f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} threads each (as set)"
+        return f"{os.environ['OMP_NUM_THREADS']} thread(s) each (OMP_NUM_THREADS as set)"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads = max(1, cores // nproc)
     os.environ["OMP_NUM_THREADS"] = str(threads)

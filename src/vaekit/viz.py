@@ -34,6 +34,8 @@ def labelled_grid(images: torch.Tensor, nrow: int | None = None, row_labels: lis
     """grid_image with a label left of each row and/or above each column: what a row or column
     shows (a latent dimension, a path, a strength), so the picture explains itself."""
     grid = grid_image(images, nrow=nrow, scale=scale, padding=padding)
+    if not row_labels and not col_labels:
+        return grid
     font = ImageFont.load_default(size=4 * scale)
     h, w = images.shape[-2:]
     left = 8 + int(max(font.getlength(t) for t in row_labels)) if row_labels else 0
@@ -55,10 +57,7 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, s
     """Writes the grid of `images` as a PNG, with row and column labels where given."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if row_labels or col_labels:
-        labelled_grid(images, nrow, row_labels, col_labels, scale).save(path)
-    else:
-        grid_image(images, nrow=nrow, scale=scale).save(path)
+    labelled_grid(images, nrow, row_labels, col_labels, scale).save(path)
     return path
 
 
