@@ -1,5 +1,6 @@
 """The real `vaekit` entry point, end to end, in a subprocess, on the shipped MNIST sample."""
 import json
+import os
 import subprocess
 import sys
 
@@ -90,8 +91,25 @@ def test_bad_input_gets_one_line(trained_run, tmp_path, args, message):
 
 
 @pytest.mark.parametrize("args", [["sample", "RUN", "--device", "gpu"], ["trian"], ["train", "--epochs", "many"],
-                                  ["sample", "RUN", "--out", "x.txt"]])
+                                  ["sample", "RUN", "--out", "x.txt"],
+                                  ["inpaint", "RUN", "--score-n", "many"]])
 def test_usage_mistakes_are_one_line_too(args):
     result = vaekit(*args, check=False)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "error: " in result.stderr and "--help" in result.stderr
+
+
+def test_nproc_states_the_threads_per_process_in_one_line_without_torchruns_banner(tmp_path):
+    from conftest import SAMPLE
+
+    env = cli_env()
+    env.pop("OMP_NUM_THREADS", None)            # what torchrun would print its banner about
+    result = subprocess.run([sys.executable, "-m", "vaekit", "train", "--nproc", "2", "--epochs", "0", "--data-dir",
+                             str(SAMPLE), "--device", "cpu", "--out", str(tmp_path / "run")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    said = [line for line in result.stderr.splitlines() if line.startswith("vaekit: 2 processes")]
+    assert said == [f"vaekit: 2 processes, {threads} thread{'s' * (threads > 1)} each: "
+                    f"{len(os.sched_getaffinity(0))} cores shared out (set OMP_NUM_THREADS to choose)"]
+    assert "OMP_NUM_THREADS environment variable" not in result.stderr and "*****" not in result.stderr

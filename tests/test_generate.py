@@ -1,5 +1,6 @@
 """The generation tools on a model trained briefly on the shipped MNIST sample: their real
 properties, the files they write, and each CLI subcommand end to end."""
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -10,9 +11,10 @@ from vaekit import load_model, load_splits, train
 from vaekit.cli import main
 from vaekit.data import preprocess
 from vaekit.evaluate import inpainting_log_likelihood
+from vaekit.api import traverse_to_png
 from vaekit.generate import (MASKS, PATHS, apply_attribute, attribute_vector, inpaint, interpolate, manifold,
-                             mean_image, posterior, project_2d, region_mask, traverse)
-from vaekit.viz import scatter_image
+                             mean_image, most_active_dims, posterior, project_2d, region_mask, traverse)
+from vaekit.viz import grid_image, scatter_image
 
 
 def quiet(*_):
@@ -104,6 +106,8 @@ def test_inpainting_beats_the_mean_image(loaded):
                                        "static", rt, steps=20, chains=4, method="pseudo-gibbs")
     assert scores["n"] == 100 and scores["masked_pixels"] == 392
     assert scores["gain"] > 8, scores          # nats per image (11.8 here, on a baseline of -104)
+    # standard errors over the 100 images: the gain is many of them away from 0
+    assert 0 < scores["gain_se"] < scores["gain"] / 4 and scores["inpainting_se"] > 0, scores
 
 
 def test_latent_maps(loaded):
@@ -135,16 +139,40 @@ def readable(path: str) -> Image.Image:
     return image
 
 
+LABEL_ROW = 32     # px above a grid whose columns are labelled (at the CLI's scale 4)
+
+
+def test_traverse_labels_each_row_and_column_beside_the_grid_itself(run, loaded, tmp_path):
+    model, _, splits = loaded
+    png, _ = traverse_to_png(run, dims=3, steps=5, out=tmp_path / "t.png", device="cpu")
+    picture = np.asarray(Image.open(png))
+    test = splits.test.images
+    dims, _ = most_active_dims(model, preprocess(test, "static"), 3)
+    _, images = traverse(model, test[:1], dims, torch.linspace(-3, 3, 5))
+    grid = np.asarray(grid_image(images.flatten(0, 1), nrow=5))
+    h, w = grid.shape
+    assert np.array_equal(picture[-h:, -w:], grid) and picture.shape[0] - h == LABEL_ROW
+    row_labels, col_labels = picture[-h:, :-w], picture[:-h, -w:]
+    centres = [4 * (2 + 30 * i + 14) for i in range(5)]     # the middle of row/column i, in pixels
+    bands = [row_labels[c - 6:c + 6] for c in centres[:3]]
+    assert all((band < 128).any() for band in bands)         # dark text left of every row
+    assert not np.array_equal(bands[0], bands[1])            # each its own
+    assert all((col_labels[:, c - 20:c + 20] < 128).any() for c in centres)
+
+
 def test_cli_commands_write_readable_pictures(run, tmp_path):
     interp = vaekit("interpolate", run, "--index", "3", "7", "--steps", "5", "--gif", "--device", "cpu").stdout.split()
-    assert readable(interp[0]).size == (4 * (7 * 30 + 2), 4 * (2 * 30 + 2)) and readable(interp[1]).n_frames == 8
+    width, height = readable(interp[0]).size                # the grid, its rows and columns labelled
+    assert width > 4 * (7 * 30 + 2) and height == 4 * (2 * 30 + 2) + LABEL_ROW and readable(interp[1]).n_frames == 8
     trav = vaekit("traverse", run, "--dims", "3", "--steps", "5", "--device", "cpu").stdout.split()
-    assert readable(trav[0]).size == (4 * (5 * 30 + 2), 4 * (3 * 30 + 2)) and readable(trav[1]).n_frames == 8
+    width, height = readable(trav[0]).size
+    assert width > 4 * (5 * 30 + 2) and height == 4 * (3 * 30 + 2) + LABEL_ROW and readable(trav[1]).n_frames == 8
     attr = vaekit("attribute", run, "--from", "3", "--to", "8", "--n", "4", "--steps", "5", "--device", "cpu")
-    assert readable(attr.stdout.strip()).size == (4 * (6 * 30 + 2), 4 * (4 * 30 + 2))
+    assert readable(attr.stdout.strip()).size == (4 * (6 * 30 + 2), 4 * (4 * 30 + 2) + LABEL_ROW)
     inp = vaekit("inpaint", run, "--mask", "left", "--n", "4", "--steps", "3", "--chains", "2", "--score-n", "20",
                  "--device", "cpu").stdout.splitlines()
-    assert readable(inp[0]).size == (4 * (4 * 30 + 2), 4 * (3 * 30 + 2))
+    width, height = readable(inp[0]).size
+    assert width > 4 * (4 * 30 + 2) and height == 4 * (3 * 30 + 2)
     assert "over 20 test images" in inp[1] and "mean-image baseline" in inp[1]
     assert readable(vaekit("latent", run, "--device", "cpu").stdout.strip()).mode == "RGB"
     mask = tmp_path / "mask.png"

@@ -3,9 +3,11 @@
     import vaekit
     run = vaekit.train(vaekit.Config(), out="runs/mnist")      # the seed's CVAE on MNIST
     vaekit.sample_to_png(run.path, n=100)
+    vaekit.sample_to_png("pretrained:mnist")                   # the seed's model, trained for 100 epochs
 """
-from .api import (attribute_to_png, dataset_info, evaluate_run, fetch, inpaint_to_png, interpolate_to_png,
-                  latent_map_to_png, make_gif, reconstruct_to_png, sample_to_png, train, traverse_to_png)
+from .api import (attribute_to_png, dataset_info, evaluate_run, export_run, fetch, inpaint_to_png,
+                  interpolate_to_png, latent_map_to_png, make_gif, plot_runs, reconstruct_to_png, sample_to_png, train,
+                  traverse_to_png)
 from .config import Config, ConfigError, DataConfig, TrainConfig
 from .data import DataError, load_data, load_splits
 from .evaluate import evaluate
@@ -19,6 +21,6 @@ __all__ = [
     "reconstruct_to_png", "sample", "sample_to_png", "train",
     "evaluate", "evaluate_run", "interpolate", "interpolate_to_png", "traverse", "traverse_to_png",
     "attribute_vector", "apply_attribute", "attribute_to_png", "inpaint", "inpaint_to_png", "manifold",
-    "latent_map_to_png",
+    "latent_map_to_png", "plot_runs", "export_run",
 ]
 __version__ = "0.1.0"

@@ -13,16 +13,20 @@ from PIL import Image, UnidentifiedImageError
 from .config import BINARIZATIONS, ConfigError
 from .data import dataset_info, fetch, load_data, preprocess
 from .evaluate import evaluate, inpainting_log_likelihood
+from .export import export_run
 from .generate import (INPAINT_METHODS, MASKS, PATHS, apply_attribute, attribute_vector, inpaint, interleave,
                        interpolate, manifold, mean_image, most_active_dims, posterior, project_2d, reconstruct,
                        region_mask, sample, traverse)
 from .models.inference import decode_batch_for
-from .runs import Run, RunError, load_model
+from .plot import plot_runs
+from .pretrained import is_pretrained
+from .runs import Run, RunError, load_model, output_dir
 from .train import check_data_fits, train
 from .viz import gif_from_pngs, grid_image, save_gif, save_grid, scatter_image
 
 __all__ = ["train", "fetch", "dataset_info", "sample_to_png", "reconstruct_to_png", "make_gif", "evaluate_run",
-           "interpolate_to_png", "traverse_to_png", "attribute_to_png", "inpaint_to_png", "latent_map_to_png"]
+           "interpolate_to_png", "traverse_to_png", "attribute_to_png", "inpaint_to_png", "latent_map_to_png",
+           "plot_runs", "export_run"]
 
 
 MAX_GRID_IMAGES = 2500     # images in one PNG grid: 50 x 50 cells, 6,008 pixels a side at the 4x enlargement
@@ -102,7 +106,7 @@ def sample_to_png(run: str | Path, n: int = 100, seed: int = 0, out: str | Path 
         raise ConfigError(f"{run} is a class-conditional model: pass --label 0..{classes - 1}")
     images = sample(model, n, rt.generator(seed), label)
     name = f"prior_n{n}_seed{seed}" + ("" if label is None else f"_label{label}")
-    return save_grid(images, out or Path(run) / "samples" / f"{name}.png")
+    return save_grid(images, out or output_dir(run) / "samples" / f"{name}.png")
 
 
 def reconstruct_to_png(run: str | Path, n: int = 16, seed: int = 0, out: str | Path | None = None,
@@ -118,12 +122,14 @@ def reconstruct_to_png(run: str | Path, n: int = 16, seed: int = 0, out: str | P
     x, decoded = reconstruct(model, test.images[:n].to(rt.device), config.data.binarization, rt.generator(seed),
                              None if labels is None else labels[:n])
     cols = 2 * min(4, n)   # pairs side by side, four pairs a row
-    return save_grid(interleave(x, decoded), out or Path(run) / "samples" / f"reconstruct_n{n}_seed{seed}.png",
+    return save_grid(interleave(x, decoded), out or output_dir(run) / "samples" / f"reconstruct_n{n}_seed{seed}.png",
                      nrow=cols)
 
 
 def make_gif(run: str | Path) -> Path:
     """RUN/training.gif from RUN/images/image_at_epoch_*.png, with the seed's frame choice."""
+    if is_pretrained(run):
+        raise ConfigError(f"{run} is shipped without its epoch images, so there is no GIF to make of it")
     r = Run.open(run)
     pngs = sorted(r.images.glob("image_at_epoch_*.png"))
     if not pngs:
@@ -151,8 +157,9 @@ def evaluate_run(run: str | Path, k: int = 5000, binarization: str | None = None
         raise ConfigError(f"--max-memory must be a positive number of MB, got {max_memory_mb}")
     if binarization is not None and binarization not in BINARIZATIONS:
         raise ConfigError(f"--binarization must be one of {', '.join(BINARIZATIONS)}; got {binarization!r}")
-    path = Path(run) / "eval.json"
+    path = output_dir(run) / "eval.json"
     model, config, rt, splits = open_run(run, device, data_dir, precision=precision)
+    path.parent.mkdir(parents=True, exist_ok=True)      # ./pretrained-NAME for a shipped model
     _writable(path)     # before the work (hours at K = 5000), not after it
     binarization = binarization or config.data.binarization
     mc = config.model
@@ -199,7 +206,9 @@ def interpolate_to_png(run: str | Path, index: tuple[int, int] = (0, 1), steps: 
     ends = preprocess(images, config.data.binarization, rt.generator(seed))
     paths = [interpolate(model, images, steps, p, config.data.binarization, rt.generator(seed)) for p in PATHS]
     rows = torch.cat([torch.cat([ends[:1], path, ends[1:]]) for path in paths])
-    png = save_grid(rows, out or Path(run) / "samples" / f"interpolate_{index[0]}_{index[1]}.png", nrow=steps + 2)
+    png = save_grid(rows, out or output_dir(run) / "samples" / f"interpolate_{index[0]}_{index[1]}.png", nrow=steps + 2,
+                    row_labels=list(PATHS), col_labels=[f"test {index[0]}", *(f"t={t:.2g}" for t in
+                                                        torch.linspace(0, 1, steps).tolist()), f"test {index[1]}"])
     if not gif:
         return [png]
     frames = [grid_image(torch.stack([p[t] for p in paths]), nrow=len(paths)) for t in range(steps)]
@@ -210,7 +219,8 @@ def traverse_to_png(run: str | Path, index: int = 0, dims: int = 8, steps: int =
                     out: str | Path | None = None, data_dir: str | Path | None = None,
                     device: str = "auto", precision: str = "auto") -> list[Path]:
     """One row per latent dimension, the `dims` with the most KL over the test set first: test image
-    `index` decoded with that dimension set to -3..3 (`steps` values). A PNG and a GIF."""
+    `index` decoded with that dimension set to -3..3 (`steps` values). A PNG, each row labelled
+    with its dimension and rate (its KL in nats), and a GIF."""
     _positive("dims", dims)
     _positive("steps", steps)
     _grid_of(dims * steps, f"--dims {dims} x --steps {steps}")
@@ -220,10 +230,12 @@ def traverse_to_png(run: str | Path, index: int = 0, dims: int = 8, steps: int =
         raise ConfigError(f"--dims {dims} is more than the model's {model.latent_dim} latent dimensions")
     gen = rt.generator(seed)
     test = splits.test.images.to(rt.device)
-    ranked, _ = most_active_dims(model, preprocess(test, config.data.binarization, gen), dims)
+    ranked, rates = most_active_dims(model, preprocess(test, config.data.binarization, gen), dims)
     values = torch.linspace(-3, 3, steps)
     _, images = traverse(model, test[index:index + 1], ranked, values, config.data.binarization, gen)
-    png = save_grid(images.flatten(0, 1), out or Path(run) / "samples" / f"traverse_{index}.png", nrow=steps)
+    png = save_grid(images.flatten(0, 1), out or output_dir(run) / "samples" / f"traverse_{index}.png", nrow=steps,
+                    row_labels=[f"z{d}: {r:.2f} nats" for d, r in zip(ranked, rates)],
+                    col_labels=[f"{v:+.2g}" for v in values.tolist()])
     frames = [grid_image(images[:, s], nrow=dims) for s in range(steps)]
     return [png, save_gif(_ping_pong(frames), png.with_suffix(".gif"))]
 
@@ -254,7 +266,8 @@ def attribute_to_png(run: str | Path, to: int, from_: int | None = None, n: int 
     morphs = apply_attribute(model, posterior(model, x)[0], vector, torch.linspace(0, strength, steps))
     grid = torch.cat([x[:, None], morphs], dim=1).flatten(0, 1)
     name = f"attribute_{'not' if from_ is None else from_}_to_{to}.png"
-    return save_grid(grid, out or Path(run) / "samples" / name, nrow=steps + 1)
+    return save_grid(grid, out or output_dir(run) / "samples" / name, nrow=steps + 1,
+                     col_labels=["original", *(f"{s:+.2g} v" for s in torch.linspace(0, strength, steps).tolist())])
 
 
 def _mask(spec: str, shape: tuple[int, int, int]) -> torch.Tensor:
@@ -271,12 +284,13 @@ def _mask(spec: str, shape: tuple[int, int, int]) -> torch.Tensor:
 
 
 def inpaint_to_png(run: str | Path, mask: str = "centre", n: int = 8, steps: int = 50, chains: int = 4,
-                   method: str = "pseudo-gibbs", score_n: int | None = None, seed: int = 0,
+                   method: str = "pseudo-gibbs", score_n: int | None = 1000, seed: int = 0,
                    out: str | Path | None = None, data_dir: str | Path | None = None,
                    device: str = "auto", precision: str = "auto") -> tuple[Path, dict]:
     """Fills the `mask` region of the first `n` test images (rows: binary original, the input with
-    the missing pixels grey, the completion) and scores the first `score_n` test images (all by
-    default) against the training set's mean image (see evaluate.inpainting_log_likelihood)."""
+    the missing pixels grey, the completion) and scores the first `score_n` test images (None: all;
+    the standard errors say how far the full score can be from a quick one) against the training
+    set's mean image (see evaluate.inpainting_log_likelihood)."""
     for flag, value, most in (("n", n, None), ("steps", steps, MAX_SAMPLER_STEPS), ("chains", chains, MAX_CHAINS)):
         _positive(flag, value, most)
     _grid_of(3 * n, f"--n {n} (three rows)")
@@ -295,7 +309,8 @@ def inpaint_to_png(run: str | Path, mask: str = "centre", n: int = 8, steps: int
     x, filled, _ = inpaint(model, test[:n], m, steps, chains, method, start, b, gen)
     rows = torch.cat([x, torch.where(m, 0.5, x), filled])
     name = f"inpaint_{Path(mask).stem if mask not in MASKS else mask}_{method}.png"
-    png = save_grid(rows, out or Path(run) / "samples" / name, nrow=len(x))
+    png = save_grid(rows, out or output_dir(run) / "samples" / name, nrow=len(x),
+                    row_labels=["original", "input", "filled"])
     scores = inpainting_log_likelihood(model, test[:score_n], m, start, b, rt, steps, chains, method, seed=seed)
     return png, scores
 
@@ -310,7 +325,7 @@ def latent_map_to_png(run: str | Path, n: int = 20, seed: int = 0, out: str | Pa
         _grid_of(n * n, f"--n {n} (an n x n manifold)")
     x = preprocess(splits.test.images.to(rt.device), config.data.binarization, rt.generator(seed))
     coords, axes = project_2d(posterior(model, x)[0])
-    png = Path(out or Path(run) / "samples" / "latent_scatter.png")
+    png = Path(out or output_dir(run) / "samples" / "latent_scatter.png")
     png.parent.mkdir(parents=True, exist_ok=True)
     scatter_image(coords, splits.test.labels, axes).save(png)
     if model.latent_dim != 2:

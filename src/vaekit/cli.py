@@ -14,10 +14,12 @@ from .config import FOLDER_SETTINGS, Config, ConfigError, DataConfig
 from .data import DataError
 from .distributed import launch, launched_by_torchrun
 from .evaluate import eval_table
-from .runs import RunError
+from .pretrained import is_pretrained
+from .runs import RunError, output_dir
 from .train import Interrupted
 
 USER_ERRORS = (ConfigError, DataError, RunError)
+RUN_HELP = "a run directory made by `vaekit train`, or pretrained:mnist (the model shipped with vaekit)"
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -134,7 +136,7 @@ def _cmd_eval(args) -> None:
                      decode_batch=args.decode_batch, max_memory_mb=args.max_memory, data_dir=args.data_dir,
                      device=args.device, precision=args.precision,
                      report=lambda result: print(eval_table(result), flush=True))   # shown before it is saved
-    print(f"saved in {args.run / 'eval.json'}")
+    print(f"saved in {output_dir(args.run) / 'eval.json'}")
 
 
 def _image_path(text: str) -> Path:
@@ -170,13 +172,34 @@ def _cmd_inpaint(args) -> None:
                                 **_where(args))
     print(png)
     print(f"log p(true masked pixels), nats/image over {s['n']} test images, {s['masked_pixels']} masked pixels "
-          f"each ({s['protocol']}; {s['method']}, {s['chains']} chains x {s['steps']} steps): "
-          f"inpainting {s['inpainting']:.2f}, "
-          f"mean-image baseline {s['mean_image_baseline']:.2f}, gain {s['gain']:.2f}")
+          f"each ({s['protocol']}; {s['method']}, {s['chains']} chains x {s['steps']} steps; +- one standard error): "
+          f"inpainting {s['inpainting']:.2f} +- {s['inpainting_se']:.2f}, "
+          f"mean-image baseline {s['mean_image_baseline']:.2f} +- {s['mean_image_baseline_se']:.2f}, "
+          f"gain {s['gain']:.2f} +- {s['gain_se']:.2f}")
+
+
+def _count_or_all(text: str) -> int | None:
+    """--score-n's value: a number, or `all` (None)."""
+    if text == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor `all`") from None
 
 
 def _cmd_latent(args) -> None:
     print(*api.latent_map_to_png(args.run, args.n, **_where(args)), sep="\n")
+
+
+def _cmd_plot(args) -> None:
+    print(api.plot_runs(args.runs, args.out))
+
+
+def _cmd_export(args) -> None:
+    result = api.export_run(args.run, args.format, args.out)
+    print(*result["files"], sep="\n")
+    print(f"checked with onnxruntime against torch: largest difference {result['max_abs_diff']:.1e}")
 
 
 def _cmd_serve(args) -> None:
@@ -227,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def run_command(name: str, help: str, func) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
-        p.add_argument("run", type=Path, metavar="RUN", help="a run directory made by `vaekit train`")
+        p.add_argument("run", type=Path, metavar="RUN", help=RUN_HELP)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--out", type=_image_path, help="the PNG to write (default: inside RUN/samples/)")
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -249,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="test ELBO (rate, distortion), importance-sampled NLL, active units "
                        "-> RUN/eval.json")
-    p.add_argument("run", type=Path, metavar="RUN", help="a run directory made by `vaekit train`")
+    p.add_argument("run", type=Path, metavar="RUN", help=RUN_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--data-dir", type=Path, help="a folder holding the IDX files, to use instead of fetching")
@@ -289,14 +312,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chains", type=int, default=4, help="independent chains per image (default 4)")
     p.add_argument("--method", default="pseudo-gibbs", help="pseudo-gibbs (default) or metropolis "
                    "(Metropolis-within-Gibbs, Mattei & Frellsen 2018)")
-    p.add_argument("--score-n", type=int, help="score the first N test images (default: all)")
+    p.add_argument("--score-n", type=_count_or_all, default=1000, metavar="N",
+                   help="score the first N test images, or all of them with `all` (default 1000)")
     p = data_command("latent", "scatter of the test set's codes by label (PCA beyond 2-D); 2-D: the manifold too",
                      _cmd_latent)
     p.add_argument("--n", type=int, default=20, help="manifold side, for a 2-D latent (default 20)")
 
     p = sub.add_parser("serve", help="a web page to play with a run: samples, sliders, drawing, inpainting "
                        "(needs pip install 'vaekit[demo]')")
-    p.add_argument("run", type=Path, metavar="RUN", help="a run directory made by `vaekit train`")
+    p.add_argument("run", type=Path, metavar="RUN", nargs="?", default="pretrained:mnist",
+                   help=RUN_HELP + " (default: pretrained:mnist)")
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this "
                    "machine only)")
     p.add_argument("--port", type=int, default=8000, help="the TCP port (default 8000)")
@@ -304,6 +329,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, help="a folder holding the IDX files, to use instead of fetching")
     _add_precision_flag(p)
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("plot", help="learning curves (test ELBO, rate, distortion) of runs against epoch and "
+                       "time, overlaid, as a PNG (needs pip install 'vaekit[plot]')")
+    p.add_argument("runs", type=Path, nargs="+", metavar="RUN", help=RUN_HELP)
+    p.add_argument("--out", type=Path, help="the PNG to write (default: RUN/curves.png for one run, "
+                   "./curves.png for several)")
+    p.set_defaults(func=_cmd_plot)
+
+    p = sub.add_parser("export", help="the encoder and decoder as encoder.onnx and decoder.onnx, any batch size "
+                       "(needs pip install 'vaekit[export]')")
+    p.add_argument("run", type=Path, metavar="RUN", help=RUN_HELP)
+    p.add_argument("--format", default="onnx", help="onnx (the only one so far)")
+    p.add_argument("--out", type=Path, help="the folder to write (default: RUN/onnx/)")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("gif", help="make RUN/training.gif again from RUN/images")
     p.add_argument("run", type=Path, metavar="RUN")
@@ -315,6 +354,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
+        run = getattr(args, "run", None)
+        if is_pretrained(run) and args.command != "serve" and getattr(args, "out", None) is None:
+            print(f"vaekit: {run} is read-only (shipped inside vaekit), so this was written under "
+                  f"./{output_dir(run)}/", file=sys.stderr)
     except USER_ERRORS as e:
         print(f"vaekit: error: {e}", file=sys.stderr)
         return 2

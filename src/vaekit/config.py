@@ -75,6 +75,8 @@ class TrainConfig:
     eval_batch_size: int = 500        # no gradients; 500 keeps activations under the mmap threshold (allocator.py)
     keep_checkpoints: int = 2         # epoch checkpoints kept on disk (the newest ones)
     checkpoint_every: int = 0         # also checkpoint every N steps within epochs (0: at epoch ends only)
+    tensorboard: bool = field(default=False, metadata={"help": "also log each epoch's metrics and grid image for "
+                              "TensorBoard in RUN/tensorboard/ (needs pip install 'vaekit[tensorboard]')"})
 
     def __post_init__(self) -> None:
         _choice("precision", self.precision, PRECISIONS)

@@ -214,18 +214,24 @@ def inpainting_log_likelihood(model, images: torch.Tensor, mask: torch.Tensor, m
                               batch_size: int = 2000, seed: int = 0) -> dict:
     """log p of the true masked pixels of `images` (uint8 [N,C,H,W]), nats per image, under the
     predictive of `inpaint` (its chains start from `mean_image`) and under the baseline that
-    fills them with `mean_image` [C,H,W] (probabilities in (0,1), see generate.mean_image).
+    fills them with `mean_image` [C,H,W] (probabilities in (0,1), see generate.mean_image), each
+    with its standard error over the images (`*_se`; NaN for one image).
     mask [C,H,W], True = missing; `batch_size` bounds the decodes at once (images x chains)."""
     gen = runtime.generator(seed)
     baseline_logits = torch.logit(mean_image.to(runtime.device))
-    sums = torch.zeros(2, dtype=torch.float64, device=runtime.device)
+    per_image = []   # [B,2] a pass: log p under the inpainting's predictive, under the baseline
     per_pass = max(1, batch_size // chains)
-    for start in range(0, len(images), per_pass):
-        x, _, logits = inpaint(model, images[start:start + per_pass], mask, steps, chains, method, mean_image,
-                               binarization, gen)
-        sums += torch.stack([Bernoulli.log_prob(x, logits, mask).sum(),
-                             Bernoulli.log_prob(x, baseline_logits.expand_as(x), mask).sum()]).double()
-    inpainted, baseline = (sums / len(images)).tolist()
+    with tqdm(total=len(images), desc="inpainting score", unit="img", leave=False, disable=None) as bar:
+        for start in range(0, len(images), per_pass):
+            x, _, logits = inpaint(model, images[start:start + per_pass], mask, steps, chains, method, mean_image,
+                                   binarization, gen)
+            per_image.append(torch.stack([Bernoulli.log_prob(x, logits, mask),
+                                          Bernoulli.log_prob(x, baseline_logits.expand_as(x), mask)], dim=1).double())
+            bar.update(len(x))
+    values = torch.cat(per_image)
+    values = torch.cat([values, values[:, :1] - values[:, 1:]], dim=1)      # [N,3]: inpainting, baseline, gain
+    (inpainted, baseline, gain), se = values.mean(0).tolist(), (values.std(0) / len(values) ** 0.5).tolist()
     return {"protocol": protocol(binarization, seed), "n": len(images), "masked_pixels": int(mask.sum()),
             "steps": steps, "chains": chains, "method": method, "inpainting": inpainted,
-            "mean_image_baseline": baseline, "gain": inpainted - baseline}
+            "mean_image_baseline": baseline, "gain": gain, "inpainting_se": se[0], "mean_image_baseline_se": se[1],
+            "gain_se": se[2]}

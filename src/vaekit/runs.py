@@ -16,6 +16,10 @@ RUN/
                                newest checkpoint whose checksums hold, whatever `latest` says)
   checkpoints/set-aside/       damaged checkpoints moved out of the way by `--fall-back`, never deleted
   .lock                        held (flock) by the one training process writing here; holds its pid
+  tensorboard/                 event files for TensorBoard (train --tensorboard)
+
+A model shipped in vaekit/pretrained is a run reduced to config.json, metrics.jsonl and
+model.safetensors (the weights alone, no checkpoints/), named `pretrained:NAME`.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import pretrained
 from .config import Config, ConfigError
 
 CHECKPOINT_NAME = re.compile(r"(epoch_\d{4,}|step_\d{8,})")
@@ -106,6 +111,7 @@ class Run:
         self.gif_path = self.path / "training.gif"
         self.data_path = self.path / "data.json"
         self.created = False     # whether this object made the run directory (see remove_unstarted)
+        self.packaged_weights = self.path / "model.safetensors"    # a shipped model's (see vaekit.pretrained)
         self._lock_file = None
 
     # -- creating and opening -------------------------------------------------------------
@@ -171,7 +177,8 @@ class Run:
 
     @classmethod
     def open(cls, path: str | Path) -> "Run":
-        run = cls(path)
+        """The run in directory `path`, or the shipped model `pretrained:NAME`."""
+        run = cls(resolve(path))
         if not run.config_path.is_file():
             raise RunError(f"{run.path} is not a vaekit run directory (no config.json); "
                            "pass the folder `vaekit train` made")
@@ -189,6 +196,9 @@ class Run:
     def lock(self) -> None:
         """Refuses a second training process on this run. flock, not the file's existence, is the
         lock: the kernel releases it when its process dies, even by kill -9, so no stale lock remains."""
+        if self.packaged_weights.is_file():
+            raise RunError(f"{self.path} is a model shipped with vaekit (weights only, no optimizer state) and "
+                           "cannot be trained further; train a new run with `vaekit train --out DIR`")
         try:
             f = open(self.path / ".lock", "a+")
         except OSError as e:
@@ -399,7 +409,9 @@ class Run:
 
     def load_weights(self, fall_back: bool = False) -> dict[str, torch.Tensor]:
         """The model weights of the newest checkpoint, its checksums verified (all that generation
-        and evaluation need); with `fall_back`, of the newest intact one."""
+        and evaluation need); with `fall_back`, of the newest intact one; or a shipped model's."""
+        if self.packaged_weights.is_file() and not self.checkpoints.is_dir():
+            return _load_tensors(self.packaged_weights)
         path = self._newest(fall_back)
         return _load_tensors(path / "model.safetensors")
 
@@ -408,6 +420,26 @@ class Run:
         if path is None:
             raise RunError(f"{self.path} has no checkpoint yet; train it first (`vaekit train --resume {self.path}`)")
         return path
+
+
+def resolve(run: str | Path) -> Path:
+    """The directory of `run`: itself, or for `pretrained:NAME` the shipped model's folder."""
+    if not pretrained.is_pretrained(run):
+        return Path(run)
+    name = str(run)[len(pretrained.PREFIX):]
+    if name not in pretrained.names():
+        shipped = ", ".join(pretrained.PREFIX + n for n in pretrained.names()) or "none"
+        raise RunError(f"{run} is not a model shipped with vaekit (shipped: {shipped}); pass one of them "
+                       "or a run directory")
+    return pretrained.FOLDER / name
+
+
+def output_dir(run: str | Path) -> Path:
+    """Where commands write what they make of `run` (samples/, eval.json, ...): the run directory,
+    or for a shipped model (read-only, inside the installed package) ./pretrained-NAME."""
+    if pretrained.is_pretrained(run):
+        return Path("pretrained-" + str(run)[len(pretrained.PREFIX):])
+    return Path(run)
 
 
 def load_weights_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:

@@ -11,6 +11,7 @@ does not depend on the number of ranks (up to float rounding in the gradient all
 """
 from __future__ import annotations
 
+import importlib.util
 import signal
 import sys
 import threading
@@ -18,7 +19,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from .config import Config, ConfigError
@@ -77,6 +80,8 @@ def train(config: Config | None = None, out: str | Path | None = None, resume: s
             config.data = replace(config.data, data_dir=str(data_dir))
     else:
         run = Run(out)
+    if config.train.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("--tensorboard needs TensorBoard's package: pip install 'vaekit[tensorboard]'")
     rt = setup(config.train.device, config.train.precision, distributed=True)
     finished = False
     try:
@@ -177,6 +182,9 @@ def _train(run: Run, config: Config, rt: Runtime, resuming: bool, fall_back: boo
             save_grid(model.sample(fixed_z.to(rt.device), y=grid_labels(config.model, rt.device)).detach(),
                       run.image_path(0))
         fixed_z = run.fixed_z().to(rt.device)
+    board = _open_board(run, at.epoch) if rt.is_main and tc.tensorboard else None
+    if board and latest is None:
+        _log_board(board, 0, {}, run.image_path(0))
 
     def checkpoint(order_state: torch.Tensor) -> None:
         nonlocal unsaved_config
@@ -230,16 +238,41 @@ def _train(run: Run, config: Config, rt: Runtime, resuming: bool, fall_back: boo
                 with torch.inference_mode():
                     save_grid(model.sample(fixed_z, y=grid_labels(config.model, rt.device)), run.image_path(epoch))
                 trained_images = sum(len(idx) for idx in batches[first_batch:])
-                run.append_metrics({
+                record = {
                     "epoch": epoch, "step": at.step, "train_loss": losses.sum().item() / len(train_images), **test,
                     "epoch_seconds": round(end_time - start_time, 3), "eval_seconds": round(eval_seconds, 3),
                     "images_per_second": round(trained_images / (end_time - start_time), 1),
-                })
+                }
+                run.append_metrics(record)
+                if board:
+                    _log_board(board, epoch, record, run.image_path(epoch))
                 checkpoint(order_gen.get_state())
             step_losses = []
+    if board:
+        board.close()
     if rt.is_main:
         gif_from_pngs(sorted(run.images.glob("image_at_epoch_*.png")), run.gif_path)
         log(f"Done: {run.path} (grid images in {run.images}, animation {run.gif_path})")
+
+
+def _open_board(run: Run, epochs_done: int):
+    """TensorBoard's writer into RUN/tensorboard/ (--tensorboard). On a resume, TensorBoard hides
+    what an earlier process logged for the epochs after `epochs_done` (purge_step), which are
+    trained again."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(run.path / "tensorboard"), purge_step=epochs_done + 1 if epochs_done else None)
+
+
+def _log_board(board, epoch: int, record: dict, grid: Path) -> None:
+    """An epoch's numbers (the metrics line's, under the same names) and its fixed-z grid image,
+    written through to disk at once."""
+    for key, value in record.items():
+        if key not in ("epoch", "step"):
+            board.add_scalar(key, value, epoch)
+    with Image.open(grid) as image:
+        board.add_image("fixed_z_grid", np.asarray(image.convert("RGB")), epoch, dataformats="HWC")
+    board.flush()
 
 
 def check_data_fits(config: ModelConfig, splits: Splits, source: str) -> None:

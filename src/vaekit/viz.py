@@ -29,10 +29,35 @@ def grid_image(images: torch.Tensor, nrow: int | None = None, scale: int = 4, pa
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale != 1 else img
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 4) -> Path:
+def labelled_grid(images: torch.Tensor, nrow: int | None = None, row_labels: list[str] | None = None,
+                  col_labels: list[str] | None = None, scale: int = 4, padding: int = 2) -> Image.Image:
+    """grid_image with a label left of each row and/or above each column: what a row or column
+    shows (a latent dimension, a path, a strength), so the picture explains itself."""
+    grid = grid_image(images, nrow=nrow, scale=scale, padding=padding)
+    if not row_labels and not col_labels:
+        return grid
+    font = ImageFont.load_default(size=4 * scale)
+    h, w = images.shape[-2:]
+    left = 8 + int(max(font.getlength(t) for t in row_labels)) if row_labels else 0
+    top = 2 * 4 * scale if col_labels else 0
+    canvas = Image.new(grid.mode, (grid.width + left, grid.height + top), "white")
+    canvas.paste(grid, (left, top))
+    draw = ImageDraw.Draw(canvas)
+    for r, text in enumerate(row_labels or []):
+        draw.text((left - 4, top + (padding + r * (h + padding) + h / 2) * scale), text, fill="black", font=font,
+                  anchor="rm")
+    for c, text in enumerate(col_labels or []):
+        draw.text((left + (padding + c * (w + padding) + w / 2) * scale, top / 2), text, fill="black", font=font,
+                  anchor="mm")
+    return canvas
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 4,
+              row_labels: list[str] | None = None, col_labels: list[str] | None = None) -> Path:
+    """Writes the grid of `images` as a PNG, with row and column labels where given."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid_image(images, nrow=nrow, scale=scale).save(path)
+    labelled_grid(images, nrow, row_labels, col_labels, scale).save(path)
     return path
 
 

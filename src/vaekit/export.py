@@ -1,0 +1,134 @@
+"""`vaekit export --format onnx`: a run's encoder and decoder as two ONNX files with a dynamic batch.
+
+encoder.onnx: x float32 [N,C,H,W] (preprocessed as in training: binary for the seed's model)
+              -> mean, logvar float32 [N,latent], the parameters of q(z|x)
+decoder.onnx: z float32 [N,latent] -> params float32 [N,C*P,H,W], the likelihood's parameters
+              (Bernoulli: logits), and image float32 [N,C,H,W] in [0,1], the image they mean
+A class-conditional model takes `label` int64 [N] as a second input of each.
+
+torch's exporter needs onnx and onnxscript, and onnxruntime checks the files against torch: all
+three come with the optional extra `pip install 'vaekit[export]'`; only this module imports them.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ConfigError
+from .models.layers import ConvTranspose2d
+from .runs import load_model, output_dir
+
+FORMATS = ("onnx",)
+EXPORT_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
+
+
+class _Encoder(nn.Module):
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor, label: torch.Tensor | None = None):
+        return self.vae.encode(x, label)
+
+
+class _Decoder(nn.Module):
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, z: torch.Tensor, label: torch.Tensor | None = None):
+        params = self.vae.decode(z, label)
+        return params, self.vae.likelihood.mean(params)
+
+
+def _portable(model: nn.Module) -> nn.Module:
+    """A copy of `model` (on the CPU, fp32, contiguous) whose transposed convolutions are plain
+    nn.ConvTranspose2d (+ ReLU) with the same weights: vaekit's own layer calls a oneDNN kernel
+    with a fused ReLU (models/layers.py), which has no ONNX equivalent."""
+    model = copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format).eval()
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, ConvTranspose2d):
+                plain = nn.ConvTranspose2d(child.in_channels, child.out_channels, child.kernel_size, child.stride,
+                                           child.padding, child.output_padding)
+                plain.load_state_dict(child.state_dict())
+                setattr(parent, name, nn.Sequential(plain, nn.ReLU()) if child.relu else plain)
+    return model
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Keeps torch's exporter from printing its own deprecation notices and its warnings about
+    torchvision operators (vaekit uses none)."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.filterwarnings("ignore", "# The axis name")    # a label's batch axis is the image's
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _inputs(model: nn.Module, first: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+    """Example inputs: `first` [n,...], plus labels [n] for a conditional model."""
+    if not model.config.conditional:
+        return (first,)
+    return first, torch.arange(n) % model.config.num_classes
+
+
+def export_onnx(model: nn.Module, out_dir: str | Path, check_batch: int = 5) -> dict:
+    """Writes OUT_DIR/encoder.onnx and OUT_DIR/decoder.onnx for a vaekit model, then runs both
+    with onnxruntime on `check_batch` random inputs (a batch size other than the export's, so
+    the dynamic batch is exercised) and compares them with torch. Returns {"files": [paths],
+    "max_abs_diff": largest |onnxruntime - torch| over every output}."""
+    missing = [name for name in EXPORT_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(f"ONNX export needs {', '.join(missing)}: pip install 'vaekit[export]'")
+    import onnxruntime
+
+    model = _portable(model)
+    c, size, latent = model.config.image_channels, model.config.image_size, model.latent_dim
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    parts = [(_Encoder(model), "encoder", ["x"], ["mean", "logvar"],
+              lambda n: torch.rand(n, c, size, size, generator=gen).round()),
+             (_Decoder(model), "decoder", ["z"], ["params", "image"],
+              lambda n: torch.randn(n, latent, generator=gen))]
+    files, worst = [], 0.0
+    for module, name, names, outputs, draw in parts:
+        path = out_dir / f"{name}.onnx"
+        example = _inputs(model, draw(2), 2)
+        names = names + ["label"] * model.config.conditional
+        batch = torch.export.Dim("batch")
+        with _quiet_exporter():
+            torch.onnx.export(module.eval(), example, str(path), input_names=names, output_names=outputs,
+                              dynamo=True, dynamic_shapes=tuple({0: batch} for _ in example), external_data=False,
+                              verbose=False)
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        check = _inputs(model, draw(check_batch), check_batch)
+        got = session.run(None, {n: t.numpy() for n, t in zip(names, check)})
+        with torch.inference_mode():
+            want = module(*check)
+        worst = max([worst, *((torch.from_numpy(g) - w).abs().max().item() for g, w in zip(got, want))])
+        files.append(path)
+    return {"files": files, "max_abs_diff": worst}
+
+
+def export_run(run: str | Path, format: str = "onnx", out: str | Path | None = None) -> dict:
+    """`vaekit export`: the newest weights of `run` as encoder.onnx and decoder.onnx in `out`
+    (default RUN/onnx/); see export_onnx for the files and the check."""
+    if format not in FORMATS:
+        raise ConfigError(f"--format must be one of {', '.join(FORMATS)}; got {format!r}")
+    model, _, _ = load_model(run, "cpu")
+    return export_onnx(model, out or output_dir(run) / "onnx")

@@ -1,0 +1,86 @@
+"""`vaekit export --format onnx`: the files onnxruntime runs give the torch model's outputs, at
+batch sizes other than the export's; a conditional model takes its labels; one-line refusals."""
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import sample_config
+from test_cli import vaekit
+from vaekit import ConfigError, export_run, load_model, train
+from vaekit.cli import main
+from vaekit.export import export_onnx
+from vaekit.models import ModelConfig, build_model
+
+ort = pytest.importorskip("onnxruntime", reason="the export extra is not installed: pip install -e '.[test]'")
+
+
+def quiet(*_):
+    pass
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    config = sample_config(epochs=1, batch_size=100, lr=1e-3)
+    return train(config, out=tmp_path_factory.mktemp("export") / "run", log=quiet).path
+
+
+@pytest.fixture(scope="module")
+def exported(run):
+    """What `vaekit export RUN` prints: the two files, then the check's line."""
+    return vaekit("export", run).stdout.splitlines()
+
+
+def session(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("batch", [1, 7])
+def test_onnxruntime_gives_the_torch_models_outputs_at_any_batch_size(run, exported, batch):
+    model, _, _ = load_model(run, "cpu")           # vaekit's own model, with its oneDNN layers
+    x = (torch.rand(batch, 1, 28, 28, generator=torch.Generator().manual_seed(batch)) > 0.5).float()
+    z = torch.randn(batch, 50, generator=torch.Generator().manual_seed(batch))
+    encoder, decoder = session(run / "onnx" / "encoder.onnx"), session(run / "onnx" / "decoder.onnx")
+    assert [i.name for i in encoder.get_inputs()] == ["x"] and [o.name for o in encoder.get_outputs()] == \
+        ["mean", "logvar"]
+    assert [o.name for o in decoder.get_outputs()] == ["params", "image"]
+    mean, logvar = encoder.run(None, {"x": x.numpy()})
+    params, image = decoder.run(None, {"z": z.numpy()})
+    with torch.inference_mode():
+        want_mean, want_logvar = model.encode(x)
+        want_params, want_image = model.decode(z), model.decode(z, as_image=True)
+    for got, want in ((mean, want_mean), (logvar, want_logvar), (params, want_params), (image, want_image)):
+        assert got.shape == tuple(want.shape)
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_a_conditional_model_takes_its_labels(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(conditional=True, num_classes=10, latent_dim=8)).eval()
+    export_onnx(model, tmp_path)
+    z, labels = torch.randn(4, 8), torch.tensor([0, 3, 3, 9])
+    decoder = session(tmp_path / "decoder.onnx")
+    assert [i.name for i in decoder.get_inputs()] == ["z", "label"]
+    params, _ = decoder.run(None, {"z": z.numpy(), "label": labels.numpy()})
+    with torch.inference_mode():
+        np.testing.assert_allclose(params, model.decode(z, labels).numpy(), atol=1e-4, rtol=1e-4)
+        other = model.decode(z, torch.tensor([1, 1, 1, 1])).numpy()
+    assert not np.allclose(params, other, atol=1e-3)      # the label matters
+
+
+def test_vaekit_export_writes_both_files_into_the_run_by_default(run, exported):
+    lines = exported
+    assert lines[:2] == [str(run / "onnx" / "encoder.onnx"), str(run / "onnx" / "decoder.onnx")]
+    assert lines[2].startswith("checked with onnxruntime against torch: largest difference ")
+    assert float(lines[2].rsplit(" ", 1)[1]) < 1e-4
+
+
+def test_bad_input_and_a_missing_extra_are_one_line(run, capsys, monkeypatch):
+    assert main(["export", str(run), "--format", "tflite"]) == 2
+    assert capsys.readouterr().err == "vaekit: error: --format must be one of onnx; got 'tflite'\n"
+    monkeypatch.setitem(sys.modules, "onnxscript", None)       # as if it were not installed
+    assert main(["export", str(run)]) == 2
+    assert capsys.readouterr().err == "vaekit: error: ONNX export needs onnxscript: pip install 'vaekit[export]'\n"
+    with pytest.raises(ConfigError):
+        export_run(run)

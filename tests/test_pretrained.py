@@ -1,0 +1,99 @@
+"""The model shipped inside vaekit, `pretrained:mnist`: the seed's recipe trained for 100 epochs,
+taken by every command that takes a RUN and by the Python API, never written into: what a
+command makes of it goes under ./pretrained-mnist/ in the working directory."""
+import json
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import vaekit
+from conftest import SAMPLE, cli_env
+from test_cli import vaekit as run_vaekit
+from vaekit import Config, Run, load_model, load_splits
+from vaekit.cli import main
+from vaekit.evaluate import evaluate_elbo
+from vaekit.pretrained import FOLDER
+
+SHIPPED = FOLDER / "mnist"
+
+
+def snapshot() -> dict:
+    """Every file of the shipped model with its size and modification time."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(SHIPPED.rglob("*"))}
+
+
+def test_the_shipped_model_is_the_seeds_recipe_trained_for_100_epochs():
+    assert sorted(p.name for p in SHIPPED.iterdir()) == ["config.json", "metrics.jsonl", "model.safetensors"]
+    assert sum(p.stat().st_size for p in SHIPPED.iterdir()) < 5_000_000
+    run = Run.open("pretrained:mnist")
+    assert run.config() == Config()                 # `vaekit train` with no setting changed
+    assert [m["epoch"] for m in run.metrics()] == list(range(1, 101))
+    model, _, runtime = load_model("pretrained:mnist", "cpu")
+    test = load_splits("mnist", SAMPLE).test.images               # 500 real MNIST test digits
+    elbo = evaluate_elbo(model, test, "static", runtime)["elbo"]
+    assert elbo > -85, elbo       # trained weights: about -78 over the whole test set; 10 epochs reach -93
+
+
+def test_commands_and_the_api_write_under_the_working_directory_never_into_the_package(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = snapshot()
+    result = run_vaekit("sample", "pretrained:mnist", "--n", "4", "--device", "cpu")
+    assert result.stdout.strip() == "pretrained-mnist/samples/prior_n4_seed0.png"
+    assert (tmp_path / "pretrained-mnist/samples/prior_n4_seed0.png").is_file()
+    assert result.stderr == ("vaekit: pretrained:mnist is read-only (shipped inside vaekit), so this was written "
+                             "under ./pretrained-mnist/\n")
+    run_vaekit("eval", "pretrained:mnist", "--k", "2", "--data-dir", SAMPLE, "--device", "cpu")
+    assert json.loads((tmp_path / "pretrained-mnist/eval.json").read_text())["static"]["n"] == 500
+    png = vaekit.reconstruct_to_png("pretrained:mnist", n=2, data_dir=SAMPLE, device="cpu")
+    assert png == Path("pretrained-mnist/samples/reconstruct_n2_seed0.png") and png.is_file()
+    assert snapshot() == before
+
+
+@pytest.mark.parametrize("args", [
+    ["interpolate", "--steps", "2"], ["traverse", "--dims", "2", "--steps", "2"], ["latent"],
+    ["attribute", "--to", "8", "--n", "2", "--steps", "2"],
+    ["inpaint", "--n", "2", "--steps", "2", "--chains", "1", "--score-n", "4"],
+])
+def test_every_generation_command_takes_it(tmp_path, monkeypatch, capsys, args):
+    monkeypatch.chdir(tmp_path)
+    assert main([args[0], "pretrained:mnist", *args[1:], "--data-dir", str(SAMPLE), "--device", "cpu"]) == 0
+    written = [line for line in capsys.readouterr().out.splitlines() if line.endswith((".png", ".gif"))]
+    assert written and all((tmp_path / line).is_file() and line.startswith("pretrained-mnist/") for line in written)
+
+
+def test_what_cannot_be_done_with_it_is_one_line(capsys):
+    assert main(["train", "--resume", "pretrained:mnist"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vaekit: error: ") and err.count("\n") == 1
+    assert "shipped with vaekit (weights only, no optimizer state) and cannot be trained further" in err
+    assert main(["gif", "pretrained:mnist"]) == 2
+    assert capsys.readouterr().err == ("vaekit: error: pretrained:mnist is shipped without its epoch images, so "
+                                       "there is no GIF to make of it\n")
+    assert main(["sample", "pretrained:cifar"]) == 2
+    assert capsys.readouterr().err == ("vaekit: error: pretrained:cifar is not a model shipped with vaekit "
+                                       "(shipped: pretrained:mnist); pass one of them or a run directory\n")
+
+
+def test_vaekit_serve_with_no_run_serves_it():
+    pytest.importorskip("fastapi", reason="the demo extra is not installed: pip install -e '.[test,demo]'")
+    proc = subprocess.Popen([sys.executable, "-m", "vaekit", "serve", "--port", "0", "--device", "cpu",
+                             "--data-dir", str(SAMPLE)], stderr=subprocess.PIPE, text=True, env=cli_env())
+    try:
+        line = ""
+        while " is on http://" not in line:
+            line = proc.stderr.readline()
+            assert line or proc.poll() is None, "vaekit serve exited before serving"
+        assert line.startswith("vaekit: the demo of pretrained:mnist is on http://127.0.0.1:")
+        url = line.split(" is on ")[1].split()[0]
+        with urllib.request.urlopen(url.rstrip("/") + "/api/info", timeout=30) as response:
+            assert response.status == 200 and json.loads(response.read())["latent_dim"] == 50
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
