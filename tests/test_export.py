@@ -38,7 +38,7 @@ def session(path):
 
 @pytest.mark.parametrize("batch", [1, 7])
 def test_onnxruntime_gives_the_torch_models_outputs_at_any_batch_size(run, exported, batch):
-    model, _, _ = load_model(run, "cpu")           # vaekit's own model, with its oneDNN layers
+    model, _, _ = load_model(run, "cpu", "fp32")   # vaekit's own model, prepared for inference (oneDNN layers)
     x = (torch.rand(batch, 1, 28, 28, generator=torch.Generator().manual_seed(batch)) > 0.5).float()
     z = torch.randn(batch, 50, generator=torch.Generator().manual_seed(batch))
     encoder, decoder = session(run / "onnx" / "encoder.onnx"), session(run / "onnx" / "decoder.onnx")

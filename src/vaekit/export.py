@@ -130,5 +130,5 @@ def export_run(run: str | Path, format: str = "onnx", out: str | Path | None = N
     (default RUN/onnx/); see export_onnx for the files and the check."""
     if format not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}; got {format!r}")
-    model, _, _ = load_model(run, "cpu")
+    model, _, _ = load_model(run, "cpu", "fp32", prepared=False)
     return export_onnx(model, out or output_dir(run) / "onnx")

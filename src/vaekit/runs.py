@@ -513,10 +513,12 @@ def _atomic_write_text(path: Path, text: str) -> None:
     _fsync(path.parent)
 
 
-def load_model(path: str | Path, device: str = "auto", precision: str = "auto", fall_back: bool = False):
+def load_model(path: str | Path, device: str = "auto", precision: str = "auto", fall_back: bool = False,
+               prepared: bool = True):
     """The model of a run directory with its newest weights (with `fall_back`, the newest intact
     ones when newer ones are damaged), ready for inference on `device` in `precision` (auto: bf16
-    where the hardware runs it natively, as in training; see models/inference.py).
+    where the hardware runs it natively, as in training; see models/inference.py). With
+    `prepared=False`, the model as training builds it (plain parameters, e.g. to export it).
     Returns (model, config, runtime)."""
     from .distributed import setup
     from .models import build_model
@@ -527,4 +529,6 @@ def load_model(path: str | Path, device: str = "auto", precision: str = "auto", 
     runtime = setup(device, precision)
     model = build_model(config.model)
     load_weights_into(model, run.load_weights(fall_back), run.path)
+    if not prepared:
+        return model.to(runtime.device, memory_format=torch.channels_last).eval(), config, runtime
     return prepare_for_inference(model, runtime), config, runtime
