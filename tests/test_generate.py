@@ -107,7 +107,7 @@ def test_inpainting_beats_the_mean_image(loaded):
     assert scores["n"] == 100 and scores["masked_pixels"] == 392
     assert scores["gain"] > 8, scores          # nats per image (11.8 here, on a baseline of -104)
     # standard errors over the 100 images: the gain is many of them away from 0
-    assert 0 < scores["gain_se"] < scores["gain"] / 4 and scores["inpainting_se"] > 0, scores
+    assert 0 < scores["gain_stderr"] < scores["gain"] / 4 and scores["inpainting_stderr"] > 0, scores
 
 
 def test_latent_maps(loaded):

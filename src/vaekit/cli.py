@@ -173,9 +173,8 @@ def _cmd_inpaint(args) -> None:
     print(png)
     print(f"log p(true masked pixels), nats/image over {s['n']} test images, {s['masked_pixels']} masked pixels "
           f"each ({s['protocol']}; {s['method']}, {s['chains']} chains x {s['steps']} steps; +- one standard error): "
-          f"inpainting {s['inpainting']:.2f} +- {s['inpainting_se']:.2f}, "
-          f"mean-image baseline {s['mean_image_baseline']:.2f} +- {s['mean_image_baseline_se']:.2f}, "
-          f"gain {s['gain']:.2f} +- {s['gain_se']:.2f}")
+          + ", ".join(f"{label} {s[key]:.2f} +- {s[key + '_stderr'] or float('nan'):.2f}" for label, key in
+                      (("inpainting", "inpainting"), ("mean-image baseline", "mean_image_baseline"), ("gain", "gain"))))
 
 
 def _count_or_all(text: str) -> int | None:

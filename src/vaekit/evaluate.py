@@ -215,7 +215,7 @@ def inpainting_log_likelihood(model, images: torch.Tensor, mask: torch.Tensor, m
     """log p of the true masked pixels of `images` (uint8 [N,C,H,W]), nats per image, under the
     predictive of `inpaint` (its chains start from `mean_image`) and under the baseline that
     fills them with `mean_image` [C,H,W] (probabilities in (0,1), see generate.mean_image), each
-    with its standard error over the images (`*_se`; NaN for one image).
+    with its standard error over the images (`*_stderr`; None for one image).
     mask [C,H,W], True = missing; `batch_size` bounds the decodes at once (images x chains)."""
     gen = runtime.generator(seed)
     baseline_logits = torch.logit(mean_image.to(runtime.device))
@@ -230,8 +230,8 @@ def inpainting_log_likelihood(model, images: torch.Tensor, mask: torch.Tensor, m
             bar.update(len(x))
     values = torch.cat(per_image)
     values = torch.cat([values, values[:, :1] - values[:, 1:]], dim=1)      # [N,3]: inpainting, baseline, gain
-    (inpainted, baseline, gain), se = values.mean(0).tolist(), (values.std(0) / len(values) ** 0.5).tolist()
-    return {"protocol": protocol(binarization, seed), "n": len(images), "masked_pixels": int(mask.sum()),
-            "steps": steps, "chains": chains, "method": method, "inpainting": inpainted,
-            "mean_image_baseline": baseline, "gain": gain, "inpainting_se": se[0], "mean_image_baseline_se": se[1],
-            "gain_se": se[2]}
+    record = {"protocol": protocol(binarization, seed), "n": len(images), "masked_pixels": int(mask.sum()),
+              "steps": steps, "chains": chains, "method": method}
+    for name, column in zip(("inpainting", "mean_image_baseline", "gain"), values.T):
+        record[name], record[f"{name}_stderr"] = _mean_and_stderr(column)
+    return record
