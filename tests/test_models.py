@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vaekit.likelihoods import get_likelihood
-from vaekit.models import ConvVAE, ModelConfig, ResNetVAE, build_model
+from vaekit.models import ConvVAE, LadderVAE, ModelConfig, ResNetVAE, build_model
 
 
 def keras_param_count(latent):
@@ -62,29 +62,32 @@ def test_depth_follows_the_image_size(size, stages, base):
     assert (config.stages, config.base_size) == (stages, base)
 
 
-@pytest.mark.parametrize("family", ["conv", "resnet"])
+@pytest.mark.parametrize("family", ["conv", "resnet", "ladder"])
 @pytest.mark.parametrize("size", [28, 32, 64])
 @pytest.mark.parametrize("channels, likelihood", [(1, "bernoulli"), (3, "logistic"), (3, "gaussian-fixed")])
 def test_any_size_and_channel_count(family, size, channels, likelihood):
     config = ModelConfig(family=family, image_size=size, image_channels=channels, likelihood=likelihood, latent_dim=6)
     model = build_model(config)
-    assert isinstance(model, ConvVAE if family == "conv" else ResNetVAE)
+    assert isinstance(model, {"conv": ConvVAE, "resnet": ResNetVAE, "ladder": LadderVAE}[family])
     x = torch.rand(2, channels, size, size)
-    params, z, mean, logvar = model(x)
+    terms = model(x)
     per_channel = get_likelihood(likelihood).params_per_channel
-    assert params.shape == (2, channels * per_channel, size, size)
-    assert z.shape == mean.shape == logvar.shape == (2, 6)
+    assert terms.params.shape == (2, channels * per_channel, size, size)
+    assert terms.log_w.shape == (2,) and terms.rate.shape == (2, config.layers_of_z)
+    mean, logvar = model.encode(x)
+    assert mean.shape == logvar.shape == (2, 6)
     images = model.sample(n=3)
     assert images.shape == (3, channels, size, size) and images.min() >= 0 and images.max() <= 1
-    draws = model(x, eps=torch.randn(4, 2, 6))[0]          # K = 4 draws per image, as the IWAE objective takes
-    assert draws.shape == (4, 2, channels * per_channel, size, size)
+    assert model.decode(mean, as_image=True).shape == (2, channels, size, size)
+    draws = model(x, eps=torch.randn(4, 2, model.noise_dim))    # K = 4 draws per image, as the IWAE bound takes
+    assert draws.params.shape == (4, 2, channels * per_channel, size, size) and draws.log_w.shape == (4, 2)
 
 
 def test_conditional_model_takes_labels_in_encoder_and_decoder():
     model = ConvVAE(ModelConfig(conditional=True, num_classes=10, latent_dim=4))
     assert model.encoder[0].in_channels == 1 + 10 and model.decoder[0].in_features == 4 + 10
     x, y = torch.rand(3, 1, 28, 28), torch.tensor([0, 1, 9])
-    assert model(x, y=y)[0].shape == (3, 1, 28, 28)
+    assert model(x, y=y).params.shape == (3, 1, 28, 28)
     z = torch.randn(1, 4).expand(2, 4)
     zero, one = model.decode(z, torch.tensor([0, 1]))
     assert not torch.equal(zero, one)                        # the label changes the decode of the same code
@@ -166,7 +169,7 @@ STEP_PAGE_FAULTS = """if True:
     import resource, sys, torch
     from vaekit.allocator import keep_freed_memory
     from vaekit.models import ConvVAE, ModelConfig
-    from vaekit.objectives import single_sample_elbo
+    from vaekit.objectives import training_loss
     if sys.argv[1] == "tuned":
         assert keep_freed_memory()
     torch.manual_seed(0)
@@ -176,8 +179,8 @@ STEP_PAGE_FAULTS = """if True:
     from vaekit.distributed import bf16_is_fast
     def step():   # in the precision training picks here: emulated bf16 makes temporaries of its own
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_is_fast(torch.device("cpu"))):
-            logits, z, mean, logvar = model(x)
-        loss = -single_sample_elbo(x, logits, z, mean, logvar).mean()
+            terms = model(x)
+        loss = training_loss(terms).mean()
         opt.zero_grad(); loss.backward(); opt.step()
     for _ in range(3):
         step()
@@ -208,7 +211,7 @@ def test_a_few_steps_lower_the_resnet_loss_on_real_digits():
     one batch of real MNIST grey levels lower its loss (the conv family trains in test_variants.py)."""
     from conftest import SAMPLE
     from vaekit.data import load_splits, preprocess
-    from vaekit.objectives import single_sample_elbo
+    from vaekit.objectives import training_loss
 
     torch.manual_seed(0)
     x = preprocess(load_splits("mnist", SAMPLE).train.images[:16], "none")
@@ -216,8 +219,7 @@ def test_a_few_steps_lower_the_resnet_loss_on_real_digits():
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = []
     for _ in range(8):
-        params, z, mean, logvar = model(x, generator=torch.Generator().manual_seed(1))
-        loss = -single_sample_elbo(x, params, z, mean, logvar, model.likelihood).mean()
+        loss = training_loss(model(x, generator=torch.Generator().manual_seed(1))).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -5,7 +5,9 @@ import numpy as np
 import torch
 
 from vaekit.likelihoods import Bernoulli
-from vaekit.objectives import analytic_kl, importance_weights, iwae_bound, log_normal_pdf, single_sample_elbo
+from vaekit.models import ConvVAE, ModelConfig
+from vaekit.models.vae import Terms
+from vaekit.objectives import analytic_kl, importance_weights, iwae_bound, log_normal_pdf, training_loss
 
 
 def np_log_normal_pdf(sample, mean, logvar):
@@ -31,13 +33,22 @@ def random_batch(rng, b=7, latent=5):
     return x, logits, z, mean, logvar
 
 
-def test_single_sample_elbo_matches_numpy():
-    rng = np.random.default_rng(0)
-    arrays = random_batch(rng)
-    expected = np_seed_elbo(*arrays)
-    got = single_sample_elbo(*map(torch.from_numpy, arrays))
-    assert got.shape == (7,)
-    np.testing.assert_allclose(got.double().numpy(), expected, rtol=1e-5)
+def test_a_pass_of_the_seed_model_gives_the_seeds_elbo_as_numpy_computes_it():
+    """The model's own pass (encode, reparameterize with the given noise, decode, the terms) against
+    the seed's compute_loss in float64 NumPy on that pass's mean, log-variance, z and logits."""
+    torch.manual_seed(0)
+    model = ConvVAE(ModelConfig(latent_dim=5))
+    x = (torch.rand(7, 1, 28, 28) > 0.6).float()
+    eps = torch.randn(7, 5)
+    with torch.no_grad():
+        terms = model(x, eps=eps)
+        mean, logvar = model.encode(x)
+    z = mean + torch.exp(logvar / 2) * eps
+    expected = np_seed_elbo(x.double().numpy(), terms.params.double().numpy(), z.double().numpy(),
+                            mean.double().numpy(), logvar.double().numpy())
+    assert terms.log_w.shape == (7,)
+    np.testing.assert_allclose(terms.log_w.double().numpy(), expected, rtol=1e-5)
+    np.testing.assert_allclose(terms.rate[:, 0].numpy(), analytic_kl(mean, logvar).numpy(), rtol=1e-6)
 
 
 def test_parts_match_numpy():
@@ -64,8 +75,8 @@ def test_iwae_bound_with_one_sample_is_the_elbo():
     rng = np.random.default_rng(2)
     x, logits, z, mean, logvar = map(torch.from_numpy, random_batch(rng))
     log_w = importance_weights(x, logits[None], z[None], mean, logvar)
-    torch.testing.assert_close(iwae_bound(log_w), single_sample_elbo(x, logits, z, mean, logvar).double(),
-                               rtol=1e-5, atol=1e-4)
+    expected = torch.from_numpy(np_seed_elbo(*(a.numpy() for a in (x, logits, z, mean, logvar))))
+    torch.testing.assert_close(iwae_bound(log_w), expected, rtol=1e-5, atol=1e-4)
 
 
 def test_iwae_bound_is_log_mean_exp():
@@ -74,14 +85,26 @@ def test_iwae_bound_is_log_mean_exp():
     torch.testing.assert_close(iwae_bound(log_w), expected)
 
 
-def test_beta_weights_the_rate_and_beta_one_is_the_elbo_bit_for_bit():
+def terms_of(x, logits, z, mean, logvar) -> Terms:
+    log_pz, log_qz = log_normal_pdf(z, 0.0, 0.0), log_normal_pdf(z, mean, logvar)
+    return Terms(logits, Bernoulli.log_prob(x, logits), log_pz, log_qz, analytic_kl(mean, logvar)[:, None])
+
+
+def test_kl_weight_scales_the_rate_and_weight_one_is_the_elbo_bit_for_bit():
     rng = np.random.default_rng(3)
-    x, logits, z, mean, logvar = map(torch.from_numpy, random_batch(rng))
-    elbo = single_sample_elbo(x, logits, z, mean, logvar)
-    assert torch.equal(single_sample_elbo(x, logits, z, mean, logvar, beta=1.0), elbo)
-    log_px = Bernoulli.log_prob(x, logits)
-    mc_rate = log_normal_pdf(z, mean, logvar) - log_normal_pdf(z, 0.0, 0.0)
-    torch.testing.assert_close(single_sample_elbo(x, logits, z, mean, logvar, beta=4.0), log_px - 4.0 * mc_rate)
+    terms = terms_of(*map(torch.from_numpy, random_batch(rng)))
+    assert torch.equal(training_loss(terms, kl_weight=1.0), -terms.log_w)
+    mc_rate = terms.log_qz - terms.log_pz
+    torch.testing.assert_close(training_loss(terms, kl_weight=4.0), -(terms.log_px - 4.0 * mc_rate))
+    torch.testing.assert_close(training_loss(terms, kl_weight=0.5, kl="analytic"),
+                               -terms.log_px + 0.5 * terms.rate[:, 0])
+
+
+def test_free_bits_count_each_layers_rate_as_at_least_their_nats():
+    rate = torch.tensor([[0.2, 3.0], [5.0, 0.0]], dtype=torch.float64)
+    terms = Terms(None, torch.tensor([-10.0, -20.0], dtype=torch.float64), None, None, rate)
+    torch.testing.assert_close(training_loss(terms, kl="analytic", free_bits=1.0),
+                               torch.tensor([10.0 + 1.0 + 3.0, 20.0 + 5.0 + 1.0], dtype=torch.float64))
 
 
 def test_iwae_bound_is_at_least_the_mean_elbo_of_its_draws():

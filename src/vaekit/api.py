@@ -14,7 +14,8 @@ from .config import BINARIZATIONS, ConfigError
 from .data import dataset_info, fetch, load_data, preprocess
 from .evaluate import evaluate, inpainting_log_likelihood
 from .export import export_run
-from .generate import (INPAINT_METHODS, MASKS, PATHS, apply_attribute, attribute_vector, inpaint, interleave,
+from .generate import (INPAINT_METHODS, MASKS, PATHS, apply_attribute, attribute_vector, inpaint, inpaint_refusal,
+                       interleave,
                        interpolate, manifold, mean_image, most_active_dims, posterior, project_2d, reconstruct,
                        region_mask, sample, traverse)
 from .models.inference import decode_batch_for
@@ -299,6 +300,9 @@ def inpaint_to_png(run: str | Path, mask: str = "centre", n: int = 8, steps: int
     if method not in INPAINT_METHODS:
         raise ConfigError(f"--method must be one of {', '.join(INPAINT_METHODS)}; got {method!r}")
     model, config, rt, splits = open_run(run, device, data_dir, "inpaint", precision)
+    refusal = inpaint_refusal(config.model, method)
+    if refusal:
+        raise ConfigError(f"{run}: {refusal}")
     if config.model.likelihood != "bernoulli":
         raise ConfigError(f"`vaekit inpaint` samples binary pixels: it is for bernoulli models, and {run} is a "
                           f"{config.model.likelihood} model")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import json
 import sys
 import time
 import typing
@@ -75,6 +76,20 @@ def _config_flags(overrides: dict) -> list[str]:
     return flags
 
 
+def _with_config_file(path: Path | None, overrides: dict) -> dict:
+    """The settings of a --config FILE (a JSON object of config.json's shape, any part of it), with
+    the command line's flags over them."""
+    if path is None:
+        return overrides
+    try:
+        settings = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read --config {path}: {e}; pass a JSON file shaped like a run's config.json") from None
+    if not isinstance(settings, dict) or not all(isinstance(v, dict) for v in settings.values()):
+        raise ConfigError(f"--config {path} must hold a JSON object of parts (data, model, train), each an object")
+    return {part: {**settings.get(part, {}), **overrides.get(part, {})} for part in {*settings, *overrides}}
+
+
 RESUME_SETTINGS = {"epochs", "data_dir"}   # what a resume may set: its length, where its data is now
 
 
@@ -82,13 +97,16 @@ def _cmd_train(args) -> int | None:
     overrides = _config_overrides(args)
     if args.fall_back and not args.resume:
         raise ConfigError("--fall-back applies to --resume RUN only; leave it out")
+    if args.config and args.resume:
+        raise ConfigError("--resume continues a run with its own config.json; leave --config out")
     if args.resume:
         extra = {k for part in overrides.values() for k in part} - RESUME_SETTINGS
         if extra:
             raise ConfigError(f"--resume continues a run with its own config.json; only --epochs and --data-dir "
                               f"may change (got {', '.join(sorted(extra))})")
     else:
-        config = Config.from_dict(overrides, source="command line")
+        config = Config.from_dict(_with_config_file(args.config, overrides),
+                                  source=f"{args.config} and the command line" if args.config else "command line")
         out = args.out or Path("runs") / f"cvae-{config.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {args.nproc}")
@@ -97,6 +115,7 @@ def _cmd_train(args) -> int | None:
             raise ConfigError("--nproc starts torchrun itself; under torchrun, leave it out")
         where = ["--resume", str(args.resume)] if args.resume else ["--out", str(out)]
         where += ["--fall-back"] if args.fall_back else []
+        where += ["--config", str(args.config)] if args.config else []
         return launch(args.nproc, ["train", *where, *_config_flags(overrides)], args.max_restarts)
     if args.resume:
         api.train(resume=args.resume, epochs=overrides.get("train", {}).get("epochs"),
@@ -227,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--out", type=Path, help="the new run directory (default: runs/cvae-DATASET-TIME)")
     where.add_argument("--resume", type=Path, metavar="RUN", help="go on with this run from its newest checkpoint "
                        "(--epochs may extend it; --data-dir says where its data is now)")
+    p.add_argument("--config", type=Path, metavar="FILE", help="start from the settings in FILE (JSON shaped like a "
+                   "run's config.json, any part of it; the recipes in configs/), flags overriding them")
     p.add_argument("--fall-back", action="store_true", help="with --resume: when the newest checkpoint is damaged, "
                    "go on from the newest intact one (the damaged ones are moved to RUN/checkpoints/set-aside/)")
     launcher = p.add_argument_group("processes (see README: several GPUs and machines)")

@@ -15,11 +15,18 @@ from .models import ModelConfig
 
 BINARIZATIONS = ("static", "dynamic", "none")
 PRECISIONS = ("auto", "fp32", "bf16")
+LR_SCHEDULES = ("constant", "cosine")
+KL_ESTIMATORS = ("sample", "analytic")
 DEVICES = ("auto", "cpu", "cuda")
 
 
 class ConfigError(ValueError):
     """A configuration value or file that cannot be used; the message says which and what to do."""
+
+
+def _f(default, help: str):
+    """A field with its default and the help line its command-line flag shows."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -37,6 +44,9 @@ class DataConfig:
     test_fraction: float = field(default=0.1, metadata={"help": "folder: the share of images held out as the "
                                  "test split, chosen by a hash of each file's path"})
     split_seed: int = field(default=0, metadata={"help": "folder: another seed puts other files in the test split"})
+    validation: int = _f(0, "hold out the last N training images as a validation split, scored every epoch "
+                         "(val_elbo) for --early-stop and RUN@best; the literature's MNIST split is 10000 "
+                         "(50,000 train / 10,000 validation); 0: none, the seed's")
 
     def __post_init__(self) -> None:
         from .data.sources import DATASETS   # here, not at the top: vaekit.data imports this module
@@ -56,6 +66,8 @@ class DataConfig:
         if self.resize < 1:
             raise ConfigError(f"resize must be >= 1, got {self.resize}: fix --resize")
         _choice("channels", self.channels, (1, 3))
+        if self.validation < 0:
+            raise ConfigError(f"validation must be >= 0 images, got {self.validation}: fix --validation")
         if not 0 < self.test_fraction < 1:
             raise ConfigError(f"test_fraction must be between 0 and 1, got {self.test_fraction}: fix --test-fraction")
 
@@ -66,28 +78,50 @@ FOLDER_SETTINGS = ("resize", "channels", "test_fraction", "split_seed")   # Data
 
 @dataclass
 class TrainConfig:
-    epochs: int = 100
-    batch_size: int = 100
-    lr: float = 1e-4
-    seed: int = 0
-    precision: str = "auto"           # "auto": bf16 where the hardware runs it fast, else fp32
-    device: str = "auto"              # "auto": cuda if available, else cpu
-    eval_batch_size: int = 500        # no gradients; 500 keeps activations under the mmap threshold (allocator.py)
-    keep_checkpoints: int = 2         # epoch checkpoints kept on disk (the newest ones)
-    checkpoint_every: int = 0         # also checkpoint every N steps within epochs (0: at epoch ends only)
-    tensorboard: bool = field(default=False, metadata={"help": "also log each epoch's metrics and grid image for "
-                              "TensorBoard in RUN/tensorboard/ (needs pip install 'vaekit[tensorboard]')"})
+    epochs: int = _f(100, "passes over the training images (the seed's 100)")
+    batch_size: int = _f(100, "images per step, over all processes (the seed's 100)")
+    lr: float = _f(1e-4, "Adam's learning rate (the seed's 1e-4); the start of --lr-schedule cosine")
+    adam_eps: float = _f(1e-7, "Adam's epsilon; 1e-7 is Keras's, which the seed trained with (torch's is 1e-8)")
+    lr_schedule: str = _f("constant", "constant (the seed's) or cosine: from --lr down to --lr-final along half "
+                          "a cosine over all the steps of --epochs")
+    lr_final: float = _f(0.0, "cosine: the learning rate at the last step")
+    warmup_epochs: float = _f(0.0, "KL warm-up: the weight of the rate grows linearly from 0 to --beta over this "
+                              "many epochs (Sønderby et al. 2016); 0: off")
+    kl: str = _f("sample", "the rate in the elbo objective: sample, the seed's log q(z|x) - log p(z) of the one "
+                 "draw; analytic, each layer's closed-form KL where there is one (lower variance)")
+    free_bits: float = _f(0.0, "analytic kl: each stochastic layer's rate of each image counts as at least this "
+                          "many nats (Kingma et al. 2016), so no layer collapses early; 0: off")
+    clip_grad: float = _f(0.0, "clip the gradient's global norm to this; 0: off")
+    skip_grad: float = _f(0.0, "skip the update of a step whose gradient norm exceeds this (as VDVAE), counted in "
+                          "metrics.jsonl's skipped_updates; 0: off")
+    early_stop: int = _f(0, "with --validation: stop after this many epochs without a better validation ELBO; 0: off")
+    seed: int = _f(0, "seeds the initial weights, the batch order and all noise")
+    precision: str = _f("auto", "auto: bf16 where the hardware runs it fast (AVX512-BF16, AMX, Ampere+), else fp32")
+    device: str = _f("auto", "auto: cuda if available, else cpu")
+    eval_batch_size: int = _f(500, "images per pass of the per-epoch test ELBO (no gradients; 500 keeps "
+                              "activations under the mmap threshold, see allocator.py)")
+    keep_checkpoints: int = _f(2, "epoch checkpoints kept on disk (the newest ones)")
+    checkpoint_every: int = _f(0, "also checkpoint every N steps within epochs (0: at epoch ends only)")
+    tensorboard: bool = _f(False, "also log each epoch's metrics and grid image for TensorBoard in RUN/tensorboard/ "
+                           "(needs pip install 'vaekit[tensorboard]')")
 
     def __post_init__(self) -> None:
         _choice("precision", self.precision, PRECISIONS)
         _choice("device", self.device, DEVICES)
-        for name in ("epochs", "batch_size", "eval_batch_size", "keep_checkpoints", "checkpoint_every"):
-            minimum = 0 if name in ("epochs", "checkpoint_every") else 1
+        _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _choice("kl", self.kl, KL_ESTIMATORS)
+        for name in ("epochs", "batch_size", "eval_batch_size", "keep_checkpoints", "checkpoint_every", "early_stop"):
+            minimum = 0 if name in ("epochs", "checkpoint_every", "early_stop") else 1
             if getattr(self, name) < minimum:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{name} must be >= {minimum}, got {getattr(self, name)}: fix {flag}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}: fix --lr")
+        if not self.lr > 0 or not self.adam_eps > 0:
+            raise ConfigError(f"lr and adam_eps must be > 0, got {self.lr} and {self.adam_eps}: fix --lr or --adam-eps")
+        for name in ("lr_final", "warmup_epochs", "free_bits", "clip_grad", "skip_grad"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}: fix --{name.replace('_', '-')}")
+        if self.free_bits and self.kl != "analytic":
+            raise ConfigError("--free-bits works on each layer's closed-form rate: pass --kl analytic with it")
 
 
 @dataclass
@@ -97,6 +131,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
+        if self.train.early_stop and not self.data.validation:
+            raise ConfigError("--early-stop watches the validation ELBO: pass --validation N (10000 for MNIST)")
         if (self.data.binarization == "none" and self.model.likelihood == "bernoulli"
                 and not self.model.allow_continuous_bernoulli):
             raise ConfigError("the bernoulli likelihood is for binary data, and binarization none keeps grey "

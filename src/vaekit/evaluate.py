@@ -16,7 +16,7 @@ from .data import preprocess
 from .distributed import Runtime
 from .generate import inpaint, posterior, rate_per_dim
 from .likelihoods import Bernoulli, bits_per_dim
-from .objectives import analytic_elbo_terms, importance_weights, iwae_bound, single_sample_elbo
+from .objectives import iwae_bound
 
 ACTIVE_UNIT_THRESHOLD = 0.01   # Burda et al. 2016: a unit is active when Cov_x(E_q[z_u]) > 0.01
 
@@ -50,30 +50,32 @@ def _mean_and_stderr(values: torch.Tensor) -> tuple[float, float | None]:
 @torch.inference_mode()
 def elbo_per_image(model, x: torch.Tensor, generator: torch.Generator, batch_size: int = 2000,
                    labels: torch.Tensor | None = None, progress=None) -> torch.Tensor:
-    """The seed's single-sample ELBO, the distortion -log p(x|z) of the same z and the analytic
-    rate of each preprocessed image of x [N,C,H,W] -> [N,3] float64, nats; z drawn from `generator`
-    a batch at a time. `progress`: a bar advanced by each batch's decodes."""
+    """The seed's single-sample ELBO, the distortion -log p(x|z) of the same z and the rate of each
+    stochastic layer (closed-form where there is one) of each preprocessed image of x [N,C,H,W]
+    -> [N,2+L] float64, nats; z drawn from `generator` a batch at a time. `progress`: a bar
+    advanced by each batch's decodes."""
     parts = []
     for start in range(0, len(x), batch_size):
         xb = x[start:start + batch_size]
         y = None if labels is None else labels[start:start + batch_size]
-        mean, logvar = model.encode(xb, y)
-        z = model.reparameterize(mean, logvar, generator)
-        params = model.decode(z, y)
-        elbo = single_sample_elbo(xb, params, z, mean, logvar, model.likelihood)
-        distortion, rate = analytic_elbo_terms(xb, params, mean, logvar, model.likelihood)
-        parts.append(torch.stack([elbo, distortion, rate], dim=1).double())
+        eps = torch.randn(len(xb), model.noise_dim, generator=generator, device=xb.device)
+        terms = model(xb, eps=eps, y=y)
+        parts.append(torch.cat([terms.log_w[:, None], -terms.log_px[:, None], terms.rate], dim=1).double())
         if progress is not None:
             progress.update(len(xb))
     return torch.cat(parts)
 
 
 def _elbo_record(terms: torch.Tensor) -> dict:
-    """The means of elbo_per_image's columns (and the analytic-KL ELBO) with their standard errors."""
+    """The means of elbo_per_image's columns (and the analytic-KL ELBO) with their standard errors;
+    for more than one stochastic layer, each layer's rate too (top first)."""
     record = {}
-    for name, values in (("elbo", terms[:, 0]), ("distortion", terms[:, 1]), ("rate", terms[:, 2]),
-                         ("elbo_analytic_kl", -(terms[:, 1] + terms[:, 2]))):
+    rate = terms[:, 2:].sum(1)
+    for name, values in (("elbo", terms[:, 0]), ("distortion", terms[:, 1]), ("rate", rate),
+                         ("elbo_analytic_kl", -(terms[:, 1] + rate))):
         record[name], record[f"{name}_stderr"] = _mean_and_stderr(values)
+    if terms.shape[1] > 3:
+        record["rate_per_layer"] = [round(r, 3) for r in terms[:, 2:].mean(0).tolist()]
     return record
 
 
@@ -130,15 +132,11 @@ def iwae_bounds(model, x: torch.Tensor, k: int, seed: int = 0, decode_batch: int
     for start in range(0, len(x), per_pass):
         xb = x[start:start + per_pass]
         yb = None if labels is None else labels[start:start + per_pass]
-        mean, logvar = model.encode(xb, yb)                         # [B,D] each
-        eps = _image_noise(seed, start, len(xb), k, mean.shape[1], x.device)   # [K,B,D]
+        eps = _image_noise(seed, start, len(xb), k, model.noise_dim, x.device)   # [K,B,noise_dim]
         log_w = []
         for done in range(0, k, chunk):
-            z = model.reparameterize(mean, logvar, eps=eps[done:done + chunk])  # [kc,B,D]
-            kc = len(z)
-            y = None if yb is None else yb.repeat(kc)
-            params = model.decode(z.flatten(0, 1), y).unflatten(0, (kc, len(xb)))          # [kc,B,C*P,H,W]
-            log_w.append(importance_weights(xb, params, z, mean, logvar, model.likelihood))   # [kc,B]
+            kc = len(eps[done:done + chunk])
+            log_w.append(model(xb, eps=eps[done:done + chunk], y=yb).log_w)          # [kc,B]
             if progress is not None:
                 progress.update(kc * len(xb))
         bounds.append(iwae_bound(torch.cat(log_w)))
@@ -174,7 +172,9 @@ def evaluate(model, images: torch.Tensor, binarization: str, runtime: Runtime, k
         "likelihood": model.config.likelihood, **elbo, "k": k, "iwae_bound": bound, "nll_upper_bound": -bound,
         "iwae_bound_stderr": bound_stderr, **bits,
         "active_units": int((unit_variance > ACTIVE_UNIT_THRESHOLD).sum()), "latent_dim": mean.shape[1],
-        "rate_per_dim": [round(r, 4) for r in rate_per_dim(mean, logvar).tolist()],
+        # KL to N(0, 1) of each dimension: the rate of each, under the standard prior of a one-layer model
+        **({"rate_per_dim": [round(r, 4) for r in rate_per_dim(mean, logvar).tolist()]}
+           if model.config.prior == "standard" and model.config.layers_of_z == 1 else {}),
         "precision": runtime.precision, "decode_batch": decode_batch, "decodes": n * (k + 1),
         "seconds": round(seconds, 1), "decodes_per_second": round(n * (k + 1) / seconds),
     }

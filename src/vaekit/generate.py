@@ -31,10 +31,10 @@ def reconstruct(model, images: torch.Tensor, binarization: str = "static",
                 generator: torch.Generator | None = None,
                 labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The seed's 'samples near encoded images': encode, draw z ~ q(z|x) with the
-    reparameterization trick, decode. Returns (the binarized inputs, their decodes)."""
+    reparameterization trick (every layer of a hierarchy), decode. Returns (the binarized inputs,
+    their decodes)."""
     x = preprocess(images, binarization, generator)
-    mean, logvar = model.encode(x, labels)
-    return x, model.decode(model.reparameterize(mean, logvar, generator), labels, as_image=True)
+    return x, model.likelihood.mean(model(x, generator=generator, y=labels).params)
 
 
 def interleave(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -162,6 +162,9 @@ def inpaint(model, images: torch.Tensor, mask: torch.Tensor, steps: int = 50, ch
     chains there (the web demo bounds the time one request may hold the model with it)."""
     if method not in INPAINT_METHODS:
         raise ValueError(f"method must be one of {', '.join(INPAINT_METHODS)}; got {method!r}")
+    refusal = inpaint_refusal(model.config, method)
+    if refusal:
+        raise ValueError(refusal)
     x = preprocess(images, binarization, generator)
     xs = x.repeat(chains, 1, 1, 1)                          # [chains*N,C,H,W], chain-major
     missing = mask.to(x.device).expand_as(xs)
@@ -190,6 +193,17 @@ def inpaint(model, images: torch.Tensor, mask: torch.Tensor, steps: int = 50, ch
     chain_axis = (chains, len(x))
     predictive = log_on.unflatten(0, chain_axis).logsumexp(0) - log_off.unflatten(0, chain_axis).logsumexp(0)
     return x, torch.where(mask.to(x.device), torch.sigmoid(predictive), x), predictive
+
+
+def inpaint_refusal(config, method: str) -> str | None:
+    """Why `inpaint` cannot run `method` on a model of `config` (None: it can). Its chains encode
+    and decode one layer of z, and the metropolis ratio takes the prior N(0, I)."""
+    if config.layers_of_z > 1:
+        return (f"inpainting encodes and decodes one layer of z, and this {config.family} model has "
+                f"{config.layers_of_z}: use a conv or resnet model")
+    if method == "metropolis" and config.prior != "standard":
+        return "the metropolis chain weighs codes under the prior N(0, I); with the vamp prior use pseudo-gibbs"
+    return None
 
 
 @torch.inference_mode()

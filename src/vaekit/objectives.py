@@ -1,9 +1,8 @@
 """ELBO estimators and the IWAE bound, as pure tensor functions.
 
 Every function returns one value per example ([B], in nats); callers sum or average. The
-ELBO's two parts are kept apart: distortion = -log p(x|z), rate = KL(q(z|x) || p(z)).
-`params` is the decoder's output and `likelihood` says what it means (see likelihoods.py;
-the seed's Bernoulli by default).
+ELBO's two parts are kept apart: distortion = -log p(x|z), rate = KL(q(z|x) || p(z)). A model's
+pass returns them as Terms (models/vae.py); training_loss turns those into each objective.
 """
 from __future__ import annotations
 
@@ -33,18 +32,21 @@ def analytic_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return analytic_kl_per_dim(mean, logvar).sum(dim=-1)
 
 
-def single_sample_elbo(x, params, z, mean, logvar, likelihood=Bernoulli, beta: float = 1.0) -> torch.Tensor:
-    """The seed's `compute_loss` estimator, per example [B]:
-    log p(x|z) + log p(z) - log q(z|x) with one z ~ q(z|x). Its batch mean, negated, is the loss.
+def training_loss(terms, objective: str = "elbo", kl_weight: float = 1.0, kl: str = "sample",
+                  free_bits: float = 0.0) -> torch.Tensor:
+    """The loss of each example [B] from a pass's Terms (models/vae.py).
 
-    With `beta` != 1 the beta-VAE objective log p(x|z) - beta (log q(z|x) - log p(z)), which is
-    no bound on log p(x); at beta = 1 it is the ELBO bit for bit (multiplying by 1.0 is exact)."""
-    return likelihood.log_prob(x, params) + beta * log_normal_pdf(z, 0.0, 0.0) - beta * log_normal_pdf(z, mean, logvar)
-
-
-def analytic_elbo_terms(x, params, mean, logvar, likelihood=Bernoulli) -> tuple[torch.Tensor, torch.Tensor]:
-    """(distortion, rate) per example [B]: -log p(x|z) with one z ~ q, and the closed-form KL."""
-    return -likelihood.log_prob(x, params), analytic_kl(mean, logvar)
+    "elbo" with kl "sample": the seed's `compute_loss`, -(log p(x|z) + w log p(z) - w log q(z|x))
+    with one z ~ q(z|x); at w = 1 the negated ELBO bit for bit (multiplying by 1.0 is exact), w != 1
+    the beta-VAE objective or a KL warm-up's step, no bound on log p(x). With kl "analytic" each
+    stochastic layer's closed-form rate stands for log q - log p, each at least `free_bits` nats.
+    "iwae": the negated IWAE bound of the K draws the terms hold ([K,B] each)."""
+    if objective == "iwae":
+        return -iwae_bound(terms.log_w)
+    if kl == "analytic":
+        rate = terms.rate.clamp(min=free_bits) if free_bits else terms.rate
+        return -terms.log_px + kl_weight * rate.sum(-1)
+    return -(terms.log_px + kl_weight * terms.log_pz - kl_weight * terms.log_qz)
 
 
 def importance_weights(x, params, z, mean, logvar, likelihood=Bernoulli) -> torch.Tensor:

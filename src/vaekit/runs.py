@@ -15,6 +15,9 @@ RUN/
   checkpoints/latest           the name of the newest complete checkpoint (a hint: loading takes the
                                newest checkpoint whose checksums hold, whatever `latest` says)
   checkpoints/set-aside/       damaged checkpoints moved out of the way by `--fall-back`, never deleted
+  checkpoints/best/            with a validation split: the weights of the epoch with the best validation
+                               ELBO (model-epoch_NNNN.safetensors) and best.json naming that file, its epoch,
+                               validation ELBO and SHA-256; commands read it as RUN@best
   .lock                        held (flock) by the one training process writing here; holds its pid
   tensorboard/                 event files for TensorBoard (train --tensorboard)
 
@@ -45,6 +48,8 @@ CHECKPOINT_NAME = re.compile(r"(epoch_\d{4,}|step_\d{8,})")
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
 CHECKSUMS = "SHA256SUMS"   # written last into each checkpoint; `sha256sum -c SHA256SUMS` checks it too
 SET_ASIDE = "set-aside"    # under checkpoints/: damaged checkpoints a --fall-back resume moved away
+BEST = "best"              # under checkpoints/: the best validation epoch's weights; RUN@best names them
+BEST_SUFFIX = "@" + BEST
 
 
 class RunError(Exception):
@@ -407,6 +412,43 @@ class Run:
                            f"was altered after it was written; restore it, or move it out of {self.checkpoints} "
                            "to go on from an older one") from None
 
+    def save_best(self, weights: dict[str, torch.Tensor], epoch: int, val_elbo: float) -> None:
+        """Keeps `weights` as the best epoch's: the file first, then best.json naming it (atomic), then
+        the older file goes; a crash at any point leaves a best.json whose file is there and intact."""
+        folder = self.checkpoints / BEST
+        folder.mkdir(exist_ok=True)
+        name = f"model-epoch_{epoch:04d}.safetensors"
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(folder / name))
+        os.chmod(folder / name, _file_mode())
+        _fsync(folder / name)
+        record = {"file": name, "epoch": epoch, "val_elbo": val_elbo, "sha256": _sha256(folder / name)}
+        _atomic_write_text(folder / "best.json", json.dumps(record, indent=1) + "\n")
+        for old in folder.glob("model-*.safetensors"):
+            if old.name != name:
+                old.unlink()
+
+    def best(self) -> dict | None:
+        """best.json of checkpoints/best/ (the file, epoch, validation ELBO, SHA-256), or None."""
+        path = self.checkpoints / BEST / "best.json"
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise RunError(f"{path} is damaged ({e}); the run directory was altered") from None
+
+    def load_best_weights(self) -> dict[str, torch.Tensor]:
+        """The weights of the best validation epoch, their SHA-256 verified."""
+        best = self.best()
+        if best is None:
+            raise RunError(f"{self.path} has no best checkpoint: it is kept by runs trained with a validation "
+                           "split (--validation 10000); use the run's newest weights (drop @best)")
+        path = self.checkpoints / BEST / best["file"]
+        if not path.is_file() or _sha256(path) != best["sha256"]:
+            raise RunError(f"best checkpoint file {path} is missing or damaged (its SHA-256 differs from the one "
+                           "recorded when it was written)")
+        return _load_tensors(path)
+
     def load_weights(self, fall_back: bool = False) -> dict[str, torch.Tensor]:
         """The model weights of the newest checkpoint, its checksums verified (all that generation
         and evaluation need); with `fall_back`, of the newest intact one; or a shipped model's."""
@@ -422,8 +464,15 @@ class Run:
         return path
 
 
+def is_best(run: str | Path) -> bool:
+    """Whether `run` names a run's best validation checkpoint: RUN@best."""
+    return str(run).endswith(BEST_SUFFIX)
+
+
 def resolve(run: str | Path) -> Path:
-    """The directory of `run`: itself, or for `pretrained:NAME` the shipped model's folder."""
+    """The directory of `run`: itself (RUN@best: RUN), or for `pretrained:NAME` the shipped model's folder."""
+    if is_best(run):
+        return Path(str(run)[:-len(BEST_SUFFIX)])
     if not pretrained.is_pretrained(run):
         return Path(run)
     name = str(run)[len(pretrained.PREFIX):]
@@ -436,7 +485,9 @@ def resolve(run: str | Path) -> Path:
 
 def output_dir(run: str | Path) -> Path:
     """Where commands write what they make of `run` (samples/, eval.json, ...): the run directory,
-    or for a shipped model (read-only, inside the installed package) ./pretrained-NAME."""
+    or for a shipped model (read-only, inside the installed package) ./pretrained-NAME; for RUN@best, RUN/best."""
+    if is_best(run):
+        return resolve(run) / BEST
     if pretrained.is_pretrained(run):
         return Path("pretrained-" + str(run)[len(pretrained.PREFIX):])
     return Path(run)
@@ -516,7 +567,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
 def load_model(path: str | Path, device: str = "auto", precision: str = "auto", fall_back: bool = False,
                prepared: bool = True):
     """The model of a run directory with its newest weights (with `fall_back`, the newest intact
-    ones when newer ones are damaged), ready for inference on `device` in `precision` (auto: bf16
+    ones when newer ones are damaged; RUN@best: its best validation epoch's), ready for inference on `device` in `precision` (auto: bf16
     where the hardware runs it natively, as in training; see models/inference.py). With
     `prepared=False`, the model as training builds it (plain parameters, e.g. to export it).
     Returns (model, config, runtime)."""
@@ -528,7 +579,7 @@ def load_model(path: str | Path, device: str = "auto", precision: str = "auto", 
     config = run.config()
     runtime = setup(device, precision)
     model = build_model(config.model)
-    load_weights_into(model, run.load_weights(fall_back), run.path)
+    load_weights_into(model, run.load_best_weights() if is_best(path) else run.load_weights(fall_back), run.path)
     if not prepared:
         return model.to(runtime.device, memory_format=torch.channels_last).eval(), config, runtime
     return prepare_for_inference(model, runtime), config, runtime

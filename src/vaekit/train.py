@@ -12,6 +12,7 @@ does not depend on the number of ranks (up to float rounding in the gradient all
 from __future__ import annotations
 
 import importlib.util
+import math
 import signal
 import sys
 import threading
@@ -25,13 +26,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from .config import Config, ConfigError
-from .data import DataError, Splits, fingerprint, load_data, preprocess
+from .data import DataError, Splits, fingerprint, hold_out, load_data, preprocess
 from .data.sources import to_stderr
 from .distributed import Runtime, restarted, setup
 from .evaluate import evaluate_elbo, iwae_bounds
 from .models import ModelConfig, build_model
-from .objectives import importance_weights, iwae_bound, single_sample_elbo
-from .runs import Checkpoint, Progress, Run, RunError
+from .objectives import training_loss
+from .runs import BEST_SUFFIX, Checkpoint, Progress, Run, RunError
+from .schedule import EarlyStop, Schedule
 from .viz import gif_from_pngs, save_grid
 
 NUM_EXAMPLES_TO_GENERATE = 16   # the seed's 4x4 progress grid
@@ -72,6 +74,9 @@ def train(config: Config | None = None, out: str | Path | None = None, resume: s
     if out is not None and restarted() and Run(out).config_path.is_file() and _same_config(Run(out).config(), config):
         resume, out = out, None
     if resume is not None:
+        if str(resume).endswith(BEST_SUFFIX):
+            raise ConfigError(f"--resume goes on from a run's newest checkpoint: pass {str(resume)[:-len(BEST_SUFFIX)]} "
+                              f"without {BEST_SUFFIX}")
         run = Run.open(resume)
         config = run.config()
         if epochs is not None:
@@ -128,7 +133,7 @@ def _train(run: Run, config: Config, rt: Runtime, resuming: bool, fall_back: boo
     # channels_last: the layout oneDNN's and cuDNN's fast convolution kernels want (CPU: +30%)
     model = build_model(config.model).to(rt.device, memory_format=torch.channels_last)
     # fused: one kernel for all parameters instead of ~10 per tensor (CPU: 0.7 -> 0.3 ms a step)
-    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, fused=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, eps=tc.adam_eps, fused=True)
     order_gen = torch.Generator().manual_seed(tc.seed)          # epoch permutations (CPU)
     noise_gen = rt.generator(tc.seed + 1)                       # reparameterization, dynamic binarization
 
@@ -146,10 +151,11 @@ def _train(run: Run, config: Config, rt: Runtime, resuming: bool, fall_back: boo
                 "--epochs N` trains on to epoch N")
             return
         log(f"Resuming {run.path} from {latest.name} (step {at.step}: epoch {at.epoch + 1}, batch {at.batch})")
-    train_images = splits.train.images.to(rt.device)
+    train_split, val_split = hold_out(splits.train, config.data.validation)
+    train_images = train_split.images.to(rt.device)
     test_images = splits.test.images.to(rt.device)
     # the labels a class-conditional model takes beside the images (None: an unconditional one)
-    train_labels, test_labels = ((splits.train.labels.to(rt.device), splits.test.labels.to(rt.device))
+    train_labels, test_labels = ((train_split.labels.to(rt.device), splits.test.labels.to(rt.device))
                                  if config.model.conditional else (None, None))
     if tc.batch_size > len(train_images):
         raise RunError(f"batch_size {tc.batch_size} is larger than the {len(train_images)} training images; "
@@ -176,7 +182,7 @@ def _train(run: Run, config: Config, rt: Runtime, resuming: bool, fall_back: boo
                       f"going on from {latest.name}")
         run.truncate_metrics(at.epoch)
         if latest is None:
-            fixed_z = torch.randn(NUM_EXAMPLES_TO_GENERATE, config.model.latent_dim,
+            fixed_z = torch.randn(NUM_EXAMPLES_TO_GENERATE, model.noise_dim,
                                   generator=torch.Generator().manual_seed(tc.seed + 2))
             run.save_fixed_z(fixed_z)
             save_grid(model.sample(fixed_z.to(rt.device), y=grid_labels(config.model, rt.device)).detach(),
@@ -195,8 +201,15 @@ def _train(run: Run, config: Config, rt: Runtime, resuming: bool, fall_back: boo
 
     trained = rt.wrap(model)
     processes = f"{rt.world_size} processes on {rt.device.type}" if rt.world_size > 1 else rt.device.type
-    log(f"Training {run.path} on {processes} ({rt.precision}): {len(train_images)} train / "
+    held_out = f"{len(val_split)} validation / " if len(val_split) else ""
+    log(f"Training {run.path} on {processes} ({rt.precision}): {len(train_images)} train / {held_out}"
         f"{len(test_images)} test images, epochs {at.epoch + 1}..{tc.epochs}")
+    schedule = Schedule(tc, steps_per_epoch=-(-len(train_images) // tc.batch_size))
+    stopping = EarlyStop(tc.early_stop, run.metrics() if rt.is_main else [])
+    if rt.max_all(int(rt.is_main and stopping.due())):
+        log(f"Nothing to do: {run.path} stopped early after epoch {stopping.last_epoch} (best validation ELBO "
+            f"{stopping.best:.2f} at epoch {stopping.best_epoch}); its weights: {run.path}{BEST_SUFFIX}")
+        return
     with _StopSignals(rt) as stop:
         for epoch in range(at.epoch + 1, tc.epochs + 1):
             epoch_order = order_gen.get_state()    # what a mid-epoch checkpoint saves: a resume redraws this order
@@ -206,7 +219,7 @@ def _train(run: Run, config: Config, rt: Runtime, resuming: bool, fall_back: boo
                                "the training data changed since")
             losses = torch.zeros(len(batches), dtype=torch.float64, device=rt.device)  # each step's summed loss
             losses[:at.batch] = torch.tensor(step_losses, dtype=torch.float64)
-            first_batch, start_time = at.batch, time.perf_counter()
+            first_batch, start_time, skipped = at.batch, time.perf_counter(), [0]
             # counts batches, shown as images (and images/s) by scaling with the batch size
             with tqdm(total=len(batches), initial=at.batch, desc=f"epoch {epoch}/{tc.epochs}", unit="img",
                       unit_scale=tc.batch_size, leave=False, disable=None if rt.is_main else True,
@@ -216,7 +229,7 @@ def _train(run: Run, config: Config, rt: Runtime, resuming: bool, fall_back: boo
                 while at.batch < len(batches):
                     first = at.batch
                     train_epoch(trained, optimizer, train_images, train_labels, batches, at, losses, config, rt,
-                                noise_gen, stop, bar)
+                                noise_gen, stop, bar, schedule, skipped)
                     rt.sum_all(losses[first:at.batch])     # this rank's sums -> the global batches'
                     _check_finite(losses, first, at, run)
                     if rt.is_main and (stop.signum or at.batch < len(batches)):
@@ -231,6 +244,10 @@ def _train(run: Run, config: Config, rt: Runtime, resuming: bool, fall_back: boo
             at = Progress(epoch, 0, at.step)
             if rt.is_main:   # the test set is small: rank 0 evaluates all of it, with the single-process noise
                 test = evaluate_test(model, test_images, test_labels, config, rt, seed=tc.seed * 1_000_003 + epoch)
+                if len(val_split):
+                    val = evaluate_elbo(model, val_split.images.to(rt.device), config.data.binarization, rt,
+                                        tc.eval_batch_size, tc.seed * 1_000_003 + epoch + 1)
+                    test.update({f"val_{key}": val[key] for key in ("elbo", "distortion", "rate")})
                 eval_seconds = time.perf_counter() - end_time
                 log("============================")
                 log(f"Epoch: {epoch}, Test set ELBO: {test['test_elbo']:.2f}, "
@@ -242,12 +259,19 @@ def _train(run: Run, config: Config, rt: Runtime, resuming: bool, fall_back: boo
                     "epoch": epoch, "step": at.step, "train_loss": losses.sum().item() / len(train_images), **test,
                     "epoch_seconds": round(end_time - start_time, 3), "eval_seconds": round(eval_seconds, 3),
                     "images_per_second": round(trained_images / (end_time - start_time), 1),
+                    "lr": schedule.lr(at.step - 1), **({"skipped_updates": skipped[0]} if tc.skip_grad else {}),
                 }
                 run.append_metrics(record)
+                if stopping.record(record):
+                    run.save_best(model.state_dict(), epoch, record["val_elbo"])
                 if board:
                     _log_board(board, epoch, record, run.image_path(epoch))
                 checkpoint(order_gen.get_state())
             step_losses = []
+            if rt.max_all(int(rt.is_main and stopping.due())):    # rank 0 decides; every rank stops with it
+                log(f"Early stop after epoch {epoch}: no better validation ELBO for {tc.early_stop} epochs "
+                    f"(best {stopping.best:.2f} at epoch {stopping.best_epoch}; its weights: {run.path}{BEST_SUFFIX})")
+                break
     if board:
         board.close()
     if rt.is_main:
@@ -318,7 +342,7 @@ def evaluate_test(model, images: torch.Tensor, labels: torch.Tensor | None, conf
 
 def train_epoch(model, optimizer, images: torch.Tensor, labels: torch.Tensor | None, batches: tuple[torch.Tensor, ...],
                 at: Progress, losses: torch.Tensor, config: Config, rt: Runtime, noise_gen: torch.Generator,
-                stop, bar) -> None:
+                stop, bar, schedule: Schedule, skipped: list[int]) -> None:
     """Trains on the epoch's `batches` (global batches of indices into `images`, uint8 on the
     device, and `labels` for a conditional model) from batch `at.batch` on, advancing `at`, until
     the epoch ends, a checkpoint is due (every `checkpoint_every` steps) or every rank knows of a
@@ -326,26 +350,37 @@ def train_epoch(model, optimizer, images: torch.Tensor, labels: torch.Tensor | N
 
     Each rank trains on its rows of every global batch, but binarization and reparameterization
     noise are drawn for the whole global batch on every rank: each example gets the same draws
-    whatever the number of ranks."""
-    every, mc = config.train.checkpoint_every, config.model
-    likelihood, draws = mc.likelihood_fn, (mc.iwae_k,) if mc.objective == "iwae" else ()
+    whatever the number of ranks. `schedule` gives each step's learning rate and KL weight;
+    skipped[0] counts the updates --skip-grad skipped."""
+    tc, mc = config.train, config.model
+    every, draws = tc.checkpoint_every, (mc.iwae_k,) if mc.objective == "iwae" else ()
+    parameters = [p for p in model.parameters() if p.requires_grad]
     for idx in batches[at.batch:]:
         rows = rt.shard(len(idx))
         x = preprocess(images[idx], config.data.binarization, noise_gen)[rows]          # [b,C,H,W], b = len(rows)
         y = None if labels is None else labels[idx][rows]
         # [b,latent], or [K,b,latent] for the iwae objective
-        eps = torch.randn(*draws, len(idx), mc.latent_dim, generator=noise_gen, device=images.device)[..., rows, :]
+        noise_dim = model.module.noise_dim if hasattr(model, "module") else model.noise_dim
+        eps = torch.randn(*draws, len(idx), noise_dim, generator=noise_gen, device=images.device)[..., rows, :]
         with rt.autocast():
-            params, z, mean, logvar = model(x, eps=eps, y=y)
-        if mc.objective == "iwae":
-            loss_per_example = -iwae_bound(importance_weights(x, params, z, mean, logvar, likelihood))   # [b]
-        else:
-            loss_per_example = -single_sample_elbo(x, params, z, mean, logvar, likelihood, mc.beta)    # [b]
+            terms = model(x, eps=eps, y=y)
+        loss_per_example = training_loss(terms, mc.objective, mc.beta * schedule.kl_weight(at.step), tc.kl,
+                                         tc.free_bits)                                              # [b]
         # DDP averages gradients over ranks: scaled so, each rank's sum gives the global batch mean's gradient
         loss = loss_per_example.sum() * (rt.world_size / len(idx))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        if schedule.varies_lr:
+            for group in optimizer.param_groups:
+                group["lr"] = schedule.lr(at.step)
+        if tc.clip_grad or tc.skip_grad:
+            norm = torch.nn.utils.clip_grad_norm_(parameters, tc.clip_grad or math.inf)
+            if tc.skip_grad and not norm <= tc.skip_grad:     # a NaN norm is skipped too
+                skipped[0] += 1
+            else:
+                optimizer.step()
+        else:
+            optimizer.step()
         losses[at.batch] = loss_per_example.detach().sum()
         at.batch += 1
         at.step += 1

@@ -17,6 +17,7 @@ import torch
 
 from ..config import BINARIZATIONS, FOLDER, DataConfig
 from .folders import FolderData, load_folder
+from .idx import DataError
 from .sources import DATASETS, Log, fetch_idx, idx_info, resolve, to_stderr
 
 
@@ -77,6 +78,17 @@ def load_splits(name: str, data_dir: str | Path | None = None, *, log: Log = to_
         return ImageData(images, labels)
 
     return Splits(train=split("train"), test=split("test"), class_names=DATASETS[name].class_names)
+
+
+def hold_out(split: ImageData, n: int) -> tuple[ImageData, ImageData]:
+    """(the first len - n images, the last n): a training split and the validation split held out
+    of it (MNIST's 50,000/10,000 of the literature with n = 10000). n = 0: (split, an empty split)."""
+    if n >= len(split):
+        raise DataError(f"--validation {n} holds out every one of the {len(split)} training images; "
+                        f"pass fewer (10000 for MNIST)")
+    keep = len(split) - n
+    return (ImageData(split.images[:keep], split.labels[:keep]),
+            ImageData(split.images[keep:], split.labels[keep:]))
 
 
 def fingerprint(splits: Splits) -> dict:

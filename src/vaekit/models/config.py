@@ -2,36 +2,48 @@
 objective, the class conditioning). The command line makes one flag of each field."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..likelihoods import LIKELIHOODS, get_likelihood
 
-FAMILIES = ("conv", "resnet")
+FAMILIES = ("conv", "resnet", "ladder")
+PRIORS = ("standard", "vamp")
 OBJECTIVES = ("elbo", "iwae")
+
+
+def _f(default, help: str):
+    """A field with its default and the help line its command-line flag shows."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class ModelConfig:
-    family: str = "conv"              # "conv": the seed's architecture, generalised; "resnet": resnet_vae.py
-    latent_dim: int = 50              # the seed's code size
-    image_channels: int = 1
-    image_size: int = 28              # square images; the number of stride-2 stages follows from it
-    tf_padding: bool = False          # conv: exact TF "SAME" cropping in the decoder (slower); see conv_vae.py
-    likelihood: str = "bernoulli"     # bernoulli (binary data) | gaussian | gaussian-fixed | logistic (8-bit)
-    fixed_scale: float = 0.1          # gaussian-fixed: the scale of every pixel, on [0, 1]
-    allow_continuous_bernoulli: bool = False   # use bernoulli on grey levels anyway (not a likelihood of them)
-    beta: float = 1.0                 # beta-VAE weight of the rate in the training loss (reports stay at 1)
-    objective: str = "elbo"           # "elbo": the seed's single-sample estimator; "iwae": the IWAE bound
-    iwae_k: int = 5                   # importance samples per image of the iwae objective
-    conditional: bool = False         # class-conditional: the one-hot label goes to encoder and decoder
-    num_classes: int = 0              # of a conditional model; 0: the data's, written to config.json in training
+    family: str = _f("conv", "conv: the seed's architecture, generalised to any size; resnet: residual stages for "
+                     "32-64 px images; ladder: hierarchical, --stochastic-layers layers of z with a top-down path")
+    latent_dim: int = _f(50, "dimensions of z (the seed's 50); of each layer for the ladder family")
+    image_channels: int = _f(1, "1 = grey, 3 = RGB; training sets it from the data")
+    image_size: int = _f(28, "the side of the square images; the number of stride-2 stages follows from it")
+    tf_padding: bool = _f(False, "conv: TF's SAME cropping in the decoder, so the output grid matches the seed's "
+                          "pixel for pixel (slower); without it the grid is shifted by one pixel")
+    likelihood: str = _f("bernoulli", "bernoulli (binary data), gaussian, gaussian-fixed or logistic (8-bit)")
+    fixed_scale: float = _f(0.1, "gaussian-fixed: the scale of every pixel, on [0, 1]")
+    allow_continuous_bernoulli: bool = _f(False, "use bernoulli on grey levels anyway (not a likelihood of them)")
+    beta: float = _f(1.0, "beta-VAE weight of the rate in the training loss (reports stay at beta 1)")
+    objective: str = _f("elbo", "elbo: the seed's single-sample estimator; iwae: the IWAE bound with --iwae-k draws")
+    iwae_k: int = _f(5, "importance samples per image of the iwae objective")
+    conditional: bool = _f(False, "class-conditional: the one-hot label goes to encoder and decoder")
+    num_classes: int = _f(0, "of a conditional model; 0: the data's, written to config.json in training")
+    stochastic_layers: int = _f(0, "layers of z; 0: the family's own (conv, resnet: 1; ladder: 2)")
+    prior: str = _f("standard", "standard: N(0, I), the seed's; vamp: the VampPrior, a mixture of the posteriors "
+                    "of learned pseudo-inputs (Tomczak & Welling 2018)")
+    pseudo_inputs: int = _f(500, "vamp: the learned pseudo-inputs, one mixture component each")
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("family", self.family, FAMILIES), ("likelihood", self.likelihood, LIKELIHOODS),
-                                     ("objective", self.objective, OBJECTIVES)):
+                                     ("objective", self.objective, OBJECTIVES), ("prior", self.prior, PRIORS)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-        for name in ("latent_dim", "image_channels", "iwae_k"):
+        for name in ("latent_dim", "image_channels", "iwae_k", "pseudo_inputs"):
             if getattr(self, name) < 1:
                 flag = "--" + name.replace("_", "-")
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}: pass {flag} 1 or more")
@@ -43,6 +55,17 @@ class ModelConfig:
             raise ValueError("beta weights the elbo objective's rate; the iwae objective has none: drop --beta")
         if self.num_classes < 0 or (self.num_classes and not self.conditional):
             raise ValueError(f"num_classes {self.num_classes} is for conditional models: pass --conditional or drop it")
+
+        if self.stochastic_layers < 0 or (self.stochastic_layers > 1 and self.family != "ladder"):
+            raise ValueError(f"stochastic_layers {self.stochastic_layers}: the {self.family} family has one layer of z; "
+                             "pass --family ladder for more")
+        if self.family == "ladder" and self.stochastic_layers == 1:
+            raise ValueError("the ladder family has 2 or more stochastic layers: pass --stochastic-layers 2 or more")
+
+    @property
+    def layers_of_z(self) -> int:
+        """The stochastic layers: stochastic_layers, or the family's own number when it is 0."""
+        return self.stochastic_layers or (2 if self.family == "ladder" else 1)
 
     @property
     def stages(self) -> int:

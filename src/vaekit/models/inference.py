@@ -158,6 +158,7 @@ def prepare_for_inference(model, runtime) -> nn.Module:
     _replace_convs(model.decoder, dtype, out_size=model.config.image_size)
     model.encoder = Precision(model.encoder, runtime.device.type, runtime.autocast_dtype)
     model.decoder = Precision(model.decoder, runtime.device.type, runtime.autocast_dtype)
+    model.freeze_prior()
     return model
 
 
