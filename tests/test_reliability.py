@@ -270,6 +270,18 @@ def test_a_second_training_of_one_run_is_refused_and_the_lock_dies_with_its_owne
     assert latest_step(run) == STEPS
 
 
+def test_the_lock_needs_no_fcntl_so_vaekit_imports_on_windows(tmp_path):
+    """Windows has no fcntl: with it hidden, vaekit imports and a run still takes its lock once."""
+    code = ("import sys, warnings; sys.modules['fcntl'] = None; warnings.simplefilter('ignore')\n"
+            "from vaekit import Run, RunError\n"
+            f"first, second = Run({str(tmp_path)!r}), Run({str(tmp_path)!r})\n"
+            "first.lock()\n"
+            "try:\n    second.lock()\nexcept RunError as e:\n    print(e)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env())
+    assert result.returncode == 0, result.stderr
+    assert "is being trained by pid" in result.stdout
+
+
 def test_a_diverging_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     run = tmp_path / "run"
     result = vaekit("train", "--data-dir", SAMPLE, "--device", "cpu", "--epochs", "1", "--lr", "1e6",

@@ -18,7 +18,7 @@ RUN/
   checkpoints/best/            with a validation split: the weights of the epoch with the best validation
                                ELBO (model-epoch_NNNN.safetensors) and best.json naming that file, its epoch,
                                validation ELBO and SHA-256; commands read it as RUN@best
-  .lock                        held (flock) by the one training process writing here; holds its pid
+  .lock, .lock.pid             an OS file lock held by the one training process writing here; its pid
   tensorboard/                 event files for TensorBoard (train --tensorboard)
 
 A model shipped in vaekit/pretrained is a run reduced to config.json, metrics.jsonl and
@@ -27,7 +27,6 @@ model.safetensors (the weights alone, no checkpoints/), named `pretrained:NAME`.
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -38,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -117,7 +117,8 @@ class Run:
         self.data_path = self.path / "data.json"
         self.created = False     # whether this object made the run directory (see remove_unstarted)
         self.packaged_weights = self.path / "model.safetensors"    # a shipped model's (see vaekit.pretrained)
-        self._lock_file = None
+        self._lock = None        # the FileLock held while training (see lock)
+        self._lock_pid = self.path / ".lock.pid"
 
     # -- creating and opening -------------------------------------------------------------
     def check_new(self) -> None:
@@ -199,32 +200,33 @@ class Run:
             raise RunError(str(e)) from None
 
     def lock(self) -> None:
-        """Refuses a second training process on this run. flock, not the file's existence, is the
-        lock: the kernel releases it when its process dies, even by kill -9, so no stale lock remains."""
+        """Refuses a second training process on this run. An OS file lock (flock on Unix, LockFileEx
+        on Windows, through `filelock`), not a file's existence, is the lock: the OS releases it when
+        its process dies, even by kill -9, so no stale lock remains. The holder's pid is written
+        beside it (`.lock.pid`) to name it in the refusal: Windows bars reading a locked file."""
         if self.packaged_weights.is_file():
             raise RunError(f"{self.path} is a model shipped with vaekit (weights only, no optimizer state) and "
                            "cannot be trained further; train a new run with `vaekit train --out DIR`")
+        lock = FileLock(self.path / ".lock", timeout=0)
         try:
-            f = open(self.path / ".lock", "a+")
+            lock.acquire()
+        except Timeout:
+            try:
+                owner = self._lock_pid.read_text().strip()
+            except OSError:
+                owner = ""
+            raise RunError(f"{self.path} is being trained by pid {owner or 'another process'}; wait for it or "
+                           "stop it first") from None
         except OSError as e:
             raise RunError(f"cannot write the run directory {self.path}: {e.strerror}; fix its permissions") from None
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            owner = f.read().strip() or "another process"
-            f.close()
-            raise RunError(f"{self.path} is being trained by pid {owner}; wait for it or stop it first") from None
-        f.seek(0)
-        f.truncate()
-        f.write(str(os.getpid()))
-        f.flush()
-        self._lock_file = f
+        self._lock = lock
+        self._lock_pid.write_text(str(os.getpid()))
 
     def unlock(self) -> None:
-        if self._lock_file is not None:
-            self._lock_file.close()
-            self._lock_file = None
+        if self._lock is not None:
+            self._lock_pid.unlink(missing_ok=True)   # before the release: a next holder's pid is never removed
+            self._lock.release()
+            self._lock = None
 
     # -- metrics and images ---------------------------------------------------------------
     def image_path(self, epoch: int) -> Path:
