@@ -219,3 +219,21 @@ def test_eval_of_a_ladder_model_reports_every_layer(tmp_path):
     assert len(result["rate_per_layer"]) == 2 and "rate_per_dim" not in result
     assert abs(sum(result["rate_per_layer"]) - result["rate"]) < 1e-2
     assert result["iwae_bound"] > result["elbo"] - 3 * result["elbo_stderr"]
+
+
+def test_train_reads_a_recipe_file_with_flags_over_it(tmp_path, capsys):
+    from conftest import SAMPLE
+    from vaekit.cli import main
+
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"model": {"latent_dim": 7}, "train": {"epochs": 3, "lr": 1e-3}}))
+    assert main(["train", "--config", str(recipe), "--epochs", "1", "--out", str(tmp_path / "run"),
+                 "--data-dir", str(SAMPLE), "--device", "cpu"]) is None
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (saved["model"]["latent_dim"], saved["train"]["lr"], saved["train"]["epochs"]) == (7, 1e-3, 1)
+    recipe.write_text('{"model": {"latent_dimm": 7}}')
+    assert main(["train", "--config", str(recipe), "--out", str(tmp_path / "other")]) == 2
+    assert "unknown key(s) latent_dimm" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "missing.json"), "--out", str(tmp_path / "other")]) == 2
+    assert "cannot read --config" in capsys.readouterr().err
+

@@ -598,3 +598,15 @@ def test_the_demo_refuses_in_one_line_a_model_its_page_cannot_drive(tmp_path, ch
     with pytest.raises((ConfigError, RunError), match=says) as refused:
         load(other, "cpu")
     assert "\n" not in str(refused.value)
+
+
+def test_a_ladder_model_is_served_and_its_inpainting_refused_in_one_line(tmp_path):
+    """A hierarchical model: the demo samples and decodes its top codes, and refuses inpainting
+    (its chains encode and decode one layer of z) with a one-line error the page shows."""
+    from test_hierarchical import ladder_config
+
+    run = train(ladder_config(epochs=1), out=tmp_path / "run", log=lambda *_: None)
+    with running(load(run.path, "cpu")) as url:
+        status, data = post(url, "/api/inpaint", {"index": 0})
+        assert status == 422 and "one layer of z" in data["error"] and "\n" not in data["error"]
+        assert ok(url, "/api/sample", {"n": 4})["image"].startswith("data:image/png;base64,")

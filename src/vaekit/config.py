@@ -115,8 +115,9 @@ class TrainConfig:
             if getattr(self, name) < minimum:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{name} must be >= {minimum}, got {getattr(self, name)}: fix {flag}")
-        if not self.lr > 0 or not self.adam_eps > 0:
-            raise ConfigError(f"lr and adam_eps must be > 0, got {self.lr} and {self.adam_eps}: fix --lr or --adam-eps")
+        for name in ("lr", "adam_eps"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}: fix --{name.replace('_', '-')}")
         for name in ("lr_final", "warmup_epochs", "free_bits", "clip_grad", "skip_grad"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}: fix --{name.replace('_', '-')}")

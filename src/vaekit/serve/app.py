@@ -36,8 +36,8 @@ from starlette.requests import ClientDisconnect
 from ..api import open_run
 from ..data import preprocess
 from ..distributed import Runtime
-from ..generate import (INPAINT_METHODS, MASKS, PATHS, inpaint, interpolate, latent_plane, mean_image,
-                        most_active_dims, posterior, reconstruct, region_mask, sample, set_dims)
+from ..generate import (INPAINT_METHODS, MASKS, PATHS, inpaint, inpaint_refusal, interpolate, latent_plane,
+                        mean_image, most_active_dims, posterior, reconstruct, region_mask, sample, set_dims)
 from ..runs import RunError
 from ..viz import PALETTE
 from .images import PNG_PREFIX, BadInput, as_mnist_digit, from_data_url, read_png, shrunk, to_data_url
@@ -366,6 +366,9 @@ def create_app(demo: Demo, host: str = "127.0.0.1", work_seconds: float = WORK_S
         the binary original, the input (missing pixels grey), the completion (missing pixels show their
         predictive probability), the mask used (white = missing) and the steps run (fewer than asked
         when the chains were stopped at work_seconds)."""
+        refusal = inpaint_refusal(demo.model.config, req.method)
+        if refusal:
+            raise BadInput(refusal, 422)
         image = test_image("index", req.index)
         if req.mask in MASKS:
             mask = region_mask(req.mask, demo.shape)
