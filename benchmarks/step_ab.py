@@ -8,7 +8,7 @@ instead of inside the transposed convolution), `per_tensor_adam` (Adam without f
 `autograd_last_layer` (the stride-1 output layer through vaekit's transposed-conv backward
 instead of autograd's), `subpixel_last_layer` (that layer in the subpixel form evaluation uses,
 models/inference.py, its weights rebuilt from the parameter every step). Each round runs every variant for --steps steps of
-`vaekit.train.train_epoch` in turn (order alternating), in one process: two processes on a shared
+`vaekit.train.train_steps` in turn (order alternating), in one process: two processes on a shared
 machine differ by more than these levers do. Prints one JSON line per variant: the median ms/step over rounds.
 """
 from __future__ import annotations
@@ -29,7 +29,8 @@ from vaekit.distributed import setup
 from vaekit.models import build_model, layers
 from vaekit.models.inference import conv_transpose_as_conv, subpixel_conv
 from vaekit.runs import Progress
-from vaekit.train import train_epoch
+from vaekit.schedule import Schedule
+from vaekit.train import train_steps
 
 
 VARIANTS = ["vaekit", "unfused_relu", "per_tensor_adam", "autograd_last_layer", "subpixel_last_layer"]
@@ -100,8 +101,8 @@ def main() -> None:
             losses = torch.zeros(len(batches), dtype=torch.float64)
             with context(), tqdm(disable=True) as bar:
                 start = time.perf_counter()
-                train_epoch(model, optimizer, images, None, batches, Progress(), losses, config, rt, noise,
-                            _NeverStop(), bar)
+                train_steps(model, optimizer, images, None, batches, Progress(), losses, config, rt, noise,
+                            _NeverStop(), bar, Schedule(config.train, len(batches)), [0])
                 if r:
                     times[name].append(1000 * (time.perf_counter() - start) / len(batches))
     for name in names:

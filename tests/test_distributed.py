@@ -24,11 +24,11 @@ WORKER = """
 import importlib, os, sys
 from safetensors.torch import save_file
 loop = importlib.import_module("vaekit.train")
-trained, real = [], loop.train_epoch
-def train_epoch(model, *args, **kwargs):
+trained, real = [], loop.train_steps
+def train_steps(model, *args, **kwargs):
     trained.append(model.module)   # the replica, not the DDP wrapper: that must not outlive the group
     return real(model, *args, **kwargs)
-loop.train_epoch = train_epoch
+loop.train_steps = train_steps
 from vaekit.cli import main
 code = main(sys.argv[2:])
 replica = {k: v.contiguous() for k, v in trained[-1].state_dict().items()}

@@ -11,7 +11,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .config import BINARIZATIONS, ConfigError
-from .data import dataset_info, fetch, load_data, preprocess
+from .data import check_data_fits, dataset_info, fetch, load_data, preprocess
 from .evaluate import evaluate, inpainting_log_likelihood
 from .export import export_run
 from .generate import (INPAINT_METHODS, MASKS, PATHS, apply_attribute, attribute_vector, inpaint, inpaint_refusal,
@@ -22,7 +22,7 @@ from .models.inference import decode_batch_for
 from .plot import plot_runs
 from .pretrained import is_pretrained
 from .runs import Run, RunError, load_model, output_dir
-from .train import check_data_fits, train
+from .train import train
 from .viz import gif_from_pngs, grid_image, save_gif, save_grid, scatter_image
 
 __all__ = ["train", "fetch", "dataset_info", "sample_to_png", "reconstruct_to_png", "make_gif", "evaluate_run",

@@ -8,6 +8,7 @@ A class-conditional model scores log p(x|y) and needs the images' labels."""
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
@@ -17,6 +18,9 @@ from .distributed import Runtime
 from .generate import inpaint, posterior, rate_per_dim
 from .likelihoods import Bernoulli, bits_per_dim
 from .objectives import iwae_bound
+
+if TYPE_CHECKING:
+    from .config import Config
 
 ACTIVE_UNIT_THRESHOLD = 0.01   # Burda et al. 2016: a unit is active when Cov_x(E_q[z_u]) > 0.01
 
@@ -234,4 +238,21 @@ def inpainting_log_likelihood(model, images: torch.Tensor, mask: torch.Tensor, m
               "steps": steps, "chains": chains, "method": method}
     for name, column in zip(("inpainting", "mean_image_baseline", "gain"), values.T):
         record[name], record[f"{name}_stderr"] = _mean_and_stderr(column)
+    return record
+
+
+def epoch_test_record(model, images: torch.Tensor, labels: torch.Tensor | None, config: Config, rt: Runtime,
+                      seed: int) -> dict:
+    """The test numbers of each epoch's metrics line (uint8 test images and their labels): the ELBO (at beta 1, whatever the training
+    objective), its distortion and rate, bits per dimension for grey levels, and the IWAE bound the
+    iwae objective trains (with its K draws)."""
+    test = evaluate_elbo(model, images, config.data.binarization, rt, config.train.eval_batch_size, seed, labels)
+    record = {"test_elbo": test["elbo"], "test_distortion": test["distortion"], "test_rate": test["rate"]}
+    if "bits_per_dim" in test:
+        record["test_bits_per_dim"] = test["bits_per_dim"]
+    if config.model.objective == "iwae":
+        k = config.model.iwae_k
+        x = preprocess(images, config.data.binarization, rt.generator(seed))
+        bounds = iwae_bounds(model, x, k, seed + 1, config.train.eval_batch_size, labels)
+        record[f"test_iwae_bound_k{k}"] = bounds.double().mean().item()
     return record

@@ -26,10 +26,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from .config import Config, ConfigError
-from .data import DataError, Splits, fingerprint, hold_out, load_data, preprocess
+from .data import DataError, check_data_fits, fingerprint, hold_out, load_data, preprocess
 from .data.sources import to_stderr
 from .distributed import Runtime, restarted, setup
-from .evaluate import evaluate_elbo, iwae_bounds
+from .evaluate import epoch_test_record, evaluate_elbo
 from .models import ModelConfig, build_model
 from .objectives import training_loss
 from .runs import BEST_SUFFIX, Checkpoint, Progress, Run, RunError
@@ -228,7 +228,7 @@ def _train(run: Run, config: Config, rt: Runtime, resuming: bool, fall_back: boo
                     bar = _PlainProgress(log, f"epoch {epoch}/{tc.epochs}", len(batches), at.batch, tc.batch_size)
                 while at.batch < len(batches):
                     first = at.batch
-                    train_epoch(trained, optimizer, train_images, train_labels, batches, at, losses, config, rt,
+                    train_steps(trained, optimizer, train_images, train_labels, batches, at, losses, config, rt,
                                 noise_gen, stop, bar, schedule, skipped)
                     rt.sum_all(losses[first:at.batch])     # this rank's sums -> the global batches'
                     _check_finite(losses, first, at, run)
@@ -243,7 +243,7 @@ def _train(run: Run, config: Config, rt: Runtime, resuming: bool, fall_back: boo
             end_time = time.perf_counter()
             at = Progress(epoch, 0, at.step)
             if rt.is_main:   # the test set is small: rank 0 evaluates all of it, with the single-process noise
-                test = evaluate_test(model, test_images, test_labels, config, rt, seed=tc.seed * 1_000_003 + epoch)
+                test = epoch_test_record(model, test_images, test_labels, config, rt, seed=tc.seed * 1_000_003 + epoch)
                 if len(val_split):
                     val = evaluate_elbo(model, val_split.images.to(rt.device), config.data.binarization, rt,
                                         tc.eval_batch_size, tc.seed * 1_000_003 + epoch + 1)
@@ -299,23 +299,6 @@ def _log_board(board, epoch: int, record: dict, grid: Path) -> None:
     board.flush()
 
 
-def check_data_fits(config: ModelConfig, splits: Splits, source: str) -> None:
-    """Raises ConfigError (one line: both shapes, the fix) unless the images of both splits and
-    their labels are what the model is configured for."""
-    c, h, w = splits.image_shape
-    if (c, h, w) != (config.image_channels, config.image_size, config.image_size):
-        square = "" if h == w else " (the models take square images: resize them)"
-        raise ConfigError(f"{source} has {c}-channel {h}x{w} images; the model is configured for "
-                          f"{config.image_channels}-channel {config.image_size}x{config.image_size}: "
-                          f"pass --image-channels {c} --image-size {h}{square}")
-    if not config.conditional:
-        return
-    top = max(int(split.labels.max()) for split in (splits.train, splits.test) if len(split))
-    if top >= config.num_classes:
-        raise ConfigError(f"{source} has label {top}; the conditional model knows "
-                          f"{config.num_classes} classes (0..{config.num_classes - 1}): train a new run on it")
-
-
 def grid_labels(config: ModelConfig, device: torch.device) -> torch.Tensor | None:
     """The labels of the progress grid's images: classes in turn for a conditional model, else None."""
     if not config.conditional:
@@ -323,24 +306,7 @@ def grid_labels(config: ModelConfig, device: torch.device) -> torch.Tensor | Non
     return torch.arange(NUM_EXAMPLES_TO_GENERATE, device=device) % config.num_classes
 
 
-def evaluate_test(model, images: torch.Tensor, labels: torch.Tensor | None, config: Config, rt: Runtime,
-                  seed: int) -> dict:
-    """The test numbers of each epoch's metrics line: the ELBO (at beta 1, whatever the training
-    objective), its distortion and rate, bits per dimension for grey levels, and the IWAE bound the
-    iwae objective trains (with its K draws)."""
-    test = evaluate_elbo(model, images, config.data.binarization, rt, config.train.eval_batch_size, seed, labels)
-    record = {"test_elbo": test["elbo"], "test_distortion": test["distortion"], "test_rate": test["rate"]}
-    if "bits_per_dim" in test:
-        record["test_bits_per_dim"] = test["bits_per_dim"]
-    if config.model.objective == "iwae":
-        k = config.model.iwae_k
-        x = preprocess(images, config.data.binarization, rt.generator(seed))
-        bounds = iwae_bounds(model, x, k, seed + 1, config.train.eval_batch_size, labels)
-        record[f"test_iwae_bound_k{k}"] = bounds.double().mean().item()
-    return record
-
-
-def train_epoch(model, optimizer, images: torch.Tensor, labels: torch.Tensor | None, batches: tuple[torch.Tensor, ...],
+def train_steps(model, optimizer, images: torch.Tensor, labels: torch.Tensor | None, batches: tuple[torch.Tensor, ...],
                 at: Progress, losses: torch.Tensor, config: Config, rt: Runtime, noise_gen: torch.Generator,
                 stop, bar, schedule: Schedule, skipped: list[int]) -> None:
     """Trains on the epoch's `batches` (global batches of indices into `images`, uint8 on the
@@ -415,7 +381,7 @@ def _save(run: Run, at: Progress, model, optimizer, order_state: torch.Tensor, n
 
 class _PlainProgress:
     """The progress bar's stand-in where the bar is off: a plain line through `log` every
-    PROGRESS_SECONDS (train_epoch calls update() after each batch)."""
+    PROGRESS_SECONDS (train_steps calls update() after each batch)."""
     disable = True
 
     def __init__(self, log, what: str, total: int, done: int, batch_size: int) -> None:

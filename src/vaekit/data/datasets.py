@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import BINARIZATIONS, FOLDER, DataConfig
+from ..config import BINARIZATIONS, FOLDER, ConfigError, DataConfig
+from ..models import ModelConfig
 from .folders import FolderData, load_folder
 from .idx import DataError
 from .sources import DATASETS, Log, fetch_idx, idx_info, resolve, to_stderr
@@ -78,6 +79,23 @@ def load_splits(name: str, data_dir: str | Path | None = None, *, log: Log = to_
         return ImageData(images, labels)
 
     return Splits(train=split("train"), test=split("test"), class_names=DATASETS[name].class_names)
+
+
+def check_data_fits(config: ModelConfig, splits: Splits, source: str) -> None:
+    """Raises ConfigError (one line: both shapes, the fix) unless the images of both splits and
+    their labels are what the model is configured for."""
+    c, h, w = splits.image_shape
+    if (c, h, w) != (config.image_channels, config.image_size, config.image_size):
+        square = "" if h == w else " (the models take square images: resize them)"
+        raise ConfigError(f"{source} has {c}-channel {h}x{w} images; the model is configured for "
+                          f"{config.image_channels}-channel {config.image_size}x{config.image_size}: "
+                          f"pass --image-channels {c} --image-size {h}{square}")
+    if not config.conditional:
+        return
+    top = max(int(split.labels.max()) for split in (splits.train, splits.test) if len(split))
+    if top >= config.num_classes:
+        raise ConfigError(f"{source} has label {top}; the conditional model knows "
+                          f"{config.num_classes} classes (0..{config.num_classes - 1}): train a new run on it")
 
 
 def hold_out(split: ImageData, n: int) -> tuple[ImageData, ImageData]:
