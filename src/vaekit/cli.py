@@ -20,7 +20,26 @@ from .runs import RunError, output_dir
 from .train import Interrupted
 
 USER_ERRORS = (ConfigError, DataError, RunError)
-RUN_HELP = "a run directory made by `vaekit train`, or pretrained:mnist (the model shipped with vaekit)"
+RUN_HELP = ("a run directory made by `vaekit train` (RUN@best: its best validation epoch), or pretrained:NAME, "
+            "a model shipped with vaekit (pretrained:mnist, pretrained:mnist-best)")
+DATA_DIR_HELP = "a folder holding the IDX files, to use instead of fetching"
+
+
+def _add_run(p: argparse.ArgumentParser, **kwargs) -> None:
+    p.add_argument("run", type=Path, metavar="RUN", **{"help": RUN_HELP, **kwargs})
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto (default): cuda if torch sees a GPU, else cpu")
+
+
+def _add_seed(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0, help="seeds every draw of the command (default 0)")
+
+
+def _add_data_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", type=Path, help=DATA_DIR_HELP)
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -270,10 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def run_command(name: str, help: str, func) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
-        p.add_argument("run", type=Path, metavar="RUN", help=RUN_HELP)
-        p.add_argument("--seed", type=int, default=0)
+        _add_run(p)
+        _add_seed(p)
         p.add_argument("--out", type=_image_path, help="the PNG to write (default: inside RUN/samples/)")
-        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        _add_device(p)
         _add_precision_flag(p)
         p.set_defaults(func=func)
         return p
@@ -283,19 +302,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", type=int, help="the class to draw, for a class-conditional model (--conditional)")
     p = run_command("reconstruct", "test images beside their decodes (codes drawn from q(z|x))", _cmd_reconstruct)
     p.add_argument("--n", type=int, default=16, help="how many test images (default 16)")
-    p.add_argument("--data-dir", type=Path, help="a folder holding the IDX files, to use instead of fetching")
+    _add_data_dir(p)
 
     def data_command(name: str, help: str, func) -> argparse.ArgumentParser:
         p = run_command(name, help, func)
-        p.add_argument("--data-dir", type=Path, help="a folder holding the IDX files, to use instead of fetching")
+        _add_data_dir(p)
         return p
 
     p = sub.add_parser("eval", help="test ELBO (rate, distortion), importance-sampled NLL, active units "
                        "-> RUN/eval.json")
-    p.add_argument("run", type=Path, metavar="RUN", help=RUN_HELP)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--data-dir", type=Path, help="a folder holding the IDX files, to use instead of fetching")
+    _add_run(p)
+    _add_seed(p)
+    _add_device(p)
+    _add_data_dir(p)
     p.set_defaults(func=_cmd_eval)
     p.add_argument("--k", type=int, default=5000, help="importance samples per test image (default 5000, as Burda "
                    "et al.); N*K decodes: minutes on a GPU, hours on a CPU (--k 100 for a quick look)")
@@ -340,13 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="a web page to play with a run: samples, sliders, drawing, inpainting "
                        "(needs pip install 'vaekit[demo]')")
-    p.add_argument("run", type=Path, metavar="RUN", nargs="?", default="pretrained:mnist",
-                   help=RUN_HELP + " (default: pretrained:mnist)")
+    _add_run(p, nargs="?", default="pretrained:mnist", help=RUN_HELP + " (default: pretrained:mnist)")
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this "
                    "machine only)")
     p.add_argument("--port", type=int, default=8000, help="the TCP port (default 8000)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--data-dir", type=Path, help="a folder holding the IDX files, to use instead of fetching")
+    _add_device(p)
+    _add_data_dir(p)
     _add_precision_flag(p)
     p.set_defaults(func=_cmd_serve)
 
@@ -359,13 +377,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="the encoder and decoder as encoder.onnx and decoder.onnx, any batch size "
                        "(needs pip install 'vaekit[export]')")
-    p.add_argument("run", type=Path, metavar="RUN", help=RUN_HELP)
+    _add_run(p)
     p.add_argument("--format", default="onnx", help="onnx (the only one so far)")
     p.add_argument("--out", type=Path, help="the folder to write (default: RUN/onnx/)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("gif", help="make RUN/training.gif again from RUN/images")
-    p.add_argument("run", type=Path, metavar="RUN")
+    _add_run(p, help="a run directory made by `vaekit train`")
     p.set_defaults(func=_cmd_gif)
     return parser
 
