@@ -228,7 +228,7 @@ def test_train_reads_a_recipe_file_with_flags_over_it(tmp_path, capsys):
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps({"model": {"latent_dim": 7}, "train": {"epochs": 3, "lr": 1e-3}}))
     assert main(["train", "--config", str(recipe), "--epochs", "1", "--out", str(tmp_path / "run"),
-                 "--data-dir", str(SAMPLE), "--device", "cpu"]) is None
+                 "--data-dir", str(SAMPLE), "--device", "cpu"]) == 0
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (saved["model"]["latent_dim"], saved["train"]["lr"], saved["train"]["epochs"]) == (7, 1e-3, 1)
     recipe.write_text('{"model": {"latent_dimm": 7}}')

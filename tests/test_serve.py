@@ -607,6 +607,6 @@ def test_a_ladder_model_is_served_and_its_inpainting_refused_in_one_line(tmp_pat
 
     run = train(ladder_config(epochs=1), out=tmp_path / "run", log=lambda *_: None)
     with running(load(run.path, "cpu")) as url:
-        status, data = post(url, "/api/inpaint", {"index": 0})
+        status, data = post(url, "/api/inpaint", {"index": 0, "mask": "centre"})
         assert status == 422 and "one layer of z" in data["error"] and "\n" not in data["error"]
         assert ok(url, "/api/sample", {"n": 4})["image"].startswith("data:image/png;base64,")
