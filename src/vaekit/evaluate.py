@@ -139,8 +139,9 @@ def iwae_bounds(model, x: torch.Tensor, k: int, seed: int = 0, decode_batch: int
         eps = _image_noise(seed, start, len(xb), k, model.noise_dim, x.device)   # [K,B,noise_dim]
         log_w = []
         for done in range(0, k, chunk):
-            kc = len(eps[done:done + chunk])
-            log_w.append(model(xb, eps=eps[done:done + chunk], y=yb).log_w)          # [kc,B]
+            draws = eps[done:done + chunk]                                         # [kc,B,noise_dim]
+            kc = len(draws)
+            log_w.append(model(xb, eps=draws, y=yb).log_w)                        # [kc,B]
             if progress is not None:
                 progress.update(kc * len(xb))
         bounds.append(iwae_bound(torch.cat(log_w)))
@@ -243,8 +244,8 @@ def inpainting_log_likelihood(model, images: torch.Tensor, mask: torch.Tensor, m
 
 def epoch_test_record(model, images: torch.Tensor, labels: torch.Tensor | None, config: Config, rt: Runtime,
                       seed: int) -> dict:
-    """The test numbers of each epoch's metrics line (uint8 test images and their labels): the ELBO (at beta 1, whatever the training
-    objective), its distortion and rate, bits per dimension for grey levels, and the IWAE bound the
+    """The test numbers of each epoch's metrics line, from uint8 test images (and their labels):
+    the ELBO (at beta 1, whatever the training objective), its distortion and rate, bits per dimension for grey levels, and the IWAE bound the
     iwae objective trains (with its K draws)."""
     test = evaluate_elbo(model, images, config.data.binarization, rt, config.train.eval_batch_size, seed, labels)
     record = {"test_elbo": test["elbo"], "test_distortion": test["distortion"], "test_rate": test["rate"]}

@@ -321,12 +321,12 @@ def train_steps(model, optimizer, images: torch.Tensor, labels: torch.Tensor | N
     tc, mc = config.train, config.model
     every, draws = tc.checkpoint_every, (mc.iwae_k,) if mc.objective == "iwae" else ()
     parameters = [p for p in model.parameters() if p.requires_grad]
+    noise_dim = (model.module if hasattr(model, "module") else model).noise_dim    # DDP wraps the model
     for idx in batches[at.batch:]:
         rows = rt.shard(len(idx))
         x = preprocess(images[idx], config.data.binarization, noise_gen)[rows]          # [b,C,H,W], b = len(rows)
         y = None if labels is None else labels[idx][rows]
         # [b,latent], or [K,b,latent] for the iwae objective
-        noise_dim = model.module.noise_dim if hasattr(model, "module") else model.noise_dim
         eps = torch.randn(*draws, len(idx), noise_dim, generator=noise_gen, device=images.device)[..., rows, :]
         with rt.autocast():
             terms = model(x, eps=eps, y=y)

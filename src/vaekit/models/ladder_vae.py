@@ -81,7 +81,7 @@ class LadderVAE(VAE):
                                              for _ in range(layers - 1))
         self.merges = nn.ModuleList(nn.Sequential(nn.Linear(WIDTH + d, WIDTH), Residual(WIDTH))
                                     for _ in range(layers - 1))
-        for head in [*self.posterior_heads]:     # posteriors start as their priors
+        for head in self.posterior_heads:        # posteriors start as their priors
             nn.init.zeros_(head[-1].weight)
             nn.init.zeros_(head[-1].bias)
 
