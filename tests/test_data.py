@@ -24,6 +24,7 @@ import torch
 from conftest import Log, cli_env
 from test_cli import vaekit
 from vaekit import ConfigError, DataConfig
+from vaekit.config import IDX_DATASETS
 from vaekit.data import (
     DATASETS,
     DataError,
@@ -283,6 +284,12 @@ def test_unknown_dataset():
         fetch("cifar10")
     with pytest.raises(DataError, match="choose one of: mnist, fashion-mnist, kmnist, or folder"):
         sources.fetch_idx("cifar10")
+
+
+def test_every_dataset_a_config_accepts_has_its_source_and_no_other():
+    assert tuple(DATASETS) == IDX_DATASETS
+    for name in IDX_DATASETS:
+        assert DataConfig(dataset=name).dataset == name and DATASETS[name].name == name
 
 
 # --- mirrors and the cache ---------------------------------------------------------------

@@ -12,7 +12,8 @@ from vaekit import load_model, load_splits, train
 from vaekit.api import evaluate_run
 from vaekit.cli import main
 from vaekit.data import preprocess
-from vaekit.evaluate import evaluate_elbo, iwae_bounds
+from vaekit.evaluate import elbo_per_image, evaluate_elbo, iwae_bounds
+from vaekit.objectives import analytic_kl
 from vaekit.models.inference import fastest_decode_batch, max_decodes
 
 
@@ -30,13 +31,28 @@ def model_and_test(run):
 
 def test_iwae_bound_is_above_the_elbo_and_rises_with_k(model_and_test):
     model, rt, images = model_and_test
-    images = images[:200]
-    elbo = evaluate_elbo(model, images, "static", rt)
-    x = preprocess(images, "static")
+    x = preprocess(images[:200], "static")
+    elbo = evaluate_elbo(model, x, "static", rt, rt.generator(0))
     bounds = {k: iwae_bounds(model, x, k, seed=1).double().mean().item() for k in (1, 5, 50)}
     assert abs(bounds[1] - elbo["elbo_analytic_kl"]) < 2      # K = 1 is the ELBO, up to sampling noise
     assert elbo["elbo_analytic_kl"] < bounds[5] < bounds[50], (elbo, bounds)
     assert bounds[50] - bounds[1] > 1                           # a real gain, not noise
+
+
+def test_the_elbo_scores_every_image_once_whatever_the_batch(model_and_test):
+    """Batches of 3 over 7 images, the last of 1: each image's rate is its closed-form KL, so the
+    mean rate is that of all 7 (a dropped or doubled last image moves it), and every column has a
+    row per image."""
+    model, rt, images = model_and_test
+    x = preprocess(images[:7], "static")
+    with torch.inference_mode():
+        kl = analytic_kl(*model.encode(x)).double()                                   # [7], one pass
+    terms = elbo_per_image(model, x, rt.generator(0), batch_size=3)
+    assert terms.shape == (7, 3)
+    torch.testing.assert_close(terms[:, 2], kl, atol=1e-4, rtol=0)
+    elbo = evaluate_elbo(model, x, "static", rt, rt.generator(0), batch_size=3)
+    assert elbo["n"] == 7 and elbo["rate"] == pytest.approx(kl.mean().item(), abs=1e-4)
+    assert elbo["elbo"] == pytest.approx(terms[:, 0].mean().item(), abs=1e-9)        # the same draws, again
 
 
 def reference_bounds(model, x: torch.Tensor, k: int, seed: int) -> torch.Tensor:

@@ -10,10 +10,10 @@ from test_cli import vaekit
 from vaekit import load_model, load_splits, train
 from vaekit.cli import main
 from vaekit.data import preprocess
-from vaekit.evaluate import inpainting_log_likelihood
 from vaekit.api import traverse_to_png
-from vaekit.generate import (MASKS, PATHS, apply_attribute, attribute_vector, inpaint, interpolate, manifold,
-                             mean_image, most_active_dims, posterior, project_2d, region_mask, traverse)
+from vaekit.generate import (MASKS, PATHS, apply_attribute, attribute_vector, inpaint, inpainting_log_likelihood,
+                             interpolate, manifold, mean_image, most_active_dims, project_2d, region_mask, traverse)
+from vaekit.objectives import posterior
 from vaekit.viz import grid_image, scatter_image
 
 
@@ -40,10 +40,10 @@ def loaded(run):
 
 def test_interpolation_ends_are_the_reconstructions_of_the_ends(loaded):
     model, _, splits = loaded
-    images = splits.test.images[[0, 1]]
-    ends = decode(model, posterior(model, preprocess(images, "static"))[0])
+    x = preprocess(splits.test.images[[0, 1]], "static")
+    ends = decode(model, posterior(model, x)[0])
     for path in PATHS:
-        line = interpolate(model, images, steps=6, path=path)
+        line = interpolate(model, x, steps=6, path=path)
         assert line.shape == (6, 1, 28, 28)
         torch.testing.assert_close(line[[0, -1]], ends, atol=1e-5, rtol=0)
         assert (line[3] - ends).abs().amax(dim=(1, 2, 3)).min() > 0.05     # the middle is neither end
@@ -51,10 +51,10 @@ def test_interpolation_ends_are_the_reconstructions_of_the_ends(loaded):
 
 def test_traversal_changes_only_the_chosen_dimension(loaded):
     model, _, splits = loaded
-    image = splits.test.images[:1]
-    code = posterior(model, preprocess(image, "static"))[0][0]
+    x = preprocess(splits.test.images[:1], "static")
+    code = posterior(model, x)[0][0]
     values = torch.linspace(-3, 3, 5)
-    z, images = traverse(model, image, [4, 17], values)
+    z, images = traverse(model, x, [4, 17], values)
     assert z.shape == (2, 5, 50) and images.shape == (2, 5, 1, 28, 28)
     for row, dim in enumerate([4, 17]):
         changed = (z[row] != code).any(dim=0)
@@ -89,11 +89,13 @@ def test_region_masks_cover_the_named_region():
 
 
 @pytest.mark.parametrize("method", ["pseudo-gibbs", "metropolis"])
-def test_inpainting_keeps_observed_pixels(loaded, method):
+@pytest.mark.parametrize("binarization", ["static", "dynamic"])
+def test_inpainting_keeps_observed_pixels(loaded, method, binarization):
+    """The observed pixels of the completion are those of the x given, whichever draw made it."""
     model, rt, splits = loaded
     mask = region_mask("top", (1, 28, 28))
-    x, filled, logits = inpaint(model, splits.test.images[:6], mask, steps=4, chains=2, method=method,
-                                generator=rt.generator(0))
+    x = preprocess(splits.test.images[:6], binarization, rt.generator(1))
+    filled, logits = inpaint(model, x, mask, steps=4, chains=2, method=method, generator=rt.generator(0))
     assert torch.equal(filled[:, ~mask], x[:, ~mask])
     assert filled.shape == logits.shape == (6, 1, 28, 28) and 0 <= filled.min() and filled.max() <= 1
     assert (filled[:, mask] - 0.5).abs().mean() > 0.2        # decided pixels, not a grey fill
@@ -102,12 +104,20 @@ def test_inpainting_keeps_observed_pixels(loaded, method):
 def test_inpainting_beats_the_mean_image(loaded):
     model, rt, splits = loaded
     start = mean_image(preprocess(splits.train.images, "static"))
-    scores = inpainting_log_likelihood(model, splits.test.images[:100], region_mask("bottom", (1, 28, 28)), start,
-                                       "static", rt, steps=20, chains=4, method="pseudo-gibbs")
+    x, mask = preprocess(splits.test.images[:100], "static"), region_mask("bottom", (1, 28, 28))
+    scores = inpainting_log_likelihood(model, x, mask, start, rt.generator(0), steps=20, chains=4,
+                                       method="pseudo-gibbs")
     assert scores["n"] == 100 and scores["masked_pixels"] == 392
     assert scores["gain"] > 8, scores          # nats per image (11.8 here, on a baseline of -104)
     # standard errors over the 100 images: the gain is many of them away from 0
     assert 0 < scores["gain_stderr"] < scores["gain"] / 4 and scores["inpainting_stderr"] > 0, scores
+    # passes of 3 images (12 decodes / 4 chains), the last of 1: the baseline, which draws nothing, is
+    # the same mean over the same 100 images (a dropped or doubled last image moves it)
+    ragged = inpainting_log_likelihood(model, x, mask, start, rt.generator(0), steps=1, chains=4,
+                                       method="pseudo-gibbs", batch_size=12)
+    assert ragged["n"] == 100
+    assert ragged["mean_image_baseline"] == pytest.approx(scores["mean_image_baseline"], abs=1e-9)
+    assert ragged["mean_image_baseline_stderr"] == pytest.approx(scores["mean_image_baseline_stderr"], abs=1e-9)
 
 
 def test_latent_maps(loaded):
@@ -146,9 +156,9 @@ def test_traverse_labels_each_row_and_column_beside_the_grid_itself(run, loaded,
     model, _, splits = loaded
     png, _ = traverse_to_png(run, dims=3, steps=5, out=tmp_path / "t.png", device="cpu")
     picture = np.asarray(Image.open(png))
-    test = splits.test.images
-    dims, _ = most_active_dims(model, preprocess(test, "static"), 3)
-    _, images = traverse(model, test[:1], dims, torch.linspace(-3, 3, 5))
+    x = preprocess(splits.test.images, "static")
+    dims, _ = most_active_dims(model, x, 3)
+    _, images = traverse(model, x[:1], dims, torch.linspace(-3, 3, 5))
     grid = np.asarray(grid_image(images.flatten(0, 1), nrow=5))
     h, w = grid.shape
     assert np.array_equal(picture[-h:, -w:], grid) and picture.shape[0] - h == LABEL_ROW

@@ -213,9 +213,10 @@ def test_eval_of_a_ladder_model_reports_every_layer(tmp_path):
     run = train(ladder_config(epochs=1), out=tmp_path / "run", log=quiet)
     assert run.metrics()[0]["lr"] < 1e-3 / 2                      # the cosine schedule's rate at the epoch's end
     model, config, rt = load_model(run.path, "cpu", "fp32")
-    from vaekit.data import load_data
-    images = load_data(config.data).test.images[:20]
-    result = evaluate(model, images, "dynamic", rt, k=20, decode_batch=64)
+    from vaekit.data import load_data, preprocess
+    gen = rt.generator(0)
+    x = preprocess(load_data(config.data).test.images[:20], "dynamic", gen)
+    result = evaluate(model, x, "dynamic", rt, gen, k=20, decode_batch=64)
     assert len(result["rate_per_layer"]) == 2 and "rate_per_dim" not in result
     assert abs(sum(result["rate_per_layer"]) - result["rate"]) < 1e-2
     assert result["iwae_bound"] > result["elbo"] - 3 * result["elbo_stderr"]

@@ -7,7 +7,8 @@ import torch
 from vaekit.likelihoods import Bernoulli
 from vaekit.models import ConvVAE, ModelConfig
 from vaekit.models.vae import Terms
-from vaekit.objectives import analytic_kl, importance_weights, iwae_bound, log_normal_pdf, training_loss
+from vaekit.objectives import (analytic_kl, importance_weights, iwae_bound, log_normal_pdf, mean_and_stderr, posterior,
+                               rate_per_dim, training_loss)
 
 
 def np_log_normal_pdf(sample, mean, logvar):
@@ -117,3 +118,30 @@ def test_iwae_bound_is_at_least_the_mean_elbo_of_its_draws():
     log_w = importance_weights(x, logits, z, mean, logvar)
     assert log_w.shape == (k, 7)
     assert (iwae_bound(log_w) >= log_w.mean(0)).all()
+
+
+def test_posterior_encodes_every_image_once_in_batches_with_a_ragged_last_one():
+    """Batches of 3 over 7 images, the last of 1: the same (mean, logvar) as one pass over all 7,
+    row for row (a dropped or doubled last image changes the shape and the rows)."""
+    torch.manual_seed(0)
+    model = ConvVAE(ModelConfig(latent_dim=5))
+    x = (torch.rand(7, 1, 28, 28) > 0.6).float()
+    with torch.inference_mode():
+        whole = model.encode(x)
+    for batch_size in (3, 7, 2000):
+        mean, logvar = posterior(model, x, batch_size=batch_size)
+        assert mean.shape == logvar.shape == (7, 5)
+        torch.testing.assert_close(mean, whole[0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(logvar, whole[1], atol=1e-6, rtol=0)
+
+
+def test_rate_per_dim_sums_to_the_mean_rate_and_mean_and_stderr_are_numpys():
+    rng = np.random.default_rng(0)
+    mean, logvar = torch.tensor(rng.normal(size=(9, 4))), torch.tensor(rng.normal(0, 0.8, size=(9, 4)))
+    rate = rate_per_dim(mean, logvar)
+    assert rate.shape == (4,) and (rate >= 0).all()
+    assert math.isclose(rate.sum().item(), analytic_kl(mean, logvar).mean().item(), rel_tol=1e-12)
+    values = rng.normal(size=9)
+    m, se = mean_and_stderr(torch.tensor(values))
+    assert math.isclose(m, values.mean()) and math.isclose(se, values.std(ddof=1) / 3)
+    assert mean_and_stderr(torch.tensor([2.0])) == (2.0, None)

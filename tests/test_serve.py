@@ -32,8 +32,8 @@ import uvicorn  # noqa: E402
 from vaekit import ConfigError, DataConfig, RunError, train  # noqa: E402
 from vaekit.cli import main  # noqa: E402
 from vaekit.data import preprocess, read_idx  # noqa: E402
-from vaekit.generate import (interpolate, most_active_dims, posterior, rate_per_dim, region_mask, sample,  # noqa: E402
-                             set_dims, traverse)
+from vaekit.generate import interpolate, most_active_dims, region_mask, sample, set_dims, traverse  # noqa: E402
+from vaekit.objectives import posterior, rate_per_dim  # noqa: E402
 from vaekit.serve import create_app, load  # noqa: E402
 from vaekit.serve.app import host_allowed  # noqa: E402
 from vaekit.serve.server import STALL_SECONDS, bind, server_config, url_of  # noqa: E402
@@ -138,8 +138,15 @@ def grid(images: torch.Tensor, nrow: int | None = None, padding: int = 0) -> np.
     return np.array(grid_image(images, nrow=nrow, scale=1, padding=padding))
 
 
-def binary_test(demo, index: int) -> torch.Tensor:
-    return preprocess(demo.test_images[index:index + 1], "static")
+def binary_test(index: int | slice | None = None) -> torch.Tensor:
+    """The sample's test images binarised here as the run was trained ("static"): all, or test image
+    `index` as [1,C,H,W]."""
+    x = preprocess(torch.from_numpy(read_idx(SAMPLE / "t10k-images-idx3-ubyte.gz"))[:, None], "static")
+    return x if index is None else x[index:index + 1]
+
+
+def test_the_demo_holds_the_test_set_preprocessed_once_as_the_run_was_trained(demo):
+    assert torch.equal(demo.test_x, binary_test()) and demo.test_x.dtype == torch.float32
 
 
 # -- the page --------------------------------------------------------------------------------
@@ -186,8 +193,8 @@ def test_samples_are_the_prior_decodes_of_the_seed(server, demo):
 
 
 def test_set_dims_sets_all_its_dimensions_at_once_and_agrees_with_traverse(demo):
-    image = demo.test_images[2:3]
-    code = posterior(demo.model, binary_test(demo, 2))[0]
+    image = binary_test(2)
+    code = posterior(demo.model, image)[0]
     _, row = traverse(demo.model, image, [7], torch.tensor([2.5]))
     torch.testing.assert_close(set_dims(demo.model, image, [7], torch.tensor([2.5])), row[0])
     z = code.clone()
@@ -198,7 +205,7 @@ def test_set_dims_sets_all_its_dimensions_at_once_and_agrees_with_traverse(demo)
 
 
 def test_most_active_dims_are_those_of_the_most_kl(demo):
-    x = preprocess(demo.test_images, "static")
+    x = binary_test()
     dims, kl = most_active_dims(demo.model, x, 6)
     rate = rate_per_dim(*posterior(demo.model, x))
     assert kl == sorted(rate.tolist(), reverse=True)[:6] and rate[dims].tolist() == kl
@@ -206,13 +213,13 @@ def test_most_active_dims_are_those_of_the_most_kl(demo):
 
 def test_sliders_start_at_the_code_on_the_most_active_dimensions_and_decode_it(server, demo):
     latent = ok(server, "/api/latent", {"index": 3, "k": 5})
-    x = preprocess(demo.test_images, "static")
+    x = binary_test()
     assert latent["dims"] == most_active_dims(demo.model, x, 5)[0]
     assert latent["kl"] == sorted(latent["kl"], reverse=True) and latent["kl"][0] > 0.05
-    code = posterior(demo.model, binary_test(demo, 3))[0][0]
+    code = posterior(demo.model, binary_test(3))[0][0]
     assert latent["values"] == pytest.approx(code[latent["dims"]].tolist(), abs=1e-6)
     assert latent["label"] == int(demo.test_labels[3])
-    assert np.array_equal(pixels(latent["image"]), grid(binary_test(demo, 3)))
+    assert np.array_equal(pixels(latent["image"]), grid(binary_test(3)))
 
     dims = latent["dims"]
     at_code = ok(server, "/api/traverse", {"index": 3, "dims": dims, "values": latent["values"]})
@@ -221,15 +228,15 @@ def test_sliders_start_at_the_code_on_the_most_active_dimensions_and_decode_it(s
     assert np.abs(pixels(at_code["image"]).astype(int) - grid(code_decoded).astype(int)).max() <= 1
     moved = [3.0] + latent["values"][1:]
     slid = ok(server, "/api/traverse", {"index": 3, "dims": dims, "values": moved})
-    expected = set_dims(demo.model, demo.test_images[3:4], dims, torch.tensor(moved))
+    expected = set_dims(demo.model, binary_test(3), dims, torch.tensor(moved))
     assert np.array_equal(pixels(slid["image"]), grid(expected))
     assert np.abs(pixels(slid["image"]).astype(int) - pixels(at_code["image"])).mean() > 1     # the picture moved
 
 
 def test_interpolation_is_framed_by_the_binary_originals(server, demo):
     data = ok(server, "/api/interpolate", {"a": 0, "b": 1, "steps": 6, "path": "slerp"})
-    path = interpolate(demo.model, demo.test_images[:2], 6, "slerp")
-    ends = preprocess(demo.test_images[:2], "static")
+    ends = binary_test()[:2]
+    path = interpolate(demo.model, ends, 6, "slerp")
     expected = torch.cat([ends[:1], path, ends[1:]])
     assert np.array_equal(pixels(data["image"]), grid(expected, nrow=8, padding=1))
     assert len(data["frames"]) == 8                                        # and one by one, for the page's layout
@@ -304,7 +311,7 @@ def test_inpainting_fills_the_mask_and_leaves_the_observed_pixels(server, demo, 
     missing = expected_mask.numpy()
     assert np.array_equal(pixels(data["mask"]) >= 128, missing) and data["missing_pixels"] == missing.sum()
     original, filled, shown = pixels(data["original"]), pixels(data["image"]), pixels(data["input"])
-    assert np.array_equal(original, grid(binary_test(demo, 4)))
+    assert np.array_equal(original, grid(binary_test(4)))
     assert np.array_equal(filled[~missing], original[~missing])           # observed pixels untouched
     assert (shown[missing] == 128).all() and np.array_equal(shown[~missing], original[~missing])
     assert np.abs(filled[missing].astype(int) - 128).mean() > 20          # decided pixels, not a grey fill
@@ -313,7 +320,7 @@ def test_inpainting_fills_the_mask_and_leaves_the_observed_pixels(server, demo, 
 
 def test_the_latent_map_is_the_test_codes_on_their_principal_plane_and_decodes_its_points(server, demo):
     data = json.loads(request(server, "GET", "/api/map")[2])
-    codes = posterior(demo.model, preprocess(demo.test_images, "static"))[0].double().numpy()
+    codes = posterior(demo.model, binary_test())[0].double().numpy()
     centred = codes - codes.mean(0)
     _, s, vt = np.linalg.svd(centred, full_matrices=False)              # numpy's PCA, beside torch's
     expected = centred @ vt[:2].T

@@ -12,13 +12,14 @@ from PIL import Image, UnidentifiedImageError
 
 from .config import BINARIZATIONS, ConfigError
 from .data import check_data_fits, dataset_info, fetch, load_data, preprocess
-from .evaluate import evaluate, inpainting_log_likelihood
+from .evaluate import evaluate, protocol
 from .export import export_run
 from .generate import (INPAINT_METHODS, MASKS, PATHS, apply_attribute, attribute_vector, inpaint, inpaint_refusal,
-                       interleave,
-                       interpolate, manifold, mean_image, most_active_dims, posterior, project_2d, reconstruct,
+                       inpainting_log_likelihood, interleave,
+                       interpolate, manifold, mean_image, most_active_dims, project_2d, reconstruct,
                        region_mask, sample, traverse)
 from .models.inference import decode_batch_for
+from .objectives import posterior
 from .plot import plot_runs
 from .pretrained import is_pretrained
 from .runs import Run, RunError, load_model, output_dir
@@ -120,8 +121,9 @@ def reconstruct_to_png(run: str | Path, n: int = 16, seed: int = 0, out: str | P
     if n > len(test):
         raise ConfigError(f"--n {n} is more than the {len(test)} test images")
     labels = _labels(config, test, rt)
-    x, decoded = reconstruct(model, test.images[:n].to(rt.device), config.data.binarization, rt.generator(seed),
-                             None if labels is None else labels[:n])
+    gen = rt.generator(seed)
+    x = preprocess(test.images[:n].to(rt.device), config.data.binarization, gen)   # gen goes on to draw z
+    decoded = reconstruct(model, x, gen, None if labels is None else labels[:n])
     cols = 2 * min(4, n)   # pairs side by side, four pairs a row
     return save_grid(interleave(x, decoded), out or output_dir(run) / "samples" / f"reconstruct_n{n}_seed{seed}.png",
                      nrow=cols)
@@ -172,8 +174,9 @@ def evaluate_run(run: str | Path, k: int = 5000, binarization: str | None = None
     n = n or len(test)
     labels = _labels(config, test, rt)
     decode_batch = decode_batch or decode_batch_for(model, rt.device, n * (k + 1), max_memory_mb)
-    result = evaluate(model, test.images[:n].to(rt.device), binarization, rt, k, decode_batch, seed,
-                      None if labels is None else labels[:n])
+    gen = rt.generator(seed)
+    x = preprocess(test.images[:n].to(rt.device), binarization, gen)    # gen goes on to draw the ELBO's z
+    result = evaluate(model, x, binarization, rt, gen, k, decode_batch, seed, None if labels is None else labels[:n])
     if report:
         report(result)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -203,9 +206,8 @@ def interpolate_to_png(run: str | Path, index: tuple[int, int] = (0, 1), steps: 
     model, config, rt, splits = open_run(run, device, data_dir, "interpolate", precision)
     for i in index:
         _check_index("--index", i, len(splits.test))
-    images = splits.test.images[list(index)].to(rt.device)
-    ends = preprocess(images, config.data.binarization, rt.generator(seed))
-    paths = [interpolate(model, images, steps, p, config.data.binarization, rt.generator(seed)) for p in PATHS]
+    ends = preprocess(splits.test.images[list(index)].to(rt.device), config.data.binarization, rt.generator(seed))
+    paths = [interpolate(model, ends, steps, p) for p in PATHS]
     rows = torch.cat([torch.cat([ends[:1], path, ends[1:]]) for path in paths])
     png = save_grid(rows, out or output_dir(run) / "samples" / f"interpolate_{index[0]}_{index[1]}.png", nrow=steps + 2,
                     row_labels=list(PATHS), col_labels=[f"test {index[0]}", *(f"t={t:.2g}" for t in
@@ -229,11 +231,10 @@ def traverse_to_png(run: str | Path, index: int = 0, dims: int = 8, steps: int =
     _check_index("--index", index, len(splits.test))
     if dims > model.latent_dim:
         raise ConfigError(f"--dims {dims} is more than the model's {model.latent_dim} latent dimensions")
-    gen = rt.generator(seed)
-    test = splits.test.images.to(rt.device)
-    ranked, rates = most_active_dims(model, preprocess(test, config.data.binarization, gen), dims)
+    x = preprocess(splits.test.images.to(rt.device), config.data.binarization, rt.generator(seed))
+    ranked, rates = most_active_dims(model, x, dims)
     values = torch.linspace(-3, 3, steps)
-    _, images = traverse(model, test[index:index + 1], ranked, values, config.data.binarization, gen)
+    _, images = traverse(model, x[index:index + 1], ranked, values)
     png = save_grid(images.flatten(0, 1), out or output_dir(run) / "samples" / f"traverse_{index}.png", nrow=steps,
                     row_labels=[f"z{d}: {r:.2f} nats" for d, r in zip(ranked, rates)],
                     col_labels=[f"{v:+.2g}" for v in values.tolist()])
@@ -291,7 +292,7 @@ def inpaint_to_png(run: str | Path, mask: str = "centre", n: int = 8, steps: int
     """Fills the `mask` region of the first `n` test images (rows: binary original, the input with
     the missing pixels grey, the completion) and scores the first `score_n` test images (None: all;
     the standard errors say how far the full score can be from a quick one) against the training
-    set's mean image (see evaluate.inpainting_log_likelihood)."""
+    set's mean image (see generate.inpainting_log_likelihood)."""
     for flag, value, most in (("n", n, None), ("steps", steps, MAX_SAMPLER_STEPS), ("chains", chains, MAX_CHAINS)):
         _positive(flag, value, most)
     _grid_of(3 * n, f"--n {n} (three rows)")
@@ -306,17 +307,19 @@ def inpaint_to_png(run: str | Path, mask: str = "centre", n: int = 8, steps: int
     if config.model.likelihood != "bernoulli":
         raise ConfigError(f"`vaekit inpaint` samples binary pixels: it is for bernoulli models, and {run} is a "
                           f"{config.model.likelihood} model")
-    test = splits.test.images.to(rt.device)
-    m = _mask(mask, tuple(test.shape[1:])).to(rt.device)
+    m = _mask(mask, tuple(splits.test.images.shape[1:])).to(rt.device)
     b, gen = config.data.binarization, rt.generator(seed)
     start = mean_image(preprocess(splits.train.images.to(rt.device), b, gen))
-    x, filled, _ = inpaint(model, test[:n], m, steps, chains, method, start, b, gen)
+    test = preprocess(splits.test.images.to(rt.device), b, gen)
+    x = test[:n]
+    filled, _ = inpaint(model, x, m, steps, chains, method, start, gen)
     rows = torch.cat([x, torch.where(m, 0.5, x), filled])
     name = f"inpaint_{Path(mask).stem if mask not in MASKS else mask}_{method}.png"
     png = save_grid(rows, out or output_dir(run) / "samples" / name, nrow=len(x),
                     row_labels=["original", "input", "filled"])
-    scores = inpainting_log_likelihood(model, test[:score_n], m, start, b, rt, steps, chains, method, seed=seed)
-    return png, scores
+    # the score's chains draw from a generator of their own, so the picture's --n does not change it
+    scores = inpainting_log_likelihood(model, test[:score_n], m, start, rt.generator(seed), steps, chains, method)
+    return png, {"protocol": protocol(b, seed), **scores}
 
 
 def latent_map_to_png(run: str | Path, n: int = 20, seed: int = 0, out: str | Path | None = None,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .models import ModelConfig
 
+IDX_DATASETS = ("mnist", "fashion-mnist", "kmnist")   # fetched and verified by vaekit.data (its sources.DATASETS)
 BINARIZATIONS = ("static", "dynamic", "none")
 PRECISIONS = ("auto", "fp32", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
@@ -31,7 +32,7 @@ def _f(default, help: str):
 
 @dataclass
 class DataConfig:
-    dataset: str = field(default="mnist", metadata={"help": "mnist, fashion-mnist, kmnist (IDX files, fetched "
+    dataset: str = field(default="mnist", metadata={"help": f"{', '.join(IDX_DATASETS)} (IDX files, fetched "
                          "and verified), or folder: the PNG/JPEG images under --data-dir, labelled by subfolder"})
     data_dir: str | None = field(default=None, metadata={"help": "IDX files to use instead of fetching; with "
                                  "--dataset folder, the folder of images (required)"})
@@ -49,8 +50,7 @@ class DataConfig:
                          "(50,000 train / 10,000 validation); 0: none, the seed's")
 
     def __post_init__(self) -> None:
-        from .data.sources import DATASETS   # here, not at the top: vaekit.data imports this module
-        _choice("dataset", self.dataset, (*DATASETS, FOLDER))
+        _choice("dataset", self.dataset, (*IDX_DATASETS, FOLDER))
         _choice("binarization", self.binarization, BINARIZATIONS)
         if self.dataset == FOLDER:
             if not self.data_dir:

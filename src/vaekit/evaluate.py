@@ -4,7 +4,10 @@ Every number is stated with its binarization protocol: the seed's static thresho
 seeded Bernoulli draw of the test set ("dynamic"), so that numbers are reproducible; or the grey
 levels themselves ("none"), where bits per dimension on the 8-bit scale are reported too.
 
-A class-conditional model scores log p(x|y) and needs the images' labels."""
+The functions take the test images preprocessed once by their caller (x [N,C,H,W], see
+`vaekit.data.preprocess`); the ELBO's z come from the generator that binarised them, its draws
+going on, so one seed fixes every draw. A class-conditional model scores log p(x|y) and needs
+the images' labels."""
 from __future__ import annotations
 
 import time
@@ -13,11 +16,9 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
-from .data import preprocess
 from .distributed import Runtime
-from .generate import inpaint, posterior, rate_per_dim
-from .likelihoods import Bernoulli, bits_per_dim
-from .objectives import iwae_bound
+from .likelihoods import bits_per_dim
+from .objectives import iwae_bound, mean_and_stderr, posterior, rate_per_dim
 
 if TYPE_CHECKING:
     from .config import Config
@@ -42,13 +43,6 @@ def reports_bits(model, binarization: str) -> bool:
 def _bits_per_dim(model, nll: float) -> float:
     c = model.config
     return bits_per_dim(nll, c.image_channels * c.image_size * c.image_size, model.likelihood)
-
-
-def _mean_and_stderr(values: torch.Tensor) -> tuple[float, float | None]:
-    """The mean of per-image values [N] and its standard error over images (None for one image)."""
-    values = values.double()
-    stderr = (values.std() / len(values) ** 0.5).item() if len(values) > 1 else None
-    return values.mean().item(), stderr
 
 
 @torch.inference_mode()
@@ -77,31 +71,29 @@ def _elbo_record(terms: torch.Tensor) -> dict:
     rate = terms[:, 2:].sum(1)
     for name, values in (("elbo", terms[:, 0]), ("distortion", terms[:, 1]), ("rate", rate),
                          ("elbo_analytic_kl", -(terms[:, 1] + rate))):
-        record[name], record[f"{name}_stderr"] = _mean_and_stderr(values)
+        record[name], record[f"{name}_stderr"] = mean_and_stderr(values)
     if terms.shape[1] > 3:
         record["rate_per_layer"] = [round(r, 3) for r in terms[:, 2:].mean(0).tolist()]
     return record
 
 
 @torch.inference_mode()
-def evaluate_elbo(model, images: torch.Tensor, binarization: str, runtime: Runtime,
-                  batch_size: int = 2000, seed: int = 0, labels: torch.Tensor | None = None) -> dict:
-    """Test ELBO in nats per image over all of `images` (uint8 [N,C,H,W] on runtime.device).
+def evaluate_elbo(model, x: torch.Tensor, binarization: str, runtime: Runtime, generator: torch.Generator,
+                  batch_size: int = 2000, labels: torch.Tensor | None = None) -> dict:
+    """Test ELBO in nats per image over all of x ([N,C,H,W] on runtime.device, preprocessed as
+    `binarization` says), z drawn from `generator` (the one that binarised x).
 
     `elbo` is the seed's single-sample estimator (what it prints every epoch); `distortion`
     (-log p(x|z)) and `rate` (analytic KL) are the same pass's parts, and `elbo_analytic_kl`
     = -(distortion + rate), a lower-variance estimate of the same bound; each with its standard
-    error over images. The test set is binarised with a generator seeded by `seed`, then used
-    for z. Always the ELBO (beta 1), whatever the training objective; with grey levels ("none")
-    also `bits_per_dim`, of -elbo on the 8-bit scale."""
+    error over images. Always the ELBO (beta 1), whatever the training objective; with grey
+    levels ("none") also `bits_per_dim`, of -elbo on the 8-bit scale."""
     was_training = model.training
     model.eval()
-    gen = runtime.generator(seed)
-    x = preprocess(images, binarization, gen)   # [N,C,H,W] in {0,1} (or [0,1] for "none")
     with runtime.autocast():
-        terms = elbo_per_image(model, x, gen, batch_size, labels)
+        terms = elbo_per_image(model, x, generator, batch_size, labels)
     model.train(was_training)
-    result = {**_elbo_record(terms), "n": len(images)}
+    result = {**_elbo_record(terms), "n": len(x)}
     if reports_bits(model, binarization):
         result["bits_per_dim"] = _bits_per_dim(model, -result["elbo"])
     return result
@@ -149,25 +141,25 @@ def iwae_bounds(model, x: torch.Tensor, k: int, seed: int = 0, decode_batch: int
 
 
 @torch.inference_mode()
-def evaluate(model, images: torch.Tensor, binarization: str, runtime: Runtime, k: int = 5000,
-             decode_batch: int = 2000, seed: int = 0, labels: torch.Tensor | None = None) -> dict:
-    """Everything `vaekit eval` reports, in nats per image over all of `images` (uint8 [N,C,H,W]):
+def evaluate(model, x: torch.Tensor, binarization: str, runtime: Runtime, generator: torch.Generator,
+             k: int = 5000, decode_batch: int = 2000, seed: int = 0, labels: torch.Tensor | None = None) -> dict:
+    """Everything `vaekit eval` reports, in nats per image over all of x ([N,C,H,W], preprocessed
+    as `binarization` says with `generator`, seeded by `seed`; the ELBO's z come from it after):
     the ELBO (single-sample and analytic-KL, with rate and distortion apart), the IWAE bound
     with K draws and the NLL it bounds, each mean with its standard error over images; active
     units and the rate of each latent dimension; for grey levels also both in bits per dimension;
     and what it cost (seconds, decodes per second, precision, decode batch). `labels` [N]: for a
-    conditional model. The images are preprocessed once; every pass scores those same x."""
+    conditional model. Every pass scores those same x; image i's importance draws come from
+    `seed` + 1 and i alone (see iwae_bounds)."""
     start = time.perf_counter()
-    n = len(images)
-    gen = runtime.generator(seed)
-    x = preprocess(images, binarization, gen)                       # [N,C,H,W], once
+    n = len(x)
     with runtime.autocast(), tqdm(total=n * (k + 1), desc=f"eval K={k}", unit="decode", unit_scale=True,
                                   disable=None, smoothing=0.05) as bar:
-        elbo = _elbo_record(elbo_per_image(model, x, gen, decode_batch, labels, bar))
+        elbo = _elbo_record(elbo_per_image(model, x, generator, decode_batch, labels, bar))
         mean, logvar = posterior(model, x, decode_batch, labels)     # [N,D] each
         bounds = iwae_bounds(model, x, k, seed + 1, decode_batch, labels, bar)
     seconds = time.perf_counter() - start
-    bound, bound_stderr = _mean_and_stderr(bounds)
+    bound, bound_stderr = mean_and_stderr(bounds)
     bits = {}
     if reports_bits(model, binarization):
         bits = {"bits_per_dim": _bits_per_dim(model, -elbo["elbo"]), "nll_bits_per_dim": _bits_per_dim(model, -bound)}
@@ -213,47 +205,18 @@ def eval_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-@torch.inference_mode()
-def inpainting_log_likelihood(model, images: torch.Tensor, mask: torch.Tensor, mean_image: torch.Tensor,
-                              binarization: str, runtime: Runtime, steps: int, chains: int, method: str,
-                              batch_size: int = 2000, seed: int = 0) -> dict:
-    """log p of the true masked pixels of `images` (uint8 [N,C,H,W]), nats per image, under the
-    predictive of `inpaint` (its chains start from `mean_image`) and under the baseline that
-    fills them with `mean_image` [C,H,W] (probabilities in (0,1), see generate.mean_image), each
-    with its standard error over the images (`*_stderr`; None for one image).
-    mask [C,H,W], True = missing; `batch_size` bounds the decodes at once (images x chains)."""
-    gen = runtime.generator(seed)
-    baseline_logits = torch.logit(mean_image.to(runtime.device))
-    per_image = []   # [B,2] a pass: log p under the inpainting's predictive, under the baseline
-    per_pass = max(1, batch_size // chains)
-    with tqdm(total=len(images), desc="inpainting score", unit="img", leave=False, disable=None) as bar:
-        for start in range(0, len(images), per_pass):
-            x, _, logits = inpaint(model, images[start:start + per_pass], mask, steps, chains, method, mean_image,
-                                   binarization, gen)
-            per_image.append(torch.stack([Bernoulli.log_prob(x, logits, mask),
-                                          Bernoulli.log_prob(x, baseline_logits.expand_as(x), mask)], dim=1).double())
-            bar.update(len(x))
-    values = torch.cat(per_image)
-    values = torch.cat([values, values[:, :1] - values[:, 1:]], dim=1)      # [N,3]: inpainting, baseline, gain
-    record = {"protocol": protocol(binarization, seed), "n": len(images), "masked_pixels": int(mask.sum()),
-              "steps": steps, "chains": chains, "method": method}
-    for name, column in zip(("inpainting", "mean_image_baseline", "gain"), values.T):
-        record[name], record[f"{name}_stderr"] = _mean_and_stderr(column)
-    return record
-
-
-def epoch_test_record(model, images: torch.Tensor, labels: torch.Tensor | None, config: Config, rt: Runtime,
-                      seed: int) -> dict:
-    """The test numbers of each epoch's metrics line, from uint8 test images (and their labels):
-    the ELBO (at beta 1, whatever the training objective), its distortion and rate, bits per dimension for grey levels, and the IWAE bound the
+def epoch_test_record(model, x: torch.Tensor, generator: torch.Generator, labels: torch.Tensor | None,
+                      config: Config, rt: Runtime, seed: int) -> dict:
+    """The test numbers of each epoch's metrics line, from the test images x preprocessed with
+    `generator`, seeded by `seed` (and their labels): the ELBO (at beta 1, whatever the training
+    objective), its distortion and rate, bits per dimension for grey levels, and the IWAE bound the
     iwae objective trains (with its K draws)."""
-    test = evaluate_elbo(model, images, config.data.binarization, rt, config.train.eval_batch_size, seed, labels)
+    test = evaluate_elbo(model, x, config.data.binarization, rt, generator, config.train.eval_batch_size, labels)
     record = {"test_elbo": test["elbo"], "test_distortion": test["distortion"], "test_rate": test["rate"]}
     if "bits_per_dim" in test:
         record["test_bits_per_dim"] = test["bits_per_dim"]
     if config.model.objective == "iwae":
         k = config.model.iwae_k
-        x = preprocess(images, config.data.binarization, rt.generator(seed))
         bounds = iwae_bounds(model, x, k, seed + 1, config.train.eval_batch_size, labels)
         record[f"test_iwae_bound_k{k}"] = bounds.double().mean().item()
     return record

@@ -1,17 +1,19 @@
 """Generation tasks. Each is one small function over a model and tensors, shared by the CLI,
-the Python API and the web demo. Inputs are uint8 images [N,C,H,W] or codes [N,latent];
-outputs are images in [0,1] (the likelihood's mean; Bernoulli: probabilities), [N,C,H,W] (or
-[rows,cols,C,H,W] for sweeps). Class-conditional models take their labels where the task has them
-(sample, reconstruct, posterior); the other tasks are for unconditional models."""
+the Python API and the web demo. Inputs are images x [N,C,H,W] already preprocessed
+(`vaekit.data.preprocess`, once, by the caller: float, in the model's input space) or codes
+[N,latent]; outputs are images in [0,1] (the likelihood's mean; Bernoulli: probabilities),
+[N,C,H,W] (or [rows,cols,C,H,W] for sweeps). Class-conditional models take their labels where
+the task has them (sample, reconstruct); the other tasks are for unconditional models."""
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
-from .data import preprocess
-from .objectives import analytic_kl_per_dim, importance_weights
+from .likelihoods import Bernoulli
+from .objectives import importance_weights, mean_and_stderr, posterior, rate_per_dim
 
 PATHS = ("linear", "slerp")
 MASKS = ("top", "bottom", "left", "right", "centre")
@@ -27,14 +29,12 @@ def sample(model, n: int, generator: torch.Generator | None = None, label: int |
 
 
 @torch.inference_mode()
-def reconstruct(model, images: torch.Tensor, binarization: str = "static",
-                generator: torch.Generator | None = None,
-                labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The seed's 'samples near encoded images': encode, draw z ~ q(z|x) with the
-    reparameterization trick (every layer of a hierarchy), decode. Returns (the binarized inputs,
-    their decodes)."""
-    x = preprocess(images, binarization, generator)
-    return x, model.likelihood.mean(model(x, generator=generator, y=labels).params)
+def reconstruct(model, x: torch.Tensor, generator: torch.Generator | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+    """The seed's 'samples near encoded images': encode x, draw z ~ q(z|x) with the
+    reparameterization trick (every layer of a hierarchy), decode. Returns the decodes [N,C,H,W],
+    to be shown beside x itself."""
+    return model.likelihood.mean(model(x, generator=generator, y=labels).params)
 
 
 def interleave(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -43,31 +43,14 @@ def interleave(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def posterior(model, x: torch.Tensor, batch_size: int = 2000,
-              labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, logvar) of q(z|x), each [N,latent], for preprocessed images x [N,C,H,W] (and their
-    labels [N], for a conditional model), a batch at a time."""
-    parts = [model.encode(x[i:i + batch_size], None if labels is None else labels[i:i + batch_size])
-             for i in range(0, len(x), batch_size)]
-    return torch.cat([m for m, _ in parts]), torch.cat([v for _, v in parts])
-
-
-def rate_per_dim(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """The mean over N of each dimension's KL(q(z_d|x) || N(0,1)), nats, [N,D] -> [D] (float64).
-    Its sum is the rate; a dimension near 0 is unused (the posterior equals the prior there)."""
-    return analytic_kl_per_dim(mean.double(), logvar.double()).sum(0) / len(mean)
-
-
-@torch.inference_mode()
-def interpolate(model, images: torch.Tensor, steps: int = 10, path: str = "linear", binarization: str = "static",
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Decodes `steps` codes on a path between the posterior means a, b of two images [2,C,H,W]:
+def interpolate(model, x: torch.Tensor, steps: int = 10, path: str = "linear") -> torch.Tensor:
+    """Decodes `steps` codes on a path between the posterior means a, b of two images x [2,C,H,W]:
     "linear" (1-t) a + t b, or "slerp", the great circle (Shoemake 1985), which avoids the
     straight line's dip in norm midway, where prior draws never lie. Returns [steps,C,H,W]; the
     ends are the decodes of a and b."""
     if path not in PATHS:
         raise ValueError(f"path must be one of {', '.join(PATHS)}; got {path!r}")
-    a, b = posterior(model, preprocess(images, binarization, generator))[0]
+    a, b = posterior(model, x)[0]
     t = torch.linspace(0, 1, steps, device=a.device)[:, None]          # [steps,1]
     omega = torch.arccos(F.cosine_similarity(a, b, dim=0).clamp(-1, 1))
     if path == "linear" or omega < 1e-4:    # (nearly) parallel codes: slerp is the straight line
@@ -78,12 +61,11 @@ def interpolate(model, images: torch.Tensor, steps: int = 10, path: str = "linea
 
 
 @torch.inference_mode()
-def traverse(model, image: torch.Tensor, dims: list[int], values: torch.Tensor, binarization: str = "static",
-             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def traverse(model, x: torch.Tensor, dims: list[int], values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Varies one latent dimension at a time around an image's code: row r sets dimension dims[r]
-    of the posterior mean of `image` [1,C,H,W] to each of `values` [S] and keeps the others.
+    of the posterior mean of the image x [1,C,H,W] to each of `values` [S] and keeps the others.
     Returns (codes [R,S,D], decodes [R,S,C,H,W])."""
-    code = posterior(model, preprocess(image, binarization, generator))[0][0]          # [D]
+    code = posterior(model, x)[0][0]                                                    # [D]
     rows, cols = len(dims), len(values)
     z = code.repeat(rows, cols, 1)
     z[torch.arange(rows)[:, None], torch.arange(cols), torch.as_tensor(dims)[:, None]] = values.to(z)
@@ -91,17 +73,16 @@ def traverse(model, image: torch.Tensor, dims: list[int], values: torch.Tensor, 
 
 
 @torch.inference_mode()
-def set_dims(model, image: torch.Tensor, dims: list[int], values: torch.Tensor, binarization: str = "static",
-             generator: torch.Generator | None = None) -> torch.Tensor:
-    """Decodes the posterior mean of `image` [1,C,H,W] with dimension dims[i] set to values[i] [K], all
-    at once (the web demo's sliders; `traverse` varies one at a time). Returns [1,C,H,W]."""
-    z = posterior(model, preprocess(image, binarization, generator))[0]                  # [1,D]
+def set_dims(model, x: torch.Tensor, dims: list[int], values: torch.Tensor) -> torch.Tensor:
+    """Decodes the posterior mean of the image x [1,C,H,W] with dimension dims[i] set to values[i] [K],
+    all at once (the web demo's sliders; `traverse` varies one at a time). Returns [1,C,H,W]."""
+    z = posterior(model, x)[0]                                                          # [1,D]
     z[:, dims] = values.to(z)
     return model.decode(z, as_image=True)
 
 
 def most_active_dims(model, x: torch.Tensor, n: int) -> tuple[list[int], list[float]]:
-    """The `n` latent dimensions with the most KL over binary images x [N,C,H,W], most first, and
+    """The `n` latent dimensions with the most KL over images x [N,C,H,W], most first, and
     their KL in nats (see rate_per_dim)."""
     rate = rate_per_dim(*posterior(model, x))
     order = rate.argsort(descending=True)[:n]
@@ -142,11 +123,12 @@ def region_mask(name: str, shape: tuple[int, int, int]) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def inpaint(model, images: torch.Tensor, mask: torch.Tensor, steps: int = 50, chains: int = 4,
-            method: str = "pseudo-gibbs", start: torch.Tensor | None = None, binarization: str = "static",
+def inpaint(model, x: torch.Tensor, mask: torch.Tensor, steps: int = 50, chains: int = 4,
+            method: str = "pseudo-gibbs", start: torch.Tensor | None = None,
             generator: torch.Generator | None = None,
-            stop: Callable[[int], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fills the pixels of images [N,C,H,W] where mask [C,H,W] is True, observed pixels clamped.
+            stop: Callable[[int], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fills the pixels of binary images x [N,C,H,W] (values in {0, 1}) where mask [C,H,W] is True,
+    the observed pixels clamped to x's.
 
     Each of `chains` independent chains per image starts with the missing pixels drawn from
     Bernoulli(start) (start [C,H,W], e.g. the training set's mean image; default: all off), then
@@ -154,8 +136,8 @@ def inpaint(model, images: torch.Tensor, mask: torch.Tensor, steps: int = 50, ch
     p(x|z) ("pseudo-gibbs", Rezende et al. 2014). "metropolis" keeps the new z only with the
     Metropolis-Hastings ratio w(z')/w(z), w = p(x,z)/q(z|x) (Mattei & Frellsen 2018), so the
     chain targets the model's true conditional p(z, x_missing | x_observed).
-    Returns (binary images x, completion: x with the missing pixels' predictive probabilities,
-    predictive logits [N,C,H,W]: logit of the mean of p(x_j|z) over all chains and steps). One
+    Returns (completion: x with the missing pixels' predictive probabilities, predictive logits
+    [N,C,H,W]: logit of the mean of p(x_j|z) over all chains and steps). One
     sharp decode is confidently wrong wherever a stroke lands a pixel off; the mean over many
     steps and chains is what makes the predictive fit the truth (longer chains help most).
     `stop`, if given, is called after each step with the number of steps done; True ends the
@@ -165,7 +147,6 @@ def inpaint(model, images: torch.Tensor, mask: torch.Tensor, steps: int = 50, ch
     refusal = inpaint_refusal(model.config, method)
     if refusal:
         raise ValueError(refusal)
-    x = preprocess(images, binarization, generator)
     xs = x.repeat(chains, 1, 1, 1)                          # [chains*N,C,H,W], chain-major
     missing = mask.to(x.device).expand_as(xs)
     init = torch.zeros_like(xs) if start is None else torch.bernoulli(start.to(xs).expand_as(xs), generator=generator)
@@ -192,7 +173,34 @@ def inpaint(model, images: torch.Tensor, mask: torch.Tensor, steps: int = 50, ch
             break
     chain_axis = (chains, len(x))
     predictive = log_on.unflatten(0, chain_axis).logsumexp(0) - log_off.unflatten(0, chain_axis).logsumexp(0)
-    return x, torch.where(mask.to(x.device), torch.sigmoid(predictive), x), predictive
+    return torch.where(mask.to(x.device), torch.sigmoid(predictive), x), predictive
+
+
+@torch.inference_mode()
+def inpainting_log_likelihood(model, x: torch.Tensor, mask: torch.Tensor, mean_image: torch.Tensor,
+                              generator: torch.Generator, steps: int, chains: int, method: str,
+                              batch_size: int = 2000) -> dict:
+    """log p of the true masked pixels of binary images x [N,C,H,W], nats per image, under the
+    predictive of `inpaint` (its chains start from `mean_image`, draw from `generator`) and under
+    the baseline that fills them with `mean_image` [C,H,W] (probabilities in (0,1), see
+    mean_image), each with its standard error over the images (`*_stderr`; None for one image).
+    mask [C,H,W], True = missing; `batch_size` bounds the decodes at once (images x chains)."""
+    baseline_logits = torch.logit(mean_image.to(x.device))
+    per_image = []   # [B,2] a pass: log p under the inpainting's predictive, under the baseline
+    per_pass = max(1, batch_size // chains)
+    with tqdm(total=len(x), desc="inpainting score", unit="img", leave=False, disable=None) as bar:
+        for start in range(0, len(x), per_pass):
+            xb = x[start:start + per_pass]
+            _, logits = inpaint(model, xb, mask, steps, chains, method, mean_image, generator)
+            per_image.append(torch.stack([Bernoulli.log_prob(xb, logits, mask),
+                                          Bernoulli.log_prob(xb, baseline_logits.expand_as(xb), mask)], dim=1).double())
+            bar.update(len(xb))
+    values = torch.cat(per_image)
+    values = torch.cat([values, values[:, :1] - values[:, 1:]], dim=1)      # [N,3]: inpainting, baseline, gain
+    record = {"n": len(x), "masked_pixels": int(mask.sum()), "steps": steps, "chains": chains, "method": method}
+    for name, column in zip(("inpainting", "mean_image_baseline", "gain"), values.T):
+        record[name], record[f"{name}_stderr"] = mean_and_stderr(column)
+    return record
 
 
 def inpaint_refusal(config, method: str) -> str | None:

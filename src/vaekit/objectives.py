@@ -1,8 +1,10 @@
-"""ELBO estimators and the IWAE bound, as pure tensor functions.
+"""ELBO estimators and the IWAE bound, as pure tensor functions; the posterior q(z|x) of a set of
+images and its rate per latent dimension, which evaluation and the generation tasks both report.
 
-Every function returns one value per example ([B], in nats); callers sum or average. The
-ELBO's two parts are kept apart: distortion = -log p(x|z), rate = KL(q(z|x) || p(z)). A model's
-pass returns them as Terms (models/vae.py); training_loss turns those into each objective.
+Every loss returns one value per example ([B], in nats); callers sum or average
+(mean_and_stderr). The ELBO's two parts are kept apart: distortion = -log p(x|z), rate =
+KL(q(z|x) || p(z)). A model's pass returns them as Terms (models/vae.py); training_loss turns
+those into each objective.
 """
 from __future__ import annotations
 
@@ -61,3 +63,26 @@ def importance_weights(x, params, z, mean, logvar, likelihood=Bernoulli) -> torc
 def iwae_bound(log_w: torch.Tensor) -> torch.Tensor:
     """log (1/K) sum_k w_k from log weights [K,B] -> [B], stable through logsumexp."""
     return torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0])
+
+
+@torch.inference_mode()
+def posterior(model, x: torch.Tensor, batch_size: int = 2000,
+              labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, logvar) of q(z|x), each [N,latent], for preprocessed images x [N,C,H,W] (and their
+    labels [N], for a conditional model), a batch at a time (the last one ragged, never dropped)."""
+    parts = [model.encode(x[i:i + batch_size], None if labels is None else labels[i:i + batch_size])
+             for i in range(0, len(x), batch_size)]
+    return torch.cat([m for m, _ in parts]), torch.cat([v for _, v in parts])
+
+
+def rate_per_dim(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """The mean over N of each dimension's KL(q(z_d|x) || N(0,1)), nats, [N,D] -> [D] (float64).
+    Its sum is the rate; a dimension near 0 is unused (the posterior equals the prior there)."""
+    return analytic_kl_per_dim(mean.double(), logvar.double()).sum(0) / len(mean)
+
+
+def mean_and_stderr(values: torch.Tensor) -> tuple[float, float | None]:
+    """The mean of per-example values [N] and its standard error over examples (None for one)."""
+    values = values.double()
+    stderr = (values.std() / len(values) ** 0.5).item() if len(values) > 1 else None
+    return values.mean().item(), stderr

@@ -243,10 +243,15 @@ def _train(run: Run, config: Config, rt: Runtime, resuming: bool, fall_back: boo
             end_time = time.perf_counter()
             at = Progress(epoch, 0, at.step)
             if rt.is_main:   # the test set is small: rank 0 evaluates all of it, with the single-process noise
-                test = epoch_test_record(model, test_images, test_labels, config, rt, seed=tc.seed * 1_000_003 + epoch)
+                seed = tc.seed * 1_000_003 + epoch     # binarises the test set (a fresh draw each epoch), then z
+                gen = rt.generator(seed)
+                x = preprocess(test_images, config.data.binarization, gen)
+                test = epoch_test_record(model, x, gen, test_labels, config, rt, seed)
                 if len(val_split):
-                    val = evaluate_elbo(model, val_split.images.to(rt.device), config.data.binarization, rt,
-                                        tc.eval_batch_size, tc.seed * 1_000_003 + epoch + 1)
+                    gen = rt.generator(seed + 1)
+                    x = preprocess(val_split.images.to(rt.device), config.data.binarization, gen)
+                    val_labels = val_split.labels.to(rt.device) if config.model.conditional else None
+                    val = evaluate_elbo(model, x, config.data.binarization, rt, gen, tc.eval_batch_size, val_labels)
                     test.update({f"val_{key}": val[key] for key in ("elbo", "distortion", "rate")})
                 eval_seconds = time.perf_counter() - end_time
                 log("============================")

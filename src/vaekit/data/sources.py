@@ -82,6 +82,7 @@ class DatasetSpec:
         return len(self.class_names)
 
 
+# One spec per name of config.IDX_DATASETS, what a DataConfig accepts (tests/test_data.py checks they agree).
 DATASETS: dict[str, DatasetSpec] = {
     "mnist": DatasetSpec(
         name="mnist",

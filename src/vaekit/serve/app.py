@@ -37,7 +37,8 @@ from ..api import open_run
 from ..data import preprocess
 from ..distributed import Runtime
 from ..generate import (INPAINT_METHODS, MASKS, PATHS, inpaint, inpaint_refusal, interpolate, latent_plane,
-                        mean_image, most_active_dims, posterior, reconstruct, region_mask, sample, set_dims)
+                        mean_image, most_active_dims, reconstruct, region_mask, sample, set_dims)
+from ..objectives import posterior
 from ..runs import RunError
 from ..viz import PALETTE
 from .images import PNG_PREFIX, BadInput, as_mnist_digit, from_data_url, read_png, shrunk, to_data_url
@@ -56,16 +57,17 @@ MapValue = Annotated[float, Field(ge=-LIMITS["map_value"], le=LIMITS["map_value"
 
 @dataclass
 class Demo:
-    """A run loaded for the demo: images uint8 [N,C,H,W] and labels [N] of the test set on the
-    model's device and the names of the labels; the latent dimensions ranked by their KL over the
-    test set (most first) with that KL; `start`, the training set's mean image [C,H,W], where
-    inpainting chains begin; the latent map: the plane it shows (origin [D], axes [2,D], axis
-    names; see generate.latent_plane) and the test codes' coordinates on it [N,2]; and whether a
-    drawing is made into a digit the way MNIST's were (else the whole pad is shrunk)."""
+    """A run loaded for the demo: the test set's images preprocessed once as the run was trained,
+    x [N,C,H,W] on the model's device, their labels [N] and the names of the labels; the latent
+    dimensions ranked by their KL over the test set (most first) with that KL; `start`, the
+    training set's mean image [C,H,W], where inpainting chains begin; the latent map: the plane it
+    shows (origin [D], axes [2,D], axis names; see generate.latent_plane) and the test codes'
+    coordinates on it [N,2]; and whether a drawing is made into a digit the way MNIST's were
+    (else the whole pad is shrunk)."""
     model: torch.nn.Module
     runtime: Runtime
     binarization: str
-    test_images: torch.Tensor
+    test_x: torch.Tensor
     test_labels: torch.Tensor
     class_names: tuple[str, ...]
     ranked_dims: list[int]
@@ -78,7 +80,7 @@ class Demo:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.test_images.shape[1:])
+        return tuple(self.test_x.shape[1:])
 
 
 def load(run: str | Path, device: str = "auto", data_dir: str | Path | None = None, precision: str = "auto") -> Demo:
@@ -98,7 +100,7 @@ def load(run: str | Path, device: str = "auto", data_dir: str | Path | None = No
     origin, axes, names = latent_plane(codes)
     coords = ((codes.double() - origin) @ axes.T).float().cpu()
     start = mean_image(preprocess(splits.train.images.to(rt.device), b, gen))
-    return Demo(model, rt, b, test, splits.test.labels, splits.class_names, dims, kl, start, (origin, axes, names),
+    return Demo(model, rt, b, x, splits.test.labels, splits.class_names, dims, kl, start, (origin, axes, names),
                 coords, config.data.dataset == "mnist")
 
 
@@ -231,14 +233,11 @@ def create_app(demo: Demo, host: str = "127.0.0.1", work_seconds: float = WORK_S
             demo.lock.release()
 
     def test_image(field: str, index: int) -> torch.Tensor:
-        """Test image `index` as uint8 [1,C,H,W]."""
-        if index >= len(demo.test_images):
-            raise BadInput(f"{field} {index} is out of range: the test set has {len(demo.test_images)} images "
-                           f"(0..{len(demo.test_images) - 1})")
-        return demo.test_images[index:index + 1]
-
-    def binary(images: torch.Tensor) -> torch.Tensor:
-        return preprocess(images, demo.binarization, demo.runtime.generator(0))
+        """Test image `index`, preprocessed: x [1,C,H,W]."""
+        if index >= len(demo.test_x):
+            raise BadInput(f"{field} {index} is out of range: the test set has {len(demo.test_x)} images "
+                           f"(0..{len(demo.test_x) - 1})")
+        return demo.test_x[index:index + 1]
 
     def label_of(index: int) -> dict:
         label = int(demo.test_labels[index])
@@ -285,7 +284,7 @@ def create_app(demo: Demo, host: str = "127.0.0.1", work_seconds: float = WORK_S
     # -- the API: light requests ------------------------------------------------------------------
     @app.api_route("/api/info", methods=["GET", "HEAD"])
     async def info():
-        return {"shape": [c, h, w], "latent_dim": demo.model.latent_dim, "test_size": len(demo.test_images),
+        return {"shape": [c, h, w], "latent_dim": demo.model.latent_dim, "test_size": len(demo.test_x),
                 "class_names": demo.class_names, "drawing": "mnist-digit" if demo.mnist_drawings else "whole-pad",
                 "limits": LIMITS, "work_seconds": work_seconds, "paths": PATHS, "masks": MASKS,
                 "methods": INPAINT_METHODS}
@@ -307,7 +306,7 @@ def create_app(demo: Demo, host: str = "127.0.0.1", work_seconds: float = WORK_S
     @app.post("/api/test-image")
     async def api_test_image(req: IndexRequest = json_body(IndexRequest)):
         image = test_image("index", req.index)
-        return {"image": to_data_url(binary(image)), **label_of(req.index)}
+        return {"image": to_data_url(image), **label_of(req.index)}
 
     @app.post("/api/latent")
     async def api_latent(req: LatentRequest = json_body(LatentRequest)):
@@ -317,9 +316,9 @@ def create_app(demo: Demo, host: str = "127.0.0.1", work_seconds: float = WORK_S
         k = min(req.k, demo.model.latent_dim)
         dims = demo.ranked_dims[:k]
         with torch.inference_mode():
-            code = posterior(demo.model, binary(image))[0][0]
+            code = posterior(demo.model, image)[0][0]
         return {"dims": dims, "kl": demo.dim_kl[:k], "values": code[dims].tolist(),
-                "image": to_data_url(binary(image)), **label_of(req.index)}
+                "image": to_data_url(image), **label_of(req.index)}
 
     @app.post("/api/traverse")
     async def api_traverse(req: TraverseRequest = json_body(TraverseRequest)):
@@ -328,8 +327,7 @@ def create_app(demo: Demo, host: str = "127.0.0.1", work_seconds: float = WORK_S
             raise BadInput(f"dims has {len(req.dims)} entries but values has {len(req.values)}; give one value per dim")
         if len(set(req.dims)) != len(req.dims) or not all(0 <= d < demo.model.latent_dim for d in req.dims):
             raise BadInput(f"dims must be distinct latent dimensions 0..{demo.model.latent_dim - 1}; got {req.dims}")
-        decoded = set_dims(demo.model, image, req.dims, torch.tensor(req.values), demo.binarization,
-                           demo.runtime.generator(0))
+        decoded = set_dims(demo.model, image, req.dims, torch.tensor(req.values))
         return {"image": to_data_url(decoded)}
 
     @app.post("/api/reconstruct")
@@ -338,8 +336,9 @@ def create_app(demo: Demo, host: str = "127.0.0.1", work_seconds: float = WORK_S
         its binarized input and its decode (z ~ q(z|x))."""
         img = read_png("image", req.image)
         drawing = as_mnist_digit(img) if demo.mnist_drawings else shrunk(img, demo.shape)
-        x, decoded = reconstruct(demo.model, drawing.to(demo.runtime.device), demo.binarization,
-                                 demo.runtime.generator(req.seed))
+        gen = demo.runtime.generator(req.seed)
+        x = preprocess(drawing.to(demo.runtime.device), demo.binarization, gen)    # gen goes on to draw z
+        decoded = reconstruct(demo.model, x, gen)
         return {"input": to_data_url(x), "image": to_data_url(decoded)}
 
     # -- the API: heavy requests, one at a time on the model ------------------------------------
@@ -355,9 +354,8 @@ def create_app(demo: Demo, host: str = "127.0.0.1", work_seconds: float = WORK_S
         (image) and one by one (frames)."""
         images = torch.cat([test_image("a", req.a), test_image("b", req.b)])
         with heavy_turn():
-            path = interpolate(demo.model, images, req.steps, req.path, demo.binarization, demo.runtime.generator(0))
-        ends = binary(images)
-        row = torch.cat([ends[:1], path, ends[1:]])
+            path = interpolate(demo.model, images, req.steps, req.path)
+        row = torch.cat([images[:1], path, images[1:]])
         return {"image": to_data_url(row, nrow=req.steps + 2, padding=1), "frames": [to_data_url(f[None]) for f in row]}
 
     @app.post("/api/inpaint")
@@ -389,9 +387,9 @@ def create_app(demo: Demo, host: str = "127.0.0.1", work_seconds: float = WORK_S
 
         with heavy_turn():
             deadline = time.monotonic() + work_seconds
-            x, filled, _ = inpaint(demo.model, image, mask, req.steps, req.chains, req.method, demo.start,
-                                   demo.binarization, demo.runtime.generator(req.seed), stop=out_of_time)
-        return {"original": to_data_url(x), "input": to_data_url(torch.where(mask, 0.5, x)),
+            filled, _ = inpaint(demo.model, image, mask, req.steps, req.chains, req.method, demo.start,
+                                demo.runtime.generator(req.seed), stop=out_of_time)
+        return {"original": to_data_url(image), "input": to_data_url(torch.where(mask, 0.5, image)),
                 "image": to_data_url(filled), "mask": to_data_url(mask[None].float()),
                 "missing_pixels": int(mask[0].sum()), "steps_done": done}
 
