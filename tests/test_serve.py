@@ -8,6 +8,7 @@ import http.client
 import importlib.util
 import io
 import json
+import re
 import shutil
 import signal
 import socket
@@ -354,23 +355,23 @@ def png_bytes_url(raw: bytes) -> str:
 
 
 BAD = [
-    ("/api/sample", {"n": 0}, 422, "n: Input should be greater than or equal to 1"),
-    ("/api/sample", {"n": 65}, 422, "n: Input should be less than or equal to 64"),
+    ("/api/sample", {"n": 0}, 422, "n: … 1"),
+    ("/api/sample", {"n": 65}, 422, "n: … 64"),
     ("/api/sample", {"n": 4, "seed": -1}, 422, "seed:"),
-    ("/api/sample", {"n": "many"}, 422, "n: Input should be a valid integer"),
+    ("/api/sample", {"n": "many"}, 422, "n: … integer"),
     ("/api/sample", {"n": 4, "path": "/etc/passwd"}, 422, "path: not a setting of /api/sample, which takes n, seed"),
     ("/api/test-image", {"index": 500}, 400, "index 500 is out of range: the test set has 500 images (0..499)"),
-    ("/api/test-image", {"index": -1}, 422, "index: Input should be greater than or equal to 0"),
-    ("/api/test-image", {}, 422, "index: Field required"),
-    ("/api/latent", {"index": 0, "k": 17}, 422, "k: Input should be less than or equal to 16"),
+    ("/api/test-image", {"index": -1}, 422, "index: … 0"),
+    ("/api/test-image", {}, 422, "index: … required"),
+    ("/api/latent", {"index": 0, "k": 17}, 422, "k: … 16"),
     ("/api/traverse", {"index": 0, "dims": [1, 2], "values": [0.5]}, 400, "dims has 2 entries but values has 1"),
     ("/api/traverse", {"index": 0, "dims": [1, 1], "values": [0, 0]}, 400, "dims must be distinct latent dimensions"),
     ("/api/traverse", {"index": 0, "dims": [50], "values": [0]}, 400, "latent dimensions 0..49; got [50]"),
-    ("/api/traverse", {"index": 0, "dims": [1], "values": [9]}, 422, "values.0: Input should be less than or equal to 5"),
-    ("/api/traverse", {"index": 0, "dims": list(range(17)), "values": [0] * 17}, 422, "dims: List should have at most 16"),
-    ("/api/interpolate", {"a": 0, "b": 1, "steps": 1}, 422, "steps: Input should be greater than or equal to 2"),
+    ("/api/traverse", {"index": 0, "dims": [1], "values": [9]}, 422, "values.0: … 5"),
+    ("/api/traverse", {"index": 0, "dims": list(range(17)), "values": [0] * 17}, 422, "dims: … 16"),
+    ("/api/interpolate", {"a": 0, "b": 1, "steps": 1}, 422, "steps: … 2"),
     ("/api/interpolate", {"a": 0, "b": 600}, 400, "b 600 is out of range"),
-    ("/api/interpolate", {"a": 0, "b": 1, "path": "curved"}, 422, "path: Input should be 'linear' or 'slerp'"),
+    ("/api/interpolate", {"a": 0, "b": 1, "path": "curved"}, 422, "path: … 'linear' … 'slerp'"),
     ("/api/reconstruct", {"image": "iVBORw0KGgo="}, 400, "image must be a PNG data URL (data:image/png;base64,...)"),
     ("/api/reconstruct", {"image": "data:image/png;base64,@@@@"}, 400, "image is not valid base64"),
     ("/api/reconstruct", {"image": png_bytes_url(b"GIF89a not a png")}, 400, "image is not a readable PNG image"),
@@ -381,20 +382,23 @@ BAD = [
     ("/api/inpaint", {"index": 0, "mask": "middle"}, 400, "mask must be one of top, bottom, left, right, centre or a PNG"),
     ("/api/inpaint", {"index": 0, "mask": png_url(Image.new("L", (28, 28)))}, 400,
      "the mask is empty: mark the pixels to fill (on the page, paint them red; in a mask PNG, white)"),
-    ("/api/inpaint", {"index": 0, "mask": "top", "chains": 9}, 422, "chains: Input should be less than or equal to 8"),
-    ("/api/inpaint", {"index": 0, "mask": "top", "steps": 201}, 422, "steps: Input should be less than or equal to 200"),
-    ("/api/inpaint", {"index": 0, "mask": "top", "method": "gibbs"}, 422, "method: Input should be 'pseudo-gibbs'"),
-    ("/api/map-decode", {"x": 51, "y": 0}, 422, "x: Input should be less than or equal to 50"),
-    ("/api/map-decode", {"x": 0, "y": float("nan")}, 422, "y: Input should be a finite number"),
-    ("/api/map-decode", {"x": 0}, 422, "y: Field required"),
+    ("/api/inpaint", {"index": 0, "mask": "top", "chains": 9}, 422, "chains: … 8"),
+    ("/api/inpaint", {"index": 0, "mask": "top", "steps": 201}, 422, "steps: … 200"),
+    ("/api/inpaint", {"index": 0, "mask": "top", "method": "gibbs"}, 422, "method: … 'pseudo-gibbs'"),
+    ("/api/map-decode", {"x": 51, "y": 0}, 422, "x: … 50"),
+    ("/api/map-decode", {"x": 0, "y": float("nan")}, 422, "y: … finite"),
+    ("/api/map-decode", {"x": 0}, 422, "y: … required"),
 ]
 
 
 @pytest.mark.parametrize("path, body, status, message", BAD, ids=[f"{p}-{m[:30]}" for p, _, _, m in BAD])
 def test_bad_requests_get_a_one_line_json_error(server, path, body, status, message):
+    """`message`'s parts, in order (… stands for any words): a refused setting is named, with the
+    limit or the kind of value it takes, in whatever words the validator puts it."""
     got, data = post(server, path, body)
     assert got == status and set(data) == {"error"}
-    assert message in data["error"] and "\n" not in data["error"]
+    assert re.search(".*".join(map(re.escape, message.split("…"))), data["error"]), data["error"]
+    assert "\n" not in data["error"]
 
 
 def test_malformed_bodies_get_json_errors(server):
