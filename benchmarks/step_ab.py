@@ -28,7 +28,7 @@ from vaekit.data import load_data
 from vaekit.distributed import setup
 from vaekit.models import build_model, layers
 from vaekit.models.inference import conv_transpose_as_conv, subpixel_conv
-from vaekit.runs import Progress
+from vaekit.checkpoints import Progress
 from vaekit.schedule import Schedule
 from vaekit.train import train_steps
 

@@ -45,7 +45,7 @@ def run_to_end(command: list) -> subprocess.CompletedProcess:
 
 
 def weights(run) -> dict:
-    return load_file(str(Run(run).latest_checkpoint() / "model.safetensors"))
+    return load_file(str(Run(run).checkpoints.latest() / "model.safetensors"))
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def rank_pid(launcher: int, rank: int) -> int | None:
 
 def latest_step(run: Path) -> int:
     try:
-        return json.loads((Run(run).latest_checkpoint() / "state.json").read_text())["step"]
+        return json.loads((Run(run).checkpoints.latest() / "state.json").read_text())["step"]
     except (OSError, TypeError, ValueError, AttributeError):
         return 0
 

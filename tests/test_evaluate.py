@@ -104,15 +104,32 @@ def test_eval_json_holds_each_protocol_and_dynamic_is_reproducible(run):
     timing = {"seconds", "decodes_per_second"}
     assert {k: v for k, v in dynamic.items() if k not in timing} == {k: v for k, v in again.items() if k not in timing}
     saved = json.loads((run / "eval.json").read_text())
-    assert set(saved) == {"static", "dynamic"}
-    assert saved["static"]["elbo"] == static["elbo"] and "the seed" in saved["static"]["protocol"]
-    assert "seed 3" in saved["dynamic"]["protocol"]
+    assert set(saved) == {"static_k4_n500", "dynamic_k4_n500"}
+    assert saved["static_k4_n500"]["elbo"] == static["elbo"] and "the seed" in saved["static_k4_n500"]["protocol"]
+    assert "seed 3" in saved["dynamic_k4_n500"]["protocol"]
     for r in (static, dynamic):
         assert r["n"] == 500                                    # the whole sample test set
         assert r["iwae_bound"] >= r["elbo_analytic_kl"] - 1
         assert r["nll_upper_bound"] == -r["iwae_bound"]
         assert 0 < r["active_units"] <= r["latent_dim"] == 50
         assert math.isclose(sum(r["rate_per_dim"]), r["rate"], abs_tol=0.01)   # the rate, dimension by dimension
+
+
+def test_eval_json_keeps_each_k_beside_the_others_and_rekeys_an_older_vaekits_entries(run):
+    def measured(record):
+        return {k: v for k, v in record.items() if k not in ("seconds", "decodes_per_second")}
+
+    k3 = evaluate_run(run, k=3, n=50, device="cpu", precision="fp32")
+    path = run / "eval.json"
+    path.write_text(json.dumps({"static_n50": k3, "by hand": {"note": 1}}))   # keys of a vaekit before K was one
+    k2 = evaluate_run(run, k=2, n=50, device="cpu", precision="fp32")
+    saved = json.loads(path.read_text())
+    assert saved == {"static_k3_n50": k3, "by hand": {"note": 1}, "static_k2_n50": k2}   # another K: beside it
+    again = evaluate_run(run, k=3, n=50, device="cpu", precision="fp32")      # the same protocol: replaced
+    saved = json.loads(path.read_text())
+    assert set(saved) == {"static_k3_n50", "by hand", "static_k2_n50"} and saved["static_k3_n50"] == again
+    assert measured(again) == measured(k3) and saved["static_k2_n50"] == k2
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".eval.json")]   # no temporary file left
 
 
 def test_cli_eval_prints_a_table_with_the_protocol_beside_each_number(run):
@@ -149,7 +166,7 @@ def test_a_quick_estimate_states_its_standard_error_and_keeps_the_full_result(ru
         assert 0 < se < 10 and full[f"{name}_stderr"] < se     # five times the images, a smaller error
         assert abs(quick[name] - full[name]) < 6 * se, name     # the quick estimate is near the full one
     saved = json.loads((run / "eval.json").read_text())
-    assert saved["static"]["n"] == 500 and saved["static_n100"]["n"] == 100
+    assert saved["static_k5_n500"]["n"] == 500 and saved["static_k5_n100"]["n"] == 100
     for record in (quick, full):
         assert record["precision"] == "fp32" and record["decodes"] == record["n"] * 6
         assert record["decodes_per_second"] > 0 and record["seconds"] >= 0 and record["decode_batch"] >= 1

@@ -171,15 +171,15 @@ def test_ladder_resume_is_bit_exact_and_the_validation_split_picks_the_best(tmp_
     straight = train(config(3), out=tmp_path / "a", log=quiet)
     resumed = train(config(2), out=tmp_path / "b", log=quiet)
     train(resume=resumed.path, epochs=3, log=quiet)
-    a = load_file(str(straight.latest_checkpoint() / "model.safetensors"))
-    b = load_file(str(resumed.latest_checkpoint() / "model.safetensors"))
+    a = load_file(str(straight.checkpoints.latest() / "model.safetensors"))
+    b = load_file(str(resumed.checkpoints.latest() / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     metrics = straight.metrics()
     assert [m["epoch"] for m in metrics] == [1, 2, 3] and all("val_elbo" in m for m in metrics)
     best = max(metrics, key=lambda m: m["val_elbo"])
-    assert json.loads((straight.checkpoints / "best" / "best.json").read_text())["epoch"] == best["epoch"]
+    assert json.loads((straight.checkpoints.path / "best" / "best.json").read_text())["epoch"] == best["epoch"]
     model, _, _ = load_model(f"{straight.path}@best", "cpu", "fp32", prepared=False)
-    saved = load_file(str(next((straight.checkpoints / "best").glob("model-*.safetensors"))))
+    saved = load_file(str(next((straight.checkpoints.path / "best").glob("model-*.safetensors"))))
     assert all(torch.equal(model.state_dict()[k].contiguous(), saved[k]) for k in saved)
 
 
@@ -204,7 +204,7 @@ def test_skip_grad_skips_every_update_above_its_norm(tmp_path):
     run = train(config, out=tmp_path / "run", log=quiet)
     torch.manual_seed(config.train.seed)
     untrained = build_model(config.model).state_dict()
-    trained = load_file(str(run.latest_checkpoint() / "model.safetensors"))
+    trained = load_file(str(run.checkpoints.latest() / "model.safetensors"))
     assert all(torch.equal(untrained[k], trained[k]) for k in trained)
     assert run.metrics()[0]["skipped_updates"] == 20          # 2,000 images, batches of 100
 

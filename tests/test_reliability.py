@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import SAMPLE, cli_env
 from test_data import Log, _offline, one_line, recognise_sample_as, serve  # noqa: F401 (serve is a fixture)
-from vaekit import Run, RunError
-from vaekit.runs import CHECKPOINT_FILES
+from vaekit import Run, RunError, evaluate_run, sample_to_png
+from vaekit.checkpoints import CHECKPOINT_FILES
 from vaekit.cli import main
 from vaekit.data import DataError, fetch, read_idx, sources, write_idx
 from vaekit.data.sources import FILES
@@ -70,7 +70,7 @@ def latest_step(run) -> int:
     """The step of the run's newest complete checkpoint (0 while there is none)."""
     for _ in range(100):   # `latest` may move to a checkpoint that is pruned while we read
         try:
-            latest = Run(run).latest_checkpoint()
+            latest = Run(run).checkpoints.latest()
             return json.loads((latest / "state.json").read_text())["step"] if latest else 0
         except (OSError, RunError, ValueError):
             time.sleep(0.001)
@@ -86,7 +86,7 @@ def wait_for_step(proc, run, step: int, timeout: float = 120) -> None:
 
 
 def weights(run) -> dict:
-    return load_file(str(Run(run).latest_checkpoint() / "model.safetensors"))
+    return load_file(str(Run(run).checkpoints.latest() / "model.safetensors"))
 
 
 def numbers(run) -> list:
@@ -171,8 +171,8 @@ def test_a_crash_inside_the_checkpoint_write_leaves_the_previous_one(reference, 
     result = vaekit("train", *TRAIN, "--out", run, script=script)
     assert result.returncode == 9
     assert (run / "checkpoints" / leftover).is_dir()                  # the crash really was in the write
-    assert Run(run).latest_checkpoint().name == "step_00000006"
-    assert Run(run).load_checkpoint(Run(run).latest_checkpoint()).progress.step == 6   # the previous one is whole
+    assert Run(run).checkpoints.latest().name == "step_00000006"
+    assert Run(run).checkpoints.load(Run(run).checkpoints.latest()).progress.step == 6   # the previous one is whole
     result = vaekit("train", "--resume", run)
     assert result.returncode == 0, result.stderr
     assert_same_run(run, reference)
@@ -221,7 +221,7 @@ def test_a_second_signal_exits_at_once_leaving_the_last_checkpoint(tmp_path):
     proc.send_signal(signal.SIGTERM)   # the checkpoint write takes >= 0.9 s: this one cuts it short
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGTERM and time.perf_counter() - start_time < 0.9
-    assert Run(run).load_checkpoint().progress.step == 20
+    assert Run(run).checkpoints.load().progress.step == 20
 
 
 # --- the run directory ---------------------------------------------------------------------
@@ -234,7 +234,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(reference, tm
     script = f"import resource, sys\nresource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))"
     error = assert_one_line_error(vaekit("train", "--resume", run, "--epochs", "3", script=script))
     assert "File too large" in error and "epoch_0002, is intact" in error and f"--resume {run}" in error
-    assert Run(run).latest_checkpoint().name == "epoch_0002"
+    assert Run(run).checkpoints.latest().name == "epoch_0002"
     assert not list((run / "checkpoints").glob(".tmp-*"))
     a, b = weights(run), weights(reference)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -286,7 +286,7 @@ def test_a_diverging_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoi
                     "--checkpoint-every", "1", "--out", run)
     error = assert_one_line_error(result)
     bad_step = int(re.search(r"the loss is (nan|inf|-inf) at step (\d+)", error)[2])
-    latest = Run(run).load_checkpoint()
+    latest = Run(run).checkpoints.load()
     assert latest.progress.step == bad_step - 1 and f"step_{bad_step - 1:08d}, is kept" in error
     assert all(torch.isfinite(t).all() for t in latest.model.values())
 
@@ -528,13 +528,26 @@ def test_eval_checks_it_can_write_before_the_work_and_prints_its_result_before_w
     script = f"import resource, sys\nresource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))"
     result = vaekit("eval", run, "--k", "2", "--device", "cpu", script=script)
     error = assert_one_line_error(result)
-    assert f"cannot write {run / 'eval.json'}: File too large; the result above is not saved" in error
+    assert f"cannot write {run / 'eval.json'}: File too large; the result is not saved" in error
     assert "NLL" in result.stdout and "test ELBO" in result.stdout   # the table came first
     assert sorted(p.name for p in run.iterdir() if "eval" in p.name) == []
     (run / "eval.json").write_text('{"static": {"k": 5000, "iwae')    # damaged: kept aside, not overwritten
     assert vaekit("eval", run, "--k", "2", "--device", "cpu").returncode == 0
-    assert json.loads((run / "eval.json").read_text())["static"]["k"] == 2
+    assert json.loads((run / "eval.json").read_text())["static_k2_n500"]["k"] == 2
     assert (run / "eval.json.unreadable").read_text() == '{"static": {"k": 5000, "iwae'
+
+
+def test_what_commands_make_of_run_at_best_goes_under_run_best(reference, tmp_path):
+    run, _ = run_copy(reference, tmp_path)
+    store = Run(run).checkpoints
+    older = load_file(str(store.path / "epoch_0001" / "model.safetensors"))
+    store.save_best(older, 1, -200.0)
+    png = sample_to_png(f"{run}@best", n=4, device="cpu")
+    assert png == run / "best" / "samples" / "prior_n4_seed0.png" and png.is_file()
+    assert png.read_bytes() != sample_to_png(run, n=4, device="cpu").read_bytes()   # epoch 1's weights, not 2's
+    record = evaluate_run(f"{run}@best", k=2, n=20, device="cpu")
+    assert json.loads((run / "best" / "eval.json").read_text()) == {"static_k2_n20": record}
+    assert not (run / "eval.json").exists()
 
 
 @pytest.mark.parametrize("command", [["sample", "--out", "{file}/x.png"], ["gif"],

@@ -16,7 +16,7 @@ def quiet(*_):
 
 
 def final_weights(run: Run) -> dict:
-    return load_file(str(run.latest_checkpoint() / "model.safetensors"))
+    return load_file(str(run.checkpoints.latest() / "model.safetensors"))
 
 
 def test_short_run_improves_test_elbo_and_writes_everything(tmp_path):
@@ -33,8 +33,8 @@ def test_short_run_improves_test_elbo_and_writes_everything(tmp_path):
     assert run.gif_path.stat().st_size > 0
     assert json.loads(run.config_path.read_text())["train"]["epochs"] == 3
     assert run.fixed_z().shape == (16, 50)
-    assert (run.checkpoints / "latest").read_text().strip() == "epoch_0003"
-    assert sorted(p.name for p in run.checkpoints.glob("epoch_*")) == ["epoch_0002", "epoch_0003"]
+    assert (run.checkpoints.path / "latest").read_text().strip() == "epoch_0003"
+    assert sorted(p.name for p in run.checkpoints.path.glob("epoch_*")) == ["epoch_0002", "epoch_0003"]
 
 
 def test_same_seed_same_metrics_and_resume_equals_uninterrupted(tmp_path):
@@ -91,7 +91,7 @@ def test_a_restored_optimizer_state_takes_its_parameters_memory_layout(tmp_path)
     model = build_model(ModelConfig()).to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
     generators = {name: torch.Generator() for name in ("torch", "order", "noise")}
-    run.load_checkpoint().restore(model, optimizer, generators, run.latest_checkpoint())
+    run.checkpoints.load().restore(model, optimizer, generators, run.checkpoints.latest())
     conv_weights = [p for p in model.parameters() if p.dim() == 4]
     assert any(not p.is_contiguous() for p in conv_weights)    # channels_last, really
     for p in model.parameters():

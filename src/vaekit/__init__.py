@@ -13,7 +13,7 @@ from .data import DataError, load_data, load_splits
 from .evaluate import evaluate
 from .generate import apply_attribute, attribute_vector, inpaint, interpolate, manifold, reconstruct, sample, traverse
 from .models import ConvVAE, ModelConfig
-from .runs import Run, RunError, load_model
+from .runs import OpenRun, Run, RunError, load_model, open_for_inference
 
 __all__ = [
     "Config", "ConfigError", "ConvVAE", "ModelConfig", "DataConfig", "DataError", "Run", "RunError",
@@ -21,6 +21,6 @@ __all__ = [
     "reconstruct_to_png", "sample", "sample_to_png", "train",
     "evaluate", "evaluate_run", "interpolate", "interpolate_to_png", "traverse", "traverse_to_png",
     "attribute_vector", "apply_attribute", "attribute_to_png", "inpaint", "inpaint_to_png", "manifold",
-    "latent_map_to_png", "plot_runs", "export_run",
+    "latent_map_to_png", "plot_runs", "export_run", "open_for_inference", "OpenRun",
 ]
 __version__ = "0.1.0"

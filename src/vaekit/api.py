@@ -1,9 +1,6 @@
 """Task-level functions over run directories: what the CLI calls, one function per command."""
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +8,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .config import BINARIZATIONS, ConfigError
-from .data import check_data_fits, dataset_info, fetch, load_data, preprocess
+from .data import dataset_info, fetch, preprocess
 from .evaluate import evaluate, protocol
 from .export import export_run
 from .generate import (INPAINT_METHODS, MASKS, PATHS, apply_attribute, attribute_vector, inpaint, inpaint_refusal,
@@ -22,7 +19,7 @@ from .models.inference import decode_batch_for
 from .objectives import posterior
 from .plot import plot_runs
 from .pretrained import is_pretrained
-from .runs import Run, RunError, load_model, output_dir
+from .runs import Run, open_for_inference
 from .train import train
 from .viz import gif_from_pngs, grid_image, save_gif, save_grid, scatter_image
 
@@ -51,32 +48,6 @@ def _grid_of(images: int, given: str) -> None:
                           "one picture; ask for fewer (several pictures: vary --seed)")
 
 
-def _writable(path: Path) -> None:
-    """Raises RunError unless `path` can be written, by making a file beside it (permission bits do
-    not say it for root, nor for a read-only mount): checked before long work, not after."""
-    if path.is_dir():
-        raise RunError(f"cannot write {path}: it is a folder; move it away")
-    try:
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
-    except OSError as e:
-        raise RunError(f"cannot write {path}: {e.strerror}; fix the permissions of {path.parent}") from None
-
-
-def open_run(run: str | Path, device: str, data_dir: str | Path | None, task: str | None = None,
-             precision: str = "auto"):
-    """(model, config, runtime, splits): a run's model on its device, in `precision`, and its
-    dataset in memory. `task`: the command, when it is one for unconditional models only."""
-    model, config, rt = load_model(run, device, precision)
-    if task and config.model.conditional:
-        raise ConfigError(f"`vaekit {task}` is for unconditional models and {run} is class-conditional: "
-                          "use `vaekit sample --label` or `vaekit reconstruct`")
-    splits = load_data(config.data, data_dir)
-    source = str(data_dir or config.data.data_dir or config.data.dataset)
-    check_data_fits(config.model, splits, source)
-    return model, config, rt, splits
-
-
 def _labels(config, split, rt):
     """A split's labels on the device for a class-conditional model; None for another."""
     return split.labels.to(rt.device) if config.model.conditional else None
@@ -98,7 +69,8 @@ def sample_to_png(run: str | Path, n: int = 100, seed: int = 0, out: str | Path 
     model); returns the PNG's path."""
     _positive("n", n)
     _grid_of(n, f"--n {n}")
-    model, config, rt = load_model(run, device, precision)
+    opened = open_for_inference(run, device, precision)
+    model, config, rt = opened.model, opened.config, opened.runtime
     classes = config.model.num_classes
     if label is not None and not config.model.conditional:
         raise ConfigError(f"--label {label}: {run} is not a class-conditional model (train one with --conditional)")
@@ -108,7 +80,7 @@ def sample_to_png(run: str | Path, n: int = 100, seed: int = 0, out: str | Path 
         raise ConfigError(f"{run} is a class-conditional model: pass --label 0..{classes - 1}")
     images = sample(model, n, rt.generator(seed), label)
     name = f"prior_n{n}_seed{seed}" + ("" if label is None else f"_label{label}")
-    return save_grid(images, out or output_dir(run) / "samples" / f"{name}.png")
+    return save_grid(images, out or opened.run.samples_path(f"{name}.png"))
 
 
 def reconstruct_to_png(run: str | Path, n: int = 16, seed: int = 0, out: str | Path | None = None,
@@ -116,7 +88,8 @@ def reconstruct_to_png(run: str | Path, n: int = 16, seed: int = 0, out: str | P
     """The first `n` test images beside their decodes (z ~ q(z|x)); returns the PNG's path."""
     _positive("n", n)
     _grid_of(2 * n, f"--n {n} (each beside its decode)")
-    model, config, rt, splits = open_run(run, device, data_dir, None, precision)
+    opened = open_for_inference(run, device, precision)
+    model, config, rt, splits = opened.model, opened.config, opened.runtime, opened.data(data_dir)
     test = splits.test
     if n > len(test):
         raise ConfigError(f"--n {n} is more than the {len(test)} test images")
@@ -125,7 +98,7 @@ def reconstruct_to_png(run: str | Path, n: int = 16, seed: int = 0, out: str | P
     x = preprocess(test.images[:n].to(rt.device), config.data.binarization, gen)   # gen goes on to draw z
     decoded = reconstruct(model, x, gen, None if labels is None else labels[:n])
     cols = 2 * min(4, n)   # pairs side by side, four pairs a row
-    return save_grid(interleave(x, decoded), out or output_dir(run) / "samples" / f"reconstruct_n{n}_seed{seed}.png",
+    return save_grid(interleave(x, decoded), out or opened.run.samples_path(f"reconstruct_n{n}_seed{seed}.png"),
                      nrow=cols)
 
 
@@ -148,10 +121,9 @@ def evaluate_run(run: str | Path, k: int = 5000, binarization: str | None = None
     per dimension, for grey levels), each mean with its standard error, over the first `n` test
     images (default: all) binarised as `binarization` (default: as the run was trained), in
     `precision`. `decode_batch` decodes at once (default: the fastest measured on this device, within
-    `max_memory_mb`; see models/inference.py). The record is also kept in RUN/eval.json under its
-    binarization, one entry per protocol (`BINARIZATION_nN` for the first N images only); returns it.
-    `report(result)` is called before the file is written (the CLI prints its table), so a failed
-    write loses nothing."""
+    `max_memory_mb`; see models/inference.py). The record is also kept in RUN/eval.json, one entry
+    per protocol (BINARIZATION_kK_nN; see Run.save_eval); returns it. `report(result)` is called
+    before the file is written (the CLI prints its table), so a failed write loses nothing."""
     _positive("k", k)
     for flag, value, most in (("n", n, None), ("decode-batch", decode_batch, MAX_DECODE_BATCH)):
         if value is not None:
@@ -160,10 +132,9 @@ def evaluate_run(run: str | Path, k: int = 5000, binarization: str | None = None
         raise ConfigError(f"--max-memory must be a positive number of MB, got {max_memory_mb}")
     if binarization is not None and binarization not in BINARIZATIONS:
         raise ConfigError(f"--binarization must be one of {', '.join(BINARIZATIONS)}; got {binarization!r}")
-    path = output_dir(run) / "eval.json"
-    model, config, rt, splits = open_run(run, device, data_dir, precision=precision)
-    path.parent.mkdir(parents=True, exist_ok=True)      # ./pretrained-NAME for a shipped model
-    _writable(path)     # before the work (hours at K = 5000), not after it
+    opened = open_for_inference(run, device, precision)
+    model, config, rt, splits = opened.model, opened.config, opened.runtime, opened.data(data_dir)
+    opened.run.check_eval_writable()     # before the work (hours at K = 5000), not after it
     binarization = binarization or config.data.binarization
     mc = config.model
     if binarization == "none" and mc.likelihood == "bernoulli" and not mc.allow_continuous_bernoulli:
@@ -179,20 +150,7 @@ def evaluate_run(run: str | Path, k: int = 5000, binarization: str | None = None
     result = evaluate(model, x, binarization, rt, gen, k, decode_batch, seed, None if labels is None else labels[:n])
     if report:
         report(result)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        try:
-            saved = json.loads(path.read_text()) if path.exists() else {}
-        except ValueError:   # a damaged file is kept beside the new one, never overwritten
-            saved = {}
-            os.replace(path, path.with_name(path.name + ".unreadable"))
-        saved[binarization if n == len(test) else f"{binarization}_n{n}"] = result   # a quick estimate keeps the full one
-        tmp.write_text(json.dumps(saved, indent=1) + "\n")
-        os.replace(tmp, path)    # whole or not at all: a full disk never leaves half a file
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise RunError(f"cannot write {path}: {e.strerror}; the result{' above' if report else ''} is not "
-                       "saved") from None
+    opened.run.save_eval(result)
     return result
 
 
@@ -203,13 +161,14 @@ def interpolate_to_png(run: str | Path, index: tuple[int, int] = (0, 1), steps: 
     framed by the two binary originals; with `gif`, an animation of both paths beside the PNG."""
     _positive("steps", steps)
     _grid_of(2 * (steps + 2), f"--steps {steps} (two paths, framed by their ends)")
-    model, config, rt, splits = open_run(run, device, data_dir, "interpolate", precision)
+    opened = open_for_inference(run, device, precision, unconditional_task="interpolate")
+    model, config, rt, splits = opened.model, opened.config, opened.runtime, opened.data(data_dir)
     for i in index:
         _check_index("--index", i, len(splits.test))
     ends = preprocess(splits.test.images[list(index)].to(rt.device), config.data.binarization, rt.generator(seed))
     paths = [interpolate(model, ends, steps, p) for p in PATHS]
     rows = torch.cat([torch.cat([ends[:1], path, ends[1:]]) for path in paths])
-    png = save_grid(rows, out or output_dir(run) / "samples" / f"interpolate_{index[0]}_{index[1]}.png", nrow=steps + 2,
+    png = save_grid(rows, out or opened.run.samples_path(f"interpolate_{index[0]}_{index[1]}.png"), nrow=steps + 2,
                     row_labels=list(PATHS), col_labels=[f"test {index[0]}", *(f"t={t:.2g}" for t in
                                                         torch.linspace(0, 1, steps).tolist()), f"test {index[1]}"])
     if not gif:
@@ -227,7 +186,8 @@ def traverse_to_png(run: str | Path, index: int = 0, dims: int = 8, steps: int =
     _positive("dims", dims)
     _positive("steps", steps)
     _grid_of(dims * steps, f"--dims {dims} x --steps {steps}")
-    model, config, rt, splits = open_run(run, device, data_dir, "traverse", precision)
+    opened = open_for_inference(run, device, precision, unconditional_task="traverse")
+    model, config, rt, splits = opened.model, opened.config, opened.runtime, opened.data(data_dir)
     _check_index("--index", index, len(splits.test))
     if dims > model.latent_dim:
         raise ConfigError(f"--dims {dims} is more than the model's {model.latent_dim} latent dimensions")
@@ -235,7 +195,7 @@ def traverse_to_png(run: str | Path, index: int = 0, dims: int = 8, steps: int =
     ranked, rates = most_active_dims(model, x, dims)
     values = torch.linspace(-3, 3, steps)
     _, images = traverse(model, x[index:index + 1], ranked, values)
-    png = save_grid(images.flatten(0, 1), out or output_dir(run) / "samples" / f"traverse_{index}.png", nrow=steps,
+    png = save_grid(images.flatten(0, 1), out or opened.run.samples_path(f"traverse_{index}.png"), nrow=steps,
                     row_labels=[f"z{d}: {r:.2f} nats" for d, r in zip(ranked, rates)],
                     col_labels=[f"{v:+.2g}" for v in values.tolist()])
     frames = [grid_image(images[:, s], nrow=dims) for s in range(steps)]
@@ -251,7 +211,8 @@ def attribute_to_png(run: str | Path, to: int, from_: int | None = None, n: int 
     _positive("n", n)
     _positive("steps", steps)
     _grid_of(n * (steps + 1), f"--n {n} x (--steps {steps} + the original)")
-    model, config, rt, splits = open_run(run, device, data_dir, "attribute", precision)
+    opened = open_for_inference(run, device, precision, unconditional_task="attribute")
+    model, config, rt, splits = opened.model, opened.config, opened.runtime, opened.data(data_dir)
     labels = set(splits.train.labels.tolist())
     for flag, label in (("--to", to), ("--from", from_)):
         if label is not None and label not in labels:
@@ -268,7 +229,7 @@ def attribute_to_png(run: str | Path, to: int, from_: int | None = None, n: int 
     morphs = apply_attribute(model, posterior(model, x)[0], vector, torch.linspace(0, strength, steps))
     grid = torch.cat([x[:, None], morphs], dim=1).flatten(0, 1)
     name = f"attribute_{'not' if from_ is None else from_}_to_{to}.png"
-    return save_grid(grid, out or output_dir(run) / "samples" / name, nrow=steps + 1,
+    return save_grid(grid, out or opened.run.samples_path(name), nrow=steps + 1,
                      col_labels=["original", *(f"{s:+.2g} v" for s in torch.linspace(0, strength, steps).tolist())])
 
 
@@ -300,7 +261,8 @@ def inpaint_to_png(run: str | Path, mask: str = "centre", n: int = 8, steps: int
         _positive("score-n", score_n)
     if method not in INPAINT_METHODS:
         raise ConfigError(f"--method must be one of {', '.join(INPAINT_METHODS)}; got {method!r}")
-    model, config, rt, splits = open_run(run, device, data_dir, "inpaint", precision)
+    opened = open_for_inference(run, device, precision, unconditional_task="inpaint")
+    model, config, rt, splits = opened.model, opened.config, opened.runtime, opened.data(data_dir)
     refusal = inpaint_refusal(config.model, method)
     if refusal:
         raise ConfigError(f"{run}: {refusal}")
@@ -315,7 +277,7 @@ def inpaint_to_png(run: str | Path, mask: str = "centre", n: int = 8, steps: int
     filled, _ = inpaint(model, x, m, steps, chains, method, start, gen)
     rows = torch.cat([x, torch.where(m, 0.5, x), filled])
     name = f"inpaint_{Path(mask).stem if mask not in MASKS else mask}_{method}.png"
-    png = save_grid(rows, out or output_dir(run) / "samples" / name, nrow=len(x),
+    png = save_grid(rows, out or opened.run.samples_path(name), nrow=len(x),
                     row_labels=["original", "input", "filled"])
     # the score's chains draw from a generator of their own, so the picture's --n does not change it
     scores = inpainting_log_likelihood(model, test[:score_n], m, start, rt.generator(seed), steps, chains, method)
@@ -327,12 +289,13 @@ def latent_map_to_png(run: str | Path, n: int = 20, seed: int = 0, out: str | Pa
     """The test set's posterior means as a scatter coloured by label (a PCA projection beyond two
     dimensions); for a 2-D latent also the decoded manifold, n x n, beside it (`*_manifold.png`)."""
     _positive("n", n)
-    model, config, rt, splits = open_run(run, device, data_dir, "latent", precision)
+    opened = open_for_inference(run, device, precision, unconditional_task="latent")
+    model, config, rt, splits = opened.model, opened.config, opened.runtime, opened.data(data_dir)
     if model.latent_dim == 2:
         _grid_of(n * n, f"--n {n} (an n x n manifold)")
     x = preprocess(splits.test.images.to(rt.device), config.data.binarization, rt.generator(seed))
     coords, axes = project_2d(posterior(model, x)[0])
-    png = Path(out or output_dir(run) / "samples" / "latent_scatter.png")
+    png = Path(out or opened.run.samples_path("latent_scatter.png"))
     png.parent.mkdir(parents=True, exist_ok=True)
     scatter_image(coords, splits.test.labels, axes).save(png)
     if model.latent_dim != 2:

@@ -16,7 +16,7 @@ from .data import DataError
 from .distributed import launch, launched_by_torchrun
 from .evaluate import eval_table
 from .pretrained import is_pretrained
-from .runs import RunError, output_dir
+from .runs import Run, RunError, output_dir
 from .train import Interrupted
 
 USER_ERRORS = (ConfigError, DataError, RunError)
@@ -174,7 +174,7 @@ def _cmd_eval(args) -> None:
                      decode_batch=args.decode_batch, max_memory_mb=args.max_memory, data_dir=args.data_dir,
                      device=args.device, precision=args.precision,
                      report=lambda result: print(eval_table(result), flush=True))   # shown before it is saved
-    print(f"saved in {output_dir(args.run) / 'eval.json'}")
+    print(f"saved in {Run.open(args.run).eval_path}")
 
 
 def _image_path(text: str) -> Path:

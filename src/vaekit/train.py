@@ -32,7 +32,8 @@ from .distributed import Runtime, restarted, setup
 from .evaluate import epoch_test_record, evaluate_elbo
 from .models import ModelConfig, build_model
 from .objectives import training_loss
-from .runs import BEST_SUFFIX, Checkpoint, Progress, Run, RunError
+from .checkpoints import Checkpoint, Progress
+from .runs import BEST_SUFFIX, Run, RunError
 from .schedule import EarlyStop, Schedule
 from .viz import gif_from_pngs, save_grid
 
@@ -138,9 +139,9 @@ def _train(run: Run, config: Config, rt: Runtime, resuming: bool, fall_back: boo
     noise_gen = rt.generator(tc.seed + 1)                       # reparameterization, dynamic binarization
 
     at, step_losses = Progress(), []
-    latest, damaged = run.find_checkpoint(fall_back) if resuming else (None, [])
+    latest, damaged = run.checkpoints.find(fall_back) if resuming else (None, [])
     if latest is not None:
-        ckpt = run.load_checkpoint(latest)
+        ckpt = run.checkpoints.load(latest)
         ckpt.restore(model, optimizer, {"torch": torch.default_generator, "order": order_gen, "noise": noise_gen},
                      latest)
         at, step_losses = ckpt.progress, ckpt.step_losses
@@ -178,7 +179,7 @@ def _train(run: Run, config: Config, rt: Runtime, resuming: bool, fall_back: boo
             run.make(config, data)      # the data and the model are known good: now the run directory
             run.lock()
         for path in damaged:            # --fall-back: the damaged checkpoints go out of the way, kept
-            to_stderr(f"warning: set {path.name} aside as {run.set_aside(path)} (damaged); "
+            to_stderr(f"warning: set {path.name} aside as {run.checkpoints.set_aside(path)} (damaged); "
                       f"going on from {latest.name}")
         run.truncate_metrics(at.epoch)
         if latest is None:
@@ -268,7 +269,7 @@ def _train(run: Run, config: Config, rt: Runtime, resuming: bool, fall_back: boo
                 }
                 run.append_metrics(record)
                 if stopping.record(record):
-                    run.save_best(model.state_dict(), epoch, record["val_elbo"])
+                    run.checkpoints.save_best(model.state_dict(), epoch, record["val_elbo"])
                 if board:
                     _log_board(board, epoch, record, run.image_path(epoch))
                 checkpoint(order_gen.get_state())
@@ -368,7 +369,7 @@ def _check_finite(losses: torch.Tensor, first: int, at: Progress, run: Run) -> N
     bad = torch.nonzero(~torch.isfinite(losses[first:at.batch]))
     if len(bad):
         batch = first + int(bad[0])
-        latest = run.latest_checkpoint()
+        latest = run.checkpoints.latest()
         kept = f"the last good checkpoint, {latest.name}, is kept" if latest else "no checkpoint was written"
         raise RunError(f"the loss is {losses[batch].item()} at step {at.step - at.batch + batch + 1} (epoch "
                        f"{at.epoch + 1}, batch {batch + 1}); training diverged and stopped ({kept}): "
@@ -379,7 +380,7 @@ def _save(run: Run, at: Progress, model, optimizer, order_state: torch.Tensor, n
           losses: torch.Tensor, keep: int) -> None:
     """Checkpoints the unwrapped model at `at`; `order_state` is the order generator's state at the
     start of the epoch `at` is in."""
-    run.save_checkpoint(Checkpoint(replace(at), model.state_dict(), optimizer.state_dict(), {
+    run.checkpoints.save(Checkpoint(replace(at), model.state_dict(), optimizer.state_dict(), {
         "torch": torch.get_rng_state(), "order": order_state, "noise": noise_gen.get_state(),
     }, losses[:at.batch].tolist()), keep=keep)
 

@@ -33,13 +33,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from ..api import open_run
 from ..data import preprocess
 from ..distributed import Runtime
 from ..generate import (INPAINT_METHODS, MASKS, PATHS, inpaint, inpaint_refusal, interpolate, latent_plane,
                         mean_image, most_active_dims, reconstruct, region_mask, sample, set_dims)
 from ..objectives import posterior
-from ..runs import RunError
+from ..runs import RunError, open_for_inference
 from ..viz import PALETTE
 from .images import PNG_PREFIX, BadInput, as_mnist_digit, from_data_url, read_png, shrunk, to_data_url
 
@@ -85,7 +84,8 @@ class Demo:
 
 def load(run: str | Path, device: str = "auto", data_dir: str | Path | None = None, precision: str = "auto") -> Demo:
     """A run's model with its newest weights, in `precision`, and its dataset, ready to serve."""
-    model, config, rt, splits = open_run(run, device, data_dir, "serve", precision)
+    opened = open_for_inference(run, device, precision, unconditional_task="serve")
+    model, config, rt, splits = opened.model, opened.config, opened.runtime, opened.data(data_dir)
     if config.model.likelihood != "bernoulli":   # the page's inpainting and drawing pad are binary
         raise RunError(f"the demo is for bernoulli models (binary images), and {run} has a "
                        f"{config.model.likelihood} likelihood")
