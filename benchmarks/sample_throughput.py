@@ -12,7 +12,7 @@ import torch
 from common import emit, machine, peak_memory_mb
 
 from vaekit.distributed import setup
-from vaekit.generate import sample
+from vaekit.generate import prior_samples
 from vaekit.models import ConvVAE, ModelConfig
 
 
@@ -33,7 +33,7 @@ def main() -> None:
         start = time.perf_counter()
         with rt.autocast():
             for _ in range(args.batches):
-                images = sample(model, args.batch_size, gen)
+                images = prior_samples(model, args.batch_size, gen)
         if rt.device.type == "cuda":
             torch.cuda.synchronize()
         if r:

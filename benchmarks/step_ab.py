@@ -24,7 +24,7 @@ from common import emit, machine
 from tqdm import tqdm
 
 import vaekit
-from vaekit.data import load_data
+from vaekit.data import splits_for
 from vaekit.distributed import setup
 from vaekit.models import build_model, layers
 from vaekit.models.inference import conv_transpose_as_conv, subpixel_conv
@@ -89,7 +89,7 @@ def main() -> None:
 
     config = vaekit.Config()
     rt = setup("cpu", args.precision)
-    images = load_data(config.data, log=lambda *_: None).train.images
+    images = splits_for(config.data, log=lambda *_: None).train.images
     names = args.variants
     variants = {name: _variant(name, config, rt) for name in names}
     order = torch.Generator().manual_seed(0)

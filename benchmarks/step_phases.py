@@ -19,7 +19,7 @@ import torch
 from common import emit, machine
 
 import vaekit
-from vaekit.data import load_data, preprocess
+from vaekit.data import preprocess, splits_for
 from vaekit.distributed import setup
 from vaekit.models import build_model
 from vaekit.objectives import training_loss
@@ -37,7 +37,7 @@ def main() -> None:
 
     config = vaekit.Config()
     rt = setup("cpu", args.precision)
-    images = load_data(config.data, log=lambda *_: None).train.images
+    images = splits_for(config.data, log=lambda *_: None).train.images
     torch.manual_seed(0)
     model = build_model(config.model).to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr, fused=True)

@@ -32,7 +32,7 @@ from vaekit.data import (
     cache_root,
     dataset_info,
     fetch,
-    load_data,
+    splits_for,
     load_splits,
     preprocess,
     read_idx,
@@ -597,7 +597,7 @@ def write_subset(directory: Path, n_train: int, n_test: int, gzipped: bool) -> N
 def test_fashion_mnist_and_kmnist_from_data_dir(tmp_path, name, gzipped):
     write_subset(tmp_path / name, 300, 100, gzipped)
     log = Log()
-    splits = load_data(DataConfig(dataset=name, data_dir=str(tmp_path / name)), log=log)
+    splits = splits_for(DataConfig(dataset=name, data_dir=str(tmp_path / name)), log=log)
     assert (len(splits.train), len(splits.test)) == (300, 100) and splits.image_shape == (1, 28, 28)
     assert splits.class_names == DATASETS[name].class_names and splits.num_classes == 10
     assert splits.train.labels[:10].tolist() == FIRST_TRAIN_LABELS
@@ -621,7 +621,7 @@ def test_fashion_mnist_and_kmnist_from_a_mirror_then_the_cache(monkeypatch, serv
 def test_offline_kmnist_says_where_to_put_the_idx_files(monkeypatch):
     monkeypatch.setenv("VAEKIT_MIRRORS", closed_port_url())
     with pytest.raises(DataError) as error:
-        load_data(DataConfig(dataset="kmnist"), log=Log())
+        splits_for(DataConfig(dataset="kmnist"), log=Log())
     message = one_line(error)
     assert "kmnist: no source could provide the data" in message
     assert "train-images-idx3-ubyte.gz" in message and "pass --data-dir DIR" in message

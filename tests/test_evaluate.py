@@ -9,10 +9,10 @@ import torch
 from conftest import SAMPLE, sample_config
 from test_cli import vaekit
 from vaekit import load_model, load_splits, train
-from vaekit.api import evaluate_run
+from vaekit.api import eval_to_json
 from vaekit.cli import main
 from vaekit.data import preprocess
-from vaekit.evaluate import elbo_per_image, evaluate_elbo, iwae_bounds
+from vaekit.evaluate import elbo_per_image, elbo_report, iwae_bounds
 from vaekit.objectives import analytic_kl
 from vaekit.models.inference import fastest_decode_batch, max_decodes
 
@@ -32,7 +32,7 @@ def model_and_test(run):
 def test_iwae_bound_is_above_the_elbo_and_rises_with_k(model_and_test):
     model, rt, images = model_and_test
     x = preprocess(images[:200], "static")
-    elbo = evaluate_elbo(model, x, "static", rt, rt.generator(0))
+    elbo = elbo_report(model, x, "static", rt, rt.generator(0))
     bounds = {k: iwae_bounds(model, x, k, seed=1).double().mean().item() for k in (1, 5, 50)}
     assert abs(bounds[1] - elbo["elbo_analytic_kl"]) < 2      # K = 1 is the ELBO, up to sampling noise
     assert elbo["elbo_analytic_kl"] < bounds[5] < bounds[50], (elbo, bounds)
@@ -50,7 +50,7 @@ def test_the_elbo_scores_every_image_once_whatever_the_batch(model_and_test):
     terms = elbo_per_image(model, x, rt.generator(0), batch_size=3)
     assert terms.shape == (7, 3)
     torch.testing.assert_close(terms[:, 2], kl, atol=1e-4, rtol=0)
-    elbo = evaluate_elbo(model, x, "static", rt, rt.generator(0), batch_size=3)
+    elbo = elbo_report(model, x, "static", rt, rt.generator(0), batch_size=3)
     assert elbo["n"] == 7 and elbo["rate"] == pytest.approx(kl.mean().item(), abs=1e-4)
     assert elbo["elbo"] == pytest.approx(terms[:, 0].mean().item(), abs=1e-9)        # the same draws, again
 
@@ -98,9 +98,9 @@ def test_bf16_moves_the_iwae_bound_by_less_than_005_nats(run):
 
 
 def test_eval_json_holds_each_protocol_and_dynamic_is_reproducible(run):
-    static = evaluate_run(run, k=4, device="cpu")
-    dynamic = evaluate_run(run, k=4, binarization="dynamic", seed=3, device="cpu")
-    again = evaluate_run(run, k=4, binarization="dynamic", seed=3, device="cpu")
+    static = eval_to_json(run, k=4, device="cpu")
+    dynamic = eval_to_json(run, k=4, binarization="dynamic", seed=3, device="cpu")
+    again = eval_to_json(run, k=4, binarization="dynamic", seed=3, device="cpu")
     timing = {"seconds", "decodes_per_second"}
     assert {k: v for k, v in dynamic.items() if k not in timing} == {k: v for k, v in again.items() if k not in timing}
     saved = json.loads((run / "eval.json").read_text())
@@ -119,13 +119,13 @@ def test_eval_json_keeps_each_k_beside_the_others_and_rekeys_an_older_vaekits_en
     def measured(record):
         return {k: v for k, v in record.items() if k not in ("seconds", "decodes_per_second")}
 
-    k3 = evaluate_run(run, k=3, n=50, device="cpu", precision="fp32")
+    k3 = eval_to_json(run, k=3, n=50, device="cpu", precision="fp32")
     path = run / "eval.json"
     path.write_text(json.dumps({"static_n50": k3, "by hand": {"note": 1}}))   # keys of a vaekit before K was one
-    k2 = evaluate_run(run, k=2, n=50, device="cpu", precision="fp32")
+    k2 = eval_to_json(run, k=2, n=50, device="cpu", precision="fp32")
     saved = json.loads(path.read_text())
     assert saved == {"static_k3_n50": k3, "by hand": {"note": 1}, "static_k2_n50": k2}   # another K: beside it
-    again = evaluate_run(run, k=3, n=50, device="cpu", precision="fp32")      # the same protocol: replaced
+    again = eval_to_json(run, k=3, n=50, device="cpu", precision="fp32")      # the same protocol: replaced
     saved = json.loads(path.read_text())
     assert set(saved) == {"static_k3_n50", "by hand", "static_k2_n50"} and saved["static_k3_n50"] == again
     assert measured(again) == measured(k3) and saved["static_k2_n50"] == k2
@@ -158,8 +158,8 @@ def test_bad_eval_input_gets_one_line(run, capsys, args, message):
 
 
 def test_a_quick_estimate_states_its_standard_error_and_keeps_the_full_result(run):
-    full = evaluate_run(run, k=5, device="cpu", precision="fp32")
-    quick = evaluate_run(run, k=5, n=100, device="cpu", precision="fp32")
+    full = eval_to_json(run, k=5, device="cpu", precision="fp32")
+    quick = eval_to_json(run, k=5, n=100, device="cpu", precision="fp32")
     assert quick["n"] == 100 and full["n"] == 500
     for name in ("elbo", "elbo_analytic_kl", "distortion", "rate", "iwae_bound"):
         se = quick[f"{name}_stderr"]
@@ -174,8 +174,8 @@ def test_a_quick_estimate_states_its_standard_error_and_keeps_the_full_result(ru
 
 def test_the_decode_batch_changes_the_time_not_the_numbers(run):
     """A memory cap that allows a handful of decodes at once gives the very same bound."""
-    roomy = evaluate_run(run, k=6, n=30, device="cpu", precision="fp32")
-    tight = evaluate_run(run, k=6, n=30, device="cpu", precision="fp32", max_memory_mb=2)
+    roomy = eval_to_json(run, k=6, n=30, device="cpu", precision="fp32")
+    tight = eval_to_json(run, k=6, n=30, device="cpu", precision="fp32", max_memory_mb=2)
     model, _, _ = load_model(run, "cpu", "fp32")
     assert tight["decode_batch"] == max_decodes(model, torch.device("cpu"), 2) < 10 < roomy["decode_batch"]
     assert tight["iwae_bound"] == pytest.approx(roomy["iwae_bound"], abs=1e-4)

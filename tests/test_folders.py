@@ -12,7 +12,7 @@ from PIL import Image
 from conftest import SAMPLE, Log
 from test_cli import vaekit
 from vaekit import Config, ConfigError, DataConfig
-from vaekit.data import DataError, cache_root, dataset_info, load_data, load_folder, preprocess, read_idx
+from vaekit.data import DataError, cache_root, dataset_info, load_folder, preprocess, read_idx, splits_for
 
 
 def sample_digits(n: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -45,7 +45,7 @@ def rows(images: torch.Tensor) -> set[bytes]:
 
 def test_a_png_folder_loads_exactly_with_labels_from_sorted_subfolders(tmp_path):
     written = write_digit_folder(tmp_path / "digits")
-    splits = load_data(folder_config(tmp_path / "digits"), log=Log())
+    splits = splits_for(folder_config(tmp_path / "digits"), log=Log())
     assert splits.image_shape == (1, 28, 28) and splits.num_classes == 10
     assert splits.class_names == tuple("0123456789")
     assert len(splits.train) + len(splits.test) == 300
@@ -66,7 +66,7 @@ def test_rgb_and_grey_conversion_jpeg_and_one_class_folder(tmp_path):
     for i, pixels in enumerate(rgb):
         Image.fromarray(pixels, "RGB").save(folder / f"{i:02d}.png")
     Image.fromarray(images[0], "L").save(folder / "grey.jpg", quality=95)
-    as_rgb = load_data(folder_config(folder, channels=3), log=Log())
+    as_rgb = splits_for(folder_config(folder, channels=3), log=Log())
     assert as_rgb.image_shape == (3, 28, 28) and as_rgb.class_names == ("colour",)
     everything = torch.cat([as_rgb.train.images, as_rgb.test.images])
     assert set(torch.cat([as_rgb.train.labels, as_rgb.test.labels]).tolist()) == {0}
@@ -74,7 +74,7 @@ def test_rgb_and_grey_conversion_jpeg_and_one_class_folder(tmp_path):
     greys = [image for image in everything if torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])]
     assert len(greys) == 1 and (greys[0][0].int() - torch.from_numpy(images[0]).int()).abs().float().mean() < 3
 
-    as_grey = load_data(folder_config(folder, channels=1), log=Log())
+    as_grey = splits_for(folder_config(folder, channels=1), log=Log())
     assert as_grey.image_shape == (1, 28, 28)
     r, g, b = (torch.from_numpy(rgb[..., c]).double() for c in range(3))
     luma = (r * 299 + g * 587 + b * 114) / 1000                         # ITU-R 601-2, as Pillow
@@ -180,35 +180,35 @@ def test_an_image_of_too_many_pixels_is_skipped_saying_why(tmp_path, recwarn):
 def test_a_folder_without_usable_images_is_one_line_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no .png/.jpg/.jpeg images") as error:
-        load_data(folder_config(tmp_path / "empty"), log=Log())
+        splits_for(folder_config(tmp_path / "empty"), log=Log())
     assert "\n" not in str(error.value)
     (tmp_path / "broken" / "a").mkdir(parents=True)
     (tmp_path / "broken" / "a" / "x.jpg").write_bytes(b"garbage")
     with pytest.raises(DataError, match="none of its 1 images can be used .*a/x.jpg"):
-        load_data(folder_config(tmp_path / "broken"), log=Log())
+        splits_for(folder_config(tmp_path / "broken"), log=Log())
     with pytest.raises(DataError, match="not a folder"):
-        load_data(folder_config(tmp_path / "nowhere"), log=Log())
+        splits_for(folder_config(tmp_path / "nowhere"), log=Log())
     write_digit_folder(tmp_path / "few", n=3)
     with pytest.raises(DataError, match="the test split is empty .*--test-fraction"):
-        load_data(folder_config(tmp_path / "few", test_fraction=0.01), log=Log())
+        splits_for(folder_config(tmp_path / "few", test_fraction=0.01), log=Log())
 
 
 def test_split_is_deterministic_stable_when_files_are_added_and_follows_the_seed(tmp_path):
     folder = tmp_path / "digits"
     write_digit_folder(folder, n=200)
-    first = load_data(folder_config(folder), log=Log())
+    first = splits_for(folder_config(folder), log=Log())
     again = load_folder(folder, 28, 1, 0.1, 0, log=Log())
     assert np.array_equal(first.test.images.numpy(), again.test_images)
 
     write_digit_folder(folder, n=100, start=200)         # 100 more files, some in existing classes
-    grown = load_data(folder_config(folder), log=Log())
+    grown = splits_for(folder_config(folder), log=Log())
     assert rows(first.test.images) <= rows(grown.test.images)
     assert rows(first.train.images) <= rows(grown.train.images)
     assert len(grown.test) > len(first.test)
 
-    reseeded = load_data(folder_config(folder, split_seed=1), log=Log())
+    reseeded = splits_for(folder_config(folder, split_seed=1), log=Log())
     assert rows(reseeded.test.images) != rows(grown.test.images)
-    half = load_data(folder_config(folder, test_fraction=0.5), log=Log())
+    half = splits_for(folder_config(folder, test_fraction=0.5), log=Log())
     assert 100 <= len(half.test) <= 200
 
 
@@ -259,7 +259,7 @@ def test_loose_images_beside_class_folders_are_left_out_with_a_warning(tmp_path)
     write_digit_folder(tmp_path / "digits", n=30)
     Image.new("L", (28, 28)).save(tmp_path / "digits" / "stray.png")
     log = Log()
-    splits = load_data(folder_config(tmp_path / "digits"), log=log)
+    splits = splits_for(folder_config(tmp_path / "digits"), log=log)
     assert len(splits.train) + len(splits.test) == 30
     assert log.has("1 images directly in") and log.has("stray.png")
 

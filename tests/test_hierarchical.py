@@ -10,7 +10,7 @@ from torch.distributions import Categorical, Independent, MixtureSameFamily, Nor
 from conftest import sample_config
 from vaekit import train
 from vaekit.config import Config, ConfigError
-from vaekit.evaluate import evaluate, iwae_bounds
+from vaekit.evaluate import iwae_bounds, likelihood_report
 from vaekit.models import LadderVAE, ModelConfig, build_model
 from vaekit.models.vae import mixture_log_pdf
 from vaekit.runs import RunError, load_model
@@ -117,11 +117,11 @@ def test_the_ladder_samples_every_layer_and_decodes_top_codes():
     model = tiny_ladder()
     eps = torch.randn(4, model.noise_dim, dtype=torch.float64)
     with torch.no_grad():
-        a, b = model.sample(eps), model.sample(torch.cat([eps[:, :3], torch.randn(4, 6, dtype=torch.float64)], 1))
+        a, b = model.decode_prior(eps), model.decode_prior(torch.cat([eps[:, :3], torch.randn(4, 6, dtype=torch.float64)], 1))
         assert a.shape == (4, 1, 8, 8) and 0 <= a.min() and a.max() <= 1
         assert not torch.equal(a, b)                       # the lower layers' draws change the images
         torch.testing.assert_close(model.decode(eps[:, :3], as_image=True),
-                                   model.sample(torch.cat([eps[:, :3], torch.zeros(4, 6, dtype=torch.float64)], 1)))
+                                   model.decode_prior(torch.cat([eps[:, :3], torch.zeros(4, 6, dtype=torch.float64)], 1)))
 
 
 def test_cosine_schedule_and_kl_warmup():
@@ -213,10 +213,10 @@ def test_eval_of_a_ladder_model_reports_every_layer(tmp_path):
     run = train(ladder_config(epochs=1), out=tmp_path / "run", log=quiet)
     assert run.metrics()[0]["lr"] < 1e-3 / 2                      # the cosine schedule's rate at the epoch's end
     model, config, rt = load_model(run.path, "cpu", "fp32")
-    from vaekit.data import load_data, preprocess
+    from vaekit.data import preprocess, splits_for
     gen = rt.generator(0)
-    x = preprocess(load_data(config.data).test.images[:20], "dynamic", gen)
-    result = evaluate(model, x, "dynamic", rt, gen, k=20, decode_batch=64)
+    x = preprocess(splits_for(config.data).test.images[:20], "dynamic", gen)
+    result = likelihood_report(model, x, "dynamic", rt, gen, k=20, decode_batch=64)
     assert len(result["rate_per_layer"]) == 2 and "rate_per_dim" not in result
     assert abs(sum(result["rate_per_layer"]) - result["rate"]) < 1e-2
     assert result["iwae_bound"] > result["elbo"] - 3 * result["elbo_stderr"]

@@ -82,9 +82,9 @@ def test_samples_and_means_are_images():
     for name in ("bernoulli", "gaussian", "gaussian-fixed", "logistic"):
         likelihood = get_likelihood(name)
         p = params[:, :3 * likelihood.params_per_channel]
-        for image in (likelihood.mean(p), likelihood.sample(p, g)):
+        for image in (likelihood.mean(p), likelihood.draw(p, g)):
             assert image.shape == (2, 3, 4, 4) and image.min() >= 0 and image.max() <= 1
-    levels = DiscretizedLogistic.sample(params, g) * 255
+    levels = DiscretizedLogistic.draw(params, g) * 255
     torch.testing.assert_close(levels, levels.round())
 
 

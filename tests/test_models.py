@@ -27,7 +27,7 @@ def test_shapes_follow_the_seed(tf_padding):
     assert logits.shape == (5, 1, 28, 28)
     probs = model.decode(z, as_image=True)
     assert probs.min() >= 0 and probs.max() <= 1
-    assert model.sample(n=3).shape == (3, 1, 28, 28)
+    assert model.decode_prior(n=3).shape == (3, 1, 28, 28)
     assert sum(p.numel() for p in model.parameters()) == keras_param_count(50)
 
 
@@ -76,7 +76,7 @@ def test_any_size_and_channel_count(family, size, channels, likelihood):
     assert terms.log_w.shape == (2,) and terms.rate.shape == (2, config.layers_of_z)
     mean, logvar = model.encode(x)
     assert mean.shape == logvar.shape == (2, 6)
-    images = model.sample(n=3)
+    images = model.decode_prior(n=3)
     assert images.shape == (3, channels, size, size) and images.min() >= 0 and images.max() <= 1
     assert model.decode(mean, as_image=True).shape == (2, channels, size, size)
     draws = model(x, eps=torch.randn(4, 2, model.noise_dim))    # K = 4 draws per image, as the IWAE bound takes

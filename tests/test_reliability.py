@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import SAMPLE, cli_env
 from test_data import Log, _offline, one_line, recognise_sample_as, serve  # noqa: F401 (serve is a fixture)
-from vaekit import Run, RunError, evaluate_run, sample_to_png
+from vaekit import Run, RunError, eval_to_json, sample_to_png
 from vaekit.checkpoints import CHECKPOINT_FILES
 from vaekit.cli import main
 from vaekit.data import DataError, fetch, read_idx, sources, write_idx
@@ -545,7 +545,7 @@ def test_what_commands_make_of_run_at_best_goes_under_run_best(reference, tmp_pa
     png = sample_to_png(f"{run}@best", n=4, device="cpu")
     assert png == run / "best" / "samples" / "prior_n4_seed0.png" and png.is_file()
     assert png.read_bytes() != sample_to_png(run, n=4, device="cpu").read_bytes()   # epoch 1's weights, not 2's
-    record = evaluate_run(f"{run}@best", k=2, n=20, device="cpu")
+    record = eval_to_json(f"{run}@best", k=2, n=20, device="cpu")
     assert json.loads((run / "best" / "eval.json").read_text()) == {"static_k2_n20": record}
     assert not (run / "eval.json").exists()
 

@@ -33,7 +33,7 @@ import uvicorn  # noqa: E402
 from vaekit import ConfigError, DataConfig, RunError, train  # noqa: E402
 from vaekit.cli import main  # noqa: E402
 from vaekit.data import preprocess, read_idx  # noqa: E402
-from vaekit.generate import interpolate, most_active_dims, region_mask, sample, set_dims, traverse  # noqa: E402
+from vaekit.generate import interpolate, most_active_dims, prior_samples, region_mask, set_dims, traverse  # noqa: E402
 from vaekit.objectives import posterior, rate_per_dim  # noqa: E402
 from vaekit.serve import create_app, load  # noqa: E402
 from vaekit.serve.app import host_allowed  # noqa: E402
@@ -186,7 +186,7 @@ def test_info_describes_the_model_and_the_limits(server, demo):
 # -- each endpoint is the CLI's function -------------------------------------------------------
 def test_samples_are_the_prior_decodes_of_the_seed(server, demo):
     first = ok(server, "/api/sample", {"n": 9, "seed": 5})
-    expected = sample(demo.model, 9, demo.runtime.generator(5))
+    expected = prior_samples(demo.model, 9, demo.runtime.generator(5))
     assert np.array_equal(pixels(first["image"]), grid(expected, padding=1))      # 3 x 3, 1-pixel gaps
     assert pixels(first["image"]).shape == (3 * 29 + 1, 3 * 29 + 1)
     assert first == ok(server, "/api/sample", {"n": 9, "seed": 5})

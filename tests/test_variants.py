@@ -14,11 +14,11 @@ from PIL import Image
 
 from conftest import SAMPLE, Log, cli_env, sample_config
 from vaekit import Config, ConfigError, Run, interpolate_to_png, load_model, sample_to_png, train
-from vaekit.api import evaluate_run
+from vaekit.api import eval_to_json
 from vaekit.data import load_splits, preprocess, read_idx, write_idx
 from vaekit.distributed import setup
-from vaekit.evaluate import evaluate_elbo
-from vaekit.generate import sample
+from vaekit.evaluate import elbo_report
+from vaekit.generate import prior_samples
 from vaekit.models import ModelConfig, build_model
 from vaekit.viz import grid_image
 
@@ -90,7 +90,7 @@ def test_beta_changes_the_training_loss_but_the_reported_elbo_is_at_beta_one(tmp
     rt = setup("cpu", config.train.precision)
     gen = rt.generator(config.train.seed * 1_000_003 + 1)
     x = preprocess(load_splits("mnist", SAMPLE).test.images, "static", gen)
-    fresh = evaluate_elbo(model, x, "static", rt, gen, 500)
+    fresh = elbo_report(model, x, "static", rt, gen, 500)
     assert fresh["elbo"] == pytest.approx(weighted["test_elbo"], abs=1e-3)
     assert fresh["elbo"] == pytest.approx(-(fresh["distortion"] + fresh["rate"]), abs=5)
 
@@ -113,7 +113,7 @@ def test_conditional_samples_follow_the_label(conditional_run):
     model, _, rt = load_model(conditional_run.path, "cpu")
     train_split = load_splits("mnist", SAMPLE).train
     class_means = torch.stack([train_split.images[train_split.labels == c].float().mean(0) / 255 for c in (0, 1)])
-    drawn = torch.stack([sample(model, 100, rt.generator(0), label).mean(0) for label in (0, 1)])
+    drawn = torch.stack([prior_samples(model, 100, rt.generator(0), label).mean(0) for label in (0, 1)])
     distance = ((drawn[:, None] - class_means[None]) ** 2).flatten(2).sum(2)     # [label drawn, class mean]
     assert distance[0, 0] < distance[1, 0] and distance[1, 1] < distance[0, 1], distance
 
@@ -169,7 +169,7 @@ def untrained_elbo(config: Config) -> float:
     rt = setup("cpu", "fp32")
     gen = rt.generator(0)
     x = preprocess(load_splits("mnist", config.data.data_dir).test.images, config.data.binarization, gen)
-    return evaluate_elbo(model, x, config.data.binarization, rt, gen)["elbo"]
+    return elbo_report(model, x, config.data.binarization, rt, gen)["elbo"]
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +214,7 @@ def test_tf_padding_trains_and_draws_on_the_seeds_output_grid(tf_padding_run):
     shifted.load_state_dict(model.state_dict())           # the same weights on the default grid
     z = run.fixed_z()
     with torch.inference_mode():
-        tf_images, shifted_images = model.sample(z), shifted.sample(z)
+        tf_images, shifted_images = model.decode_prior(z), shifted.decode_prior(z)
         prepared, _, _ = load_model(run.path, "cpu", "fp32")
         torch.testing.assert_close(prepared.decode(z, as_image=True), tf_images, rtol=1e-5, atol=1e-5)
     drawn = np.asarray(Image.open(run.image_path(1)), dtype=np.int16)      # the grid training drew, grey levels
@@ -272,10 +272,10 @@ def test_a_dynamic_run_learns_and_is_scored_on_dynamic_draws(dynamic_run, precis
     run, _ = dynamic_run
     first, second = (m["test_elbo"] for m in run.metrics())
     assert first != precision_runs["fp32"][0]["test_elbo"] and second > first
-    dynamic = evaluate_run(run.path, k=4, seed=3, device="cpu", precision="fp32")
+    dynamic = eval_to_json(run.path, k=4, seed=3, device="cpu", precision="fp32")
     assert dynamic["binarization"] == "dynamic" and "seed 3" in dynamic["protocol"]
-    assert evaluate_run(run.path, k=4, seed=3, device="cpu", precision="fp32")["elbo"] == dynamic["elbo"]
-    assert evaluate_run(run.path, k=4, binarization="static", device="cpu", precision="fp32")["elbo"] != dynamic["elbo"]
+    assert eval_to_json(run.path, k=4, seed=3, device="cpu", precision="fp32")["elbo"] == dynamic["elbo"]
+    assert eval_to_json(run.path, k=4, binarization="static", device="cpu", precision="fp32")["elbo"] != dynamic["elbo"]
 
 
 @pytest.fixture(scope="module", params=["gaussian", "gaussian-fixed"])
@@ -291,7 +291,7 @@ def test_gaussian_likelihoods_train_on_grey_levels_and_report_bits_per_dim(gauss
     dims = 28 * 28
     assert metrics["test_elbo"] > untrained_elbo(config) + 100
     assert metrics["test_bits_per_dim"] == pytest.approx((-metrics["test_elbo"] / dims + math.log(255)) / math.log(2))
-    record = evaluate_run(run.path, k=4, device="cpu", precision="fp32")
+    record = eval_to_json(run.path, k=4, device="cpu", precision="fp32")
     assert record["likelihood"] == config.model.likelihood and record["protocol"].startswith("none")
     assert record["n"] == 100                                       # every test image of the small sample
     assert record["nll_bits_per_dim"] == pytest.approx((record["nll_upper_bound"] / dims + math.log(255)) / math.log(2))
@@ -309,7 +309,7 @@ def test_resnet_family_trains_evaluates_and_samples(resnet_run):
     assert json.loads(run.config_path.read_text())["model"]["family"] == "resnet"
     metrics = run.metrics()[0]
     assert metrics["test_elbo"] > untrained_elbo(config) + 100, metrics["test_elbo"]
-    record = evaluate_run(run.path, k=4, device="cpu", precision="fp32")
+    record = eval_to_json(run.path, k=4, device="cpu", precision="fp32")
     assert record["n"] == 100 and record["iwae_bound"] >= record["elbo_analytic_kl"] - 1
     assert 0 < record["active_units"] <= 50
     grid = Image.open(sample_to_png(run.path, n=4, device="cpu"))

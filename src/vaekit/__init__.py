@@ -5,21 +5,22 @@
     vaekit.sample_to_png(run.path, n=100)
     vaekit.sample_to_png("pretrained:mnist")                   # the seed's model, trained for 100 epochs
 """
-from .api import (attribute_to_png, dataset_info, evaluate_run, export_run, fetch, inpaint_to_png,
+from .api import (attribute_to_png, dataset_info, eval_to_json, export_run, fetch, inpaint_to_png,
                   interpolate_to_png, latent_map_to_png, make_gif, plot_runs, reconstruct_to_png, sample_to_png, train,
                   traverse_to_png)
 from .config import Config, ConfigError, DataConfig, TrainConfig
-from .data import DataError, load_data, load_splits
-from .evaluate import evaluate
-from .generate import apply_attribute, attribute_vector, inpaint, interpolate, manifold, reconstruct, sample, traverse
+from .data import DataError, load_splits, splits_for
+from .evaluate import likelihood_report
+from .generate import (apply_attribute, attribute_vector, inpaint, interpolate, manifold, prior_samples, reconstruct,
+                       traverse)
 from .models import ConvVAE, ModelConfig
 from .runs import OpenRun, Run, RunError, load_model, open_for_inference
 
 __all__ = [
     "Config", "ConfigError", "ConvVAE", "ModelConfig", "DataConfig", "DataError", "Run", "RunError",
-    "TrainConfig", "dataset_info", "fetch", "load_data", "load_model", "load_splits", "make_gif", "reconstruct",
-    "reconstruct_to_png", "sample", "sample_to_png", "train",
-    "evaluate", "evaluate_run", "interpolate", "interpolate_to_png", "traverse", "traverse_to_png",
+    "TrainConfig", "dataset_info", "fetch", "splits_for", "load_model", "load_splits", "make_gif", "reconstruct",
+    "reconstruct_to_png", "prior_samples", "sample_to_png", "train",
+    "likelihood_report", "eval_to_json", "interpolate", "interpolate_to_png", "traverse", "traverse_to_png",
     "attribute_vector", "apply_attribute", "attribute_to_png", "inpaint", "inpaint_to_png", "manifold",
     "latent_map_to_png", "plot_runs", "export_run", "open_for_inference", "OpenRun",
 ]

@@ -9,12 +9,11 @@ from PIL import Image, UnidentifiedImageError
 
 from .config import BINARIZATIONS, ConfigError
 from .data import dataset_info, fetch, preprocess
-from .evaluate import evaluate, protocol
+from .evaluate import likelihood_report, protocol
 from .export import export_run
 from .generate import (INPAINT_METHODS, MASKS, PATHS, apply_attribute, attribute_vector, inpaint, inpaint_refusal,
-                       inpainting_log_likelihood, interleave,
-                       interpolate, manifold, mean_image, most_active_dims, project_2d, reconstruct,
-                       region_mask, sample, traverse)
+                       inpainting_log_likelihood, interleave, interpolate, manifold, mean_image, most_active_dims,
+                       prior_samples, project_2d, reconstruct, region_mask, traverse)
 from .models.inference import decode_batch_for
 from .objectives import posterior
 from .plot import plot_runs
@@ -23,7 +22,7 @@ from .runs import Run, open_for_inference
 from .train import train
 from .viz import gif_from_pngs, grid_image, save_gif, save_grid, scatter_image
 
-__all__ = ["train", "fetch", "dataset_info", "sample_to_png", "reconstruct_to_png", "make_gif", "evaluate_run",
+__all__ = ["train", "fetch", "dataset_info", "sample_to_png", "reconstruct_to_png", "make_gif", "eval_to_json",
            "interpolate_to_png", "traverse_to_png", "attribute_to_png", "inpaint_to_png", "latent_map_to_png",
            "plot_runs", "export_run"]
 
@@ -78,7 +77,7 @@ def sample_to_png(run: str | Path, n: int = 100, seed: int = 0, out: str | Path 
         raise ConfigError(f"--label {label} is not a class of {run}: its classes are 0..{classes - 1}")
     if label is None and config.model.conditional:
         raise ConfigError(f"{run} is a class-conditional model: pass --label 0..{classes - 1}")
-    images = sample(model, n, rt.generator(seed), label)
+    images = prior_samples(model, n, rt.generator(seed), label)
     name = f"prior_n{n}_seed{seed}" + ("" if label is None else f"_label{label}")
     return save_grid(images, out or opened.run.samples_path(f"{name}.png"))
 
@@ -113,7 +112,7 @@ def make_gif(run: str | Path) -> Path:
     return gif_from_pngs(pngs, r.gif_path)
 
 
-def evaluate_run(run: str | Path, k: int = 5000, binarization: str | None = None, seed: int = 0,
+def eval_to_json(run: str | Path, k: int = 5000, binarization: str | None = None, seed: int = 0,
                  n: int | None = None, decode_batch: int | None = None, max_memory_mb: float | None = None,
                  data_dir: str | Path | None = None, device: str = "auto", precision: str = "auto",
                  report=None) -> dict:
@@ -147,7 +146,8 @@ def evaluate_run(run: str | Path, k: int = 5000, binarization: str | None = None
     decode_batch = decode_batch or decode_batch_for(model, rt.device, n * (k + 1), max_memory_mb)
     gen = rt.generator(seed)
     x = preprocess(test.images[:n].to(rt.device), binarization, gen)    # gen goes on to draw the ELBO's z
-    result = evaluate(model, x, binarization, rt, gen, k, decode_batch, seed, None if labels is None else labels[:n])
+    result = likelihood_report(model, x, binarization, rt, gen, k, decode_batch, seed,
+                               None if labels is None else labels[:n])
     if report:
         report(result)
     opened.run.save_eval(result)

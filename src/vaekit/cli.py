@@ -170,7 +170,7 @@ def _cmd_gif(args) -> None:
 
 
 def _cmd_eval(args) -> None:
-    api.evaluate_run(args.run, k=args.k, binarization=args.binarization, seed=args.seed, n=args.n,
+    api.eval_to_json(args.run, k=args.k, binarization=args.binarization, seed=args.seed, n=args.n,
                      decode_batch=args.decode_batch, max_memory_mb=args.max_memory, data_dir=args.data_dir,
                      device=args.device, precision=args.precision,
                      report=lambda result: print(eval_table(result), flush=True))   # shown before it is saved

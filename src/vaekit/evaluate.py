@@ -78,7 +78,7 @@ def _elbo_record(terms: torch.Tensor) -> dict:
 
 
 @torch.inference_mode()
-def evaluate_elbo(model, x: torch.Tensor, binarization: str, runtime: Runtime, generator: torch.Generator,
+def elbo_report(model, x: torch.Tensor, binarization: str, runtime: Runtime, generator: torch.Generator,
                   batch_size: int = 2000, labels: torch.Tensor | None = None) -> dict:
     """Test ELBO in nats per image over all of x ([N,C,H,W] on runtime.device, preprocessed as
     `binarization` says), z drawn from `generator` (the one that binarised x).
@@ -141,7 +141,7 @@ def iwae_bounds(model, x: torch.Tensor, k: int, seed: int = 0, decode_batch: int
 
 
 @torch.inference_mode()
-def evaluate(model, x: torch.Tensor, binarization: str, runtime: Runtime, generator: torch.Generator,
+def likelihood_report(model, x: torch.Tensor, binarization: str, runtime: Runtime, generator: torch.Generator,
              k: int = 5000, decode_batch: int = 2000, seed: int = 0, labels: torch.Tensor | None = None) -> dict:
     """Everything `vaekit eval` reports, in nats per image over all of x ([N,C,H,W], preprocessed
     as `binarization` says with `generator`, seeded by `seed`; the ELBO's z come from it after):
@@ -178,7 +178,7 @@ def evaluate(model, x: torch.Tensor, binarization: str, runtime: Runtime, genera
 
 
 def eval_table(result: dict) -> str:
-    """The record of `evaluate` as a table for the terminal: each mean with its standard error over
+    """The record of `likelihood_report` as a table for the terminal: each mean with its standard error over
     the images scored, the protocol beside each number."""
     b, k = result["binarization"], result["k"]
 
@@ -211,7 +211,7 @@ def epoch_test_record(model, x: torch.Tensor, generator: torch.Generator, labels
     `generator`, seeded by `seed` (and their labels): the ELBO (at beta 1, whatever the training
     objective), its distortion and rate, bits per dimension for grey levels, and the IWAE bound the
     iwae objective trains (with its K draws)."""
-    test = evaluate_elbo(model, x, config.data.binarization, rt, generator, config.train.eval_batch_size, labels)
+    test = elbo_report(model, x, config.data.binarization, rt, generator, config.train.eval_batch_size, labels)
     record = {"test_elbo": test["elbo"], "test_distortion": test["distortion"], "test_rate": test["rate"]}
     if "bits_per_dim" in test:
         record["test_bits_per_dim"] = test["bits_per_dim"]

@@ -3,7 +3,7 @@ the Python API and the web demo. Inputs are images x [N,C,H,W] already preproces
 (`vaekit.data.preprocess`, once, by the caller: float, in the model's input space) or codes
 [N,latent]; outputs are images in [0,1] (the likelihood's mean; Bernoulli: probabilities),
 [N,C,H,W] (or [rows,cols,C,H,W] for sweeps). Class-conditional models take their labels where
-the task has them (sample, reconstruct); the other tasks are for unconditional models."""
+the task has them (prior_samples, reconstruct); the other tasks are for unconditional models."""
 from __future__ import annotations
 
 from typing import Callable
@@ -21,11 +21,11 @@ INPAINT_METHODS = ("pseudo-gibbs", "metropolis")
 
 
 @torch.inference_mode()
-def sample(model, n: int, generator: torch.Generator | None = None, label: int | None = None) -> torch.Tensor:
+def prior_samples(model, n: int, generator: torch.Generator | None = None, label: int | None = None) -> torch.Tensor:
     """n new images decoded from codes drawn from the prior N(0, I); of class `label` for a
     class-conditional model."""
     y = None if label is None else torch.full((n,), label, device=next(model.parameters()).device)
-    return model.sample(n=n, generator=generator, y=y)
+    return model.decode_prior(n=n, generator=generator, y=y)
 
 
 @torch.inference_mode()

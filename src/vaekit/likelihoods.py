@@ -58,7 +58,7 @@ class Bernoulli:
         return torch.sigmoid(params)
 
     @staticmethod
-    def sample(params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def draw(params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.bernoulli(torch.sigmoid(params.float()), generator=generator)
 
 
@@ -93,7 +93,7 @@ class Gaussian:
     def mean(self, params: torch.Tensor) -> torch.Tensor:
         return self._mean_log_scale(params)[0].clamp(0, 1)
 
-    def sample(self, params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def draw(self, params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         mean, log_scale = self._mean_log_scale(params)
         noise = torch.randn(mean.shape, generator=generator, device=mean.device)
         return (mean + noise * log_scale.exp()).clamp(0, 1)
@@ -131,7 +131,7 @@ class DiscretizedLogistic:
         return _loc_log_scale(params)[0].clamp(0, 1)
 
     @staticmethod
-    def sample(params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def draw(params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         mu, log_scale = _loc_log_scale(params)
         u = torch.rand(mu.shape, generator=generator, device=mu.device).clamp(1e-5, 1 - 1e-5)
         x = mu + log_scale.exp() * (torch.log(u) - torch.log1p(-u))    # inverse logistic CDF

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from . import pretrained
 from .checkpoints import BEST, CheckpointStore, load_weights_into
 from .config import Config, ConfigError
-from .data import Splits, check_data_fits, load_data
+from .data import Splits, check_data_fits, splits_for
 from .distributed import Runtime, setup
 from .models import build_model
 from .models.inference import prepare_for_inference
@@ -230,7 +230,7 @@ class Run:
             raise RunError(f"cannot write {path}: {e.strerror}; fix the permissions of {path.parent}") from None
 
     def save_eval(self, record: dict) -> Path:
-        """Keeps `record` (an evaluate() result) in eval.json under its protocol's key (eval_key),
+        """Keeps `record` (a likelihood_report() result) in eval.json under its protocol's key (eval_key),
         beside the other protocols' entries, replacing that protocol's older one: the file is read,
         merged and replaced whole (atomic). A damaged file is kept beside it as eval.json.unreadable,
         never overwritten; entries an older vaekit keyed by their binarization alone take their key."""
@@ -308,7 +308,7 @@ class OpenRun:
         """The run's dataset in memory, read from `data_dir` (default: where it was trained), and
         checked to hold images of the size and channels the model takes."""
         data = self.config.data
-        splits = load_data(data, data_dir)
+        splits = splits_for(data, data_dir)
         check_data_fits(self.config.model, splits, str(data_dir or data.data_dir or data.dataset))
         return splits
 

@@ -26,10 +26,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from .config import Config, ConfigError
-from .data import DataError, check_data_fits, fingerprint, hold_out, load_data, preprocess
+from .data import DataError, check_data_fits, fingerprint, hold_out, preprocess, splits_for
 from .data.sources import to_stderr
 from .distributed import Runtime, restarted, setup
-from .evaluate import epoch_test_record, evaluate_elbo
+from .evaluate import elbo_report, epoch_test_record
 from .models import ModelConfig, build_model
 from .objectives import training_loss
 from .checkpoints import Checkpoint, Progress
@@ -126,7 +126,7 @@ def _silent(*_) -> None:
 def _train(run: Run, config: Config, rt: Runtime, resuming: bool, fall_back: bool, log) -> None:
     tc = config.train
     with rt.local_main_first():    # one download per machine; the other ranks then read the cache
-        splits = load_data(config.data, log=to_stderr if rt.is_main else _silent)   # warnings: stderr
+        splits = splits_for(config.data, log=to_stderr if rt.is_main else _silent)   # warnings: stderr
     if config.model.conditional and not config.model.num_classes:
         config.model.num_classes = splits.num_classes     # saved in config.json below
     check_data_fits(config.model, splits, config.data.data_dir or config.data.dataset)
@@ -186,7 +186,7 @@ def _train(run: Run, config: Config, rt: Runtime, resuming: bool, fall_back: boo
             fixed_z = torch.randn(NUM_EXAMPLES_TO_GENERATE, model.noise_dim,
                                   generator=torch.Generator().manual_seed(tc.seed + 2))
             run.save_fixed_z(fixed_z)
-            save_grid(model.sample(fixed_z.to(rt.device), y=grid_labels(config.model, rt.device)).detach(),
+            save_grid(model.decode_prior(fixed_z.to(rt.device), y=grid_labels(config.model, rt.device)).detach(),
                       run.image_path(0))
         fixed_z = run.fixed_z().to(rt.device)
     board = _open_board(run, at.epoch) if rt.is_main and tc.tensorboard else None
@@ -252,14 +252,14 @@ def _train(run: Run, config: Config, rt: Runtime, resuming: bool, fall_back: boo
                     gen = rt.generator(seed + 1)
                     x = preprocess(val_split.images.to(rt.device), config.data.binarization, gen)
                     val_labels = val_split.labels.to(rt.device) if config.model.conditional else None
-                    val = evaluate_elbo(model, x, config.data.binarization, rt, gen, tc.eval_batch_size, val_labels)
+                    val = elbo_report(model, x, config.data.binarization, rt, gen, tc.eval_batch_size, val_labels)
                     test.update({f"val_{key}": val[key] for key in ("elbo", "distortion", "rate")})
                 eval_seconds = time.perf_counter() - end_time
                 log("============================")
                 log(f"Epoch: {epoch}, Test set ELBO: {test['test_elbo']:.2f}, "
                     f"time elapse for current epoch {end_time - start_time:.1f}")
                 with torch.inference_mode():
-                    save_grid(model.sample(fixed_z, y=grid_labels(config.model, rt.device)), run.image_path(epoch))
+                    save_grid(model.decode_prior(fixed_z, y=grid_labels(config.model, rt.device)), run.image_path(epoch))
                 trained_images = sum(len(idx) for idx in batches[first_batch:])
                 record = {
                     "epoch": epoch, "step": at.step, "train_loss": losses.sum().item() / len(train_images), **test,

@@ -1,6 +1,6 @@
 """Datasets: the IDX format, where the data comes from (verified, cached), image folders, in-memory splits."""
-from .datasets import (ImageData, Splits, check_data_fits, dataset_info, fetch, fingerprint, hold_out, load_data,
-                       load_splits, preprocess)
+from .datasets import (ImageData, Splits, check_data_fits, dataset_info, fetch, fingerprint, hold_out, load_splits,
+                       preprocess, splits_for)
 from .folders import load_folder
 from .idx import DataError, read_idx, write_idx
 from .sources import DATASETS, cache_root
@@ -16,10 +16,10 @@ __all__ = [
     "fetch",
     "fingerprint",
     "hold_out",
-    "load_data",
     "load_folder",
     "load_splits",
     "preprocess",
     "read_idx",
+    "splits_for",
     "write_idx",
 ]

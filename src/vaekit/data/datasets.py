@@ -3,7 +3,7 @@
 A split is held as uint8 tensors (60,000 MNIST images are 47 MB); batches are moved to
 the device as uint8 and binarised (or scaled) there by `preprocess`.
 
-`load_data(DataConfig)` is the one entry point of training and the commands: it reads an IDX
+`splits_for(DataConfig)` is the one entry point of training and the commands: it reads an IDX
 dataset through the fetch chain (sources.py) or an image folder (folders.py).
 """
 from __future__ import annotations
@@ -57,7 +57,7 @@ class Splits:
         return len(self.class_names)
 
 
-def load_data(data: DataConfig, data_dir: str | Path | None = None, *, log: Log = to_stderr) -> Splits:
+def splits_for(data: DataConfig, data_dir: str | Path | None = None, *, log: Log = to_stderr) -> Splits:
     """Both splits of the dataset `data` describes, in memory. `data_dir`, if given, stands in
     for data.data_dir (the commands that read a run take --data-dir for data that has moved)."""
     data = data_config(data, data_dir)

@@ -1,8 +1,10 @@
-"""Model families, one file each: conv_vae.py (the seed's, any size and channel count) and
-resnet_vae.py (residual stages, for 32-64 px images), ladder_vae.py (hierarchical); config.py holds what they share."""
+"""Model families, one file each: conv_vae.py (the seed's, any size and channel count),
+resnet_vae.py (residual stages, for 32-64 px images) and ladder_vae.py (hierarchical).
+model_config.py holds ModelConfig, which they share (a run's Config, DataConfig and TrainConfig
+are in vaekit/config.py); vae.py the base class and its passes."""
 from __future__ import annotations
 
-from .config import ModelConfig
+from .model_config import ModelConfig
 from .conv_vae import ConvVAE
 from .ladder_vae import LadderVAE
 from .resnet_vae import ResNetVAE

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from .model_config import ModelConfig
 from .layers import ConvTranspose2d, FlattenHWC, UnflattenHWC
 from .vae import VAE
 

@@ -14,7 +14,7 @@ The posterior of each lower layer is a correction of its prior (NVAE's residual 
 layers start near the prior and the KL of each is a closed-form Gaussian one.
 
 The tools see the top layer: `encode` gives q(z_L|x), `decode(z_L)` takes the lower layers at
-their prior means, and `sample` draws every layer from the prior.
+their prior means, and `decode_prior` draws every layer from the prior.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..objectives import log_normal_pdf
-from .config import ModelConfig
+from .model_config import ModelConfig
 from .conv_vae import UpConvReLU
 from .layers import FlattenHWC, UnflattenHWC
 from .vae import VAE, Terms
@@ -133,7 +133,7 @@ class LadderVAE(VAE):
         params = self.decoder(self._top_down(z)[0])
         return self.likelihood.mean(params) if as_image else params
 
-    def sample(self, eps: torch.Tensor | None = None, n: int = 100, generator: torch.Generator | None = None,
+    def decode_prior(self, eps: torch.Tensor | None = None, n: int = 100, generator: torch.Generator | None = None,
                y: torch.Tensor | None = None) -> torch.Tensor:
         """Images [n,C,H,W] from every layer drawn from its prior: the standard-normal draws `eps`
         [n,noise_dim] (the top layer's first), or new ones from `generator`."""

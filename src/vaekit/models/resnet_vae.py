@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from .model_config import ModelConfig
 from .layers import FlattenHWC, UnflattenHWC
 from .vae import VAE
 

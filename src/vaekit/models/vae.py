@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..objectives import analytic_kl, log_normal_pdf
-from .config import ModelConfig
+from .model_config import ModelConfig
 
 PSEUDO_INPUT_INIT = (0.05, 0.01)   # Tomczak & Welling's N(mean, std) start of the pseudo-inputs, kept in [0, 1]
 
@@ -148,7 +148,7 @@ class VAE(nn.Module):
         return analytic_kl(mean, logvar).expand(log_qz.shape) if self.pseudo_inputs is None else log_qz - log_pz
 
     # -- the passes ---------------------------------------------------------------------------
-    def sample(self, eps: torch.Tensor | None = None, n: int = 100, generator: torch.Generator | None = None,
+    def decode_prior(self, eps: torch.Tensor | None = None, n: int = 100, generator: torch.Generator | None = None,
                y: torch.Tensor | None = None) -> torch.Tensor:
         """Decodes prior draws (or the codes the standard-normal draws `eps` [n,noise_dim] make,
         see prior_codes) to images [n,C,H,W] in [0,1]."""

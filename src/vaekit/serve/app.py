@@ -36,7 +36,7 @@ from starlette.requests import ClientDisconnect
 from ..data import preprocess
 from ..distributed import Runtime
 from ..generate import (INPAINT_METHODS, MASKS, PATHS, inpaint, inpaint_refusal, interpolate, latent_plane,
-                        mean_image, most_active_dims, reconstruct, region_mask, sample, set_dims)
+                        mean_image, most_active_dims, prior_samples, reconstruct, region_mask, set_dims)
 from ..objectives import posterior
 from ..runs import RunError, open_for_inference
 from ..viz import PALETTE
@@ -345,7 +345,7 @@ def create_app(demo: Demo, host: str = "127.0.0.1", work_seconds: float = WORK_S
     @app.post("/api/sample")
     def api_sample(req: SampleRequest = json_body(SampleRequest)):
         with heavy_turn():
-            images = sample(demo.model, req.n, demo.runtime.generator(req.seed))
+            images = prior_samples(demo.model, req.n, demo.runtime.generator(req.seed))
         return {"image": to_data_url(images, padding=1)}
 
     @app.post("/api/interpolate")
