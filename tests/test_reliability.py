@@ -577,7 +577,8 @@ def test_checkpoint_files_have_the_mode_of_the_rest_of_the_run(reference):
 
 def test_a_log_file_gets_each_line_as_it_happens_and_warnings_go_to_stderr(tmp_path):
     run = tmp_path / "run"
-    script = HELD_AFTER_FIRST_CHECKPOINT + "sys.modules['vaekit.train'].PROGRESS_SECONDS = 0   # a line a batch\n"
+    script = HELD_AFTER_FIRST_CHECKPOINT + ("import importlib\n"
+                                            "importlib.import_module('vaekit.train').PROGRESS_SECONDS = 0   # a line a batch\n")
     with open(tmp_path / "log", "w") as out, open(tmp_path / "err", "w") as err:   # files, as `> log` gives
         proc = subprocess.Popen([sys.executable, "-c", script + "from vaekit.cli import main\nsys.exit(main())",
                                  "train", *map(str, TRAIN[:-2]), "--out", str(run)], env=child_env(), text=True,
