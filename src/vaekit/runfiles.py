@@ -38,7 +38,13 @@ def file_mode() -> int:
 
 
 def fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    """Flushes a file, or a folder (a rename is durable once its folder is synced). Windows cannot
+    open a folder, and NTFS journals a rename itself: there a folder is left as it is, and a file
+    is opened for writing, as its FlushFileBuffers requires."""
+    windows = os.name == "nt"
+    if windows and path.is_dir():
+        return
+    fd = os.open(path, os.O_RDWR if windows else os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

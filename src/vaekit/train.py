@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from .checkpoints import Checkpoint, Progress
 from .config import Config, ConfigError
 from .data import DataError, check_data_fits, fingerprint, hold_out, preprocess, splits_for
 from .data.sources import to_stderr
@@ -32,7 +33,6 @@ from .distributed import Runtime, restarted, setup
 from .evaluate import elbo_report, epoch_test_record
 from .models import ModelConfig, build_model
 from .objectives import training_loss
-from .checkpoints import Checkpoint, Progress
 from .runs import BEST_SUFFIX, Run, RunError
 from .schedule import EarlyStop, Schedule
 from .viz import gif_from_pngs, save_grid
@@ -111,6 +111,40 @@ def train(config: Config | None = None, out: str | Path | None = None, resume: s
     return run
 
 
+def _restore(run: Run, model, optimizer, generators: dict[str, torch.Generator], epochs: int,
+             fall_back: bool) -> tuple[Progress, list[float], Path | None, list[Path]]:
+    """Restores the model, the optimizer and the generators from the run's newest checkpoint (with
+    `fall_back`, the newest intact one). Returns (where training stands, the losses of the epoch's
+    steps so far, the checkpoint restored, the damaged ones to set aside); (start, [], None,
+    damaged) when there is none."""
+    latest, damaged = run.checkpoints.find(fall_back)
+    if latest is None:
+        return Progress(), [], None, damaged
+    ckpt = run.checkpoints.load(latest)
+    ckpt.restore(model, optimizer, generators, latest)
+    if epochs < ckpt.progress.epoch:
+        raise ConfigError(f"--epochs {epochs} is fewer than the {ckpt.progress.epoch} epochs {run.path} has done")
+    return ckpt.progress, ckpt.step_losses, latest, damaged
+
+
+def _held_out_record(model, config: Config, rt: Runtime, epoch: int, test_images: torch.Tensor,
+                     test_labels: torch.Tensor | None, val_split) -> dict:
+    """The end of an epoch's numbers on the data it did not train on: epoch_test_record's test
+    numbers, and with a validation split its val_elbo, val_distortion and val_rate. The test set
+    is binarised afresh each epoch from a seed of the epoch, whose generator then draws z."""
+    seed = config.train.seed * 1_000_003 + epoch
+    gen = rt.generator(seed)
+    x = preprocess(test_images, config.data.binarization, gen)
+    record = epoch_test_record(model, x, gen, test_labels, config, rt, seed)
+    if len(val_split):
+        gen = rt.generator(seed + 1)
+        x = preprocess(val_split.images.to(rt.device), config.data.binarization, gen)
+        val_labels = val_split.labels.to(rt.device) if config.model.conditional else None
+        val = elbo_report(model, x, config.data.binarization, rt, gen, config.train.eval_batch_size, val_labels)
+        record.update({f"val_{key}": val[key] for key in ("elbo", "distortion", "rate")})
+    return record
+
+
 def _same_config(saved: Config, config: Config) -> bool:
     """Whether a run's config.json holds `config`, counting the classes a conditional run's file
     learned from the data as given."""
@@ -138,15 +172,10 @@ def _train(run: Run, config: Config, rt: Runtime, resuming: bool, fall_back: boo
     order_gen = torch.Generator().manual_seed(tc.seed)          # epoch permutations (CPU)
     noise_gen = rt.generator(tc.seed + 1)                       # reparameterization, dynamic binarization
 
-    at, step_losses = Progress(), []
-    latest, damaged = run.checkpoints.find(fall_back) if resuming else (None, [])
+    generators = {"torch": torch.default_generator, "order": order_gen, "noise": noise_gen}
+    at, step_losses, latest, damaged = (_restore(run, model, optimizer, generators, tc.epochs, fall_back) if resuming
+                                        else (Progress(), [], None, []))
     if latest is not None:
-        ckpt = run.checkpoints.load(latest)
-        ckpt.restore(model, optimizer, {"torch": torch.default_generator, "order": order_gen, "noise": noise_gen},
-                     latest)
-        at, step_losses = ckpt.progress, ckpt.step_losses
-        if tc.epochs < at.epoch:
-            raise ConfigError(f"--epochs {tc.epochs} is fewer than the {at.epoch} epochs {run.path} has done")
         if tc.epochs == at.epoch:
             log(f"Nothing to do: {run.path} has done its {at.epoch} epochs; `vaekit train --resume {run.path} "
                 "--epochs N` trains on to epoch N")
@@ -244,16 +273,7 @@ def _train(run: Run, config: Config, rt: Runtime, resuming: bool, fall_back: boo
             end_time = time.perf_counter()
             at = Progress(epoch, 0, at.step)
             if rt.is_main:   # the test set is small: rank 0 evaluates all of it, with the single-process noise
-                seed = tc.seed * 1_000_003 + epoch     # binarises the test set (a fresh draw each epoch), then z
-                gen = rt.generator(seed)
-                x = preprocess(test_images, config.data.binarization, gen)
-                test = epoch_test_record(model, x, gen, test_labels, config, rt, seed)
-                if len(val_split):
-                    gen = rt.generator(seed + 1)
-                    x = preprocess(val_split.images.to(rt.device), config.data.binarization, gen)
-                    val_labels = val_split.labels.to(rt.device) if config.model.conditional else None
-                    val = elbo_report(model, x, config.data.binarization, rt, gen, tc.eval_batch_size, val_labels)
-                    test.update({f"val_{key}": val[key] for key in ("elbo", "distortion", "rate")})
+                test = _held_out_record(model, config, rt, epoch, test_images, test_labels, val_split)
                 eval_seconds = time.perf_counter() - end_time
                 log("============================")
                 log(f"Epoch: {epoch}, Test set ELBO: {test['test_elbo']:.2f}, "
