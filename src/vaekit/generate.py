@@ -84,7 +84,12 @@ def set_dims(model, x: torch.Tensor, dims: list[int], values: torch.Tensor) -> t
 def most_active_dims(model, x: torch.Tensor, n: int) -> tuple[list[int], list[float]]:
     """The `n` latent dimensions with the most KL over images x [N,C,H,W], most first, and
     their KL in nats (see rate_per_dim)."""
-    rate = rate_per_dim(*posterior(model, x))
+    return ranked_dims(*posterior(model, x), n)
+
+
+def ranked_dims(mean: torch.Tensor, logvar: torch.Tensor, n: int) -> tuple[list[int], list[float]]:
+    """most_active_dims of a posterior already computed: (mean, logvar) [N,D] each."""
+    rate = rate_per_dim(mean, logvar)
     order = rate.argsort(descending=True)[:n]
     return order.tolist(), rate[order].tolist()
 

@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException
 from ..data import preprocess
 from ..distributed import Runtime
 from ..generate import (INPAINT_METHODS, MASKS, PATHS, inpaint, inpaint_refusal, interpolate, latent_plane,
-                        mean_image, most_active_dims, prior_samples, reconstruct, region_mask, set_dims)
+                        mean_image, prior_samples, ranked_dims, reconstruct, region_mask, set_dims)
 from ..objectives import posterior
 from ..runs import RunError, open_for_inference
 from ..viz import PALETTE
@@ -96,8 +96,8 @@ def load(run: str | Path, device: str = "auto", data_dir: str | Path | None = No
     b, gen = config.data.binarization, rt.generator(0)
     test = splits.test.images.to(rt.device)
     x = preprocess(test, b, gen)
-    dims, kl = most_active_dims(model, x, model.latent_dim)
-    codes = posterior(model, x)[0]
+    codes, logvar = posterior(model, x)              # [N,D] each: encoded once, for the sliders and the map
+    dims, kl = ranked_dims(codes, logvar, model.latent_dim)
     origin, axes, names = latent_plane(codes)
     coords = ((codes.double() - origin) @ axes.T).float().cpu()
     start = mean_image(preprocess(splits.train.images.to(rt.device), b, gen))
