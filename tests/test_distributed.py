@@ -19,20 +19,30 @@ TRAIN = ["--data-dir", SAMPLE, "--device", "cpu", "--precision", "fp32", "--epoc
          "--checkpoint-every", "5"]
 
 # Runs `vaekit ARGS` on one torchrun rank, then saves that rank's replica of the weights as
-# OUT/rankR.safetensors (ranks other than 0 write nothing else, so the test keeps them this way).
+# OUT/rankR.safetensors (ranks other than 0 write nothing else, so the test keeps them this way),
+# and in OUT/rankR.json how many DDP wrappers were still in memory once the process group closed.
 WORKER = """
-import importlib, os, sys
+import gc, importlib, json, os, sys
 from safetensors.torch import save_file
+from torch.nn.parallel import DistributedDataParallel
 loop = importlib.import_module("vaekit.train")
 trained, real = [], loop.train_steps
 def train_steps(model, *args, **kwargs):
     trained.append(model.module)   # the replica, not the DDP wrapper: that must not outlive the group
     return real(model, *args, **kwargs)
 loop.train_steps = train_steps
+distributed, closed = importlib.import_module("vaekit.distributed"), {}
+real_close = distributed.Runtime.close
+def close(self):
+    real_close(self)
+    closed["ddp_alive"] = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+distributed.Runtime.close = close
 from vaekit.cli import main
 code = main(sys.argv[2:])
 replica = {k: v.contiguous() for k, v in trained[-1].state_dict().items()}
 save_file(replica, os.path.join(sys.argv[1], "rank" + os.environ["RANK"] + ".safetensors"))
+with open(os.path.join(sys.argv[1], "rank" + os.environ["RANK"] + ".json"), "w") as f:
+    json.dump(closed, f)
 sys.exit(code)
 """
 
@@ -52,10 +62,19 @@ def weights(run) -> dict:
 def two_ranks(tmp_path_factory):
     """An uninterrupted 2-rank run through `torchrun -m`-style launching of the real CLI."""
     out = tmp_path_factory.mktemp("ddp")
-    (out / "worker.py").write_text(WORKER)
-    run_to_end(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", out / "worker.py", out,
-                "train", *TRAIN, "--out", out / "run"])
+    run_to_end(worker_launch(out, "--out", out / "run"))
     return out
+
+
+def worker_launch(out: Path, *args) -> list:
+    """torchrun's arguments for 2 ranks of WORKER, writing into `out`, training with TRAIN and `args`."""
+    (out / "worker.py").write_text(WORKER)
+    return ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", out / "worker.py", out,
+            "train", *TRAIN, *args]
+
+
+def ddp_alive_after_close(out: Path) -> list[int]:
+    return [json.loads((out / f"rank{r}.json").read_text())["ddp_alive"] for r in (0, 1)]
 
 
 def test_replicas_stay_identical_and_the_checkpoint_holds_them_unwrapped(two_ranks):
@@ -65,6 +84,20 @@ def test_replicas_stay_identical_and_the_checkpoint_holds_them_unwrapped(two_ran
     assert all(torch.equal(rank0[k], rank1[k]) and torch.equal(rank0[k], saved[k]) for k in saved)
     metrics = Run(two_ranks / "run").metrics()
     assert [(m["epoch"], m["step"]) for m in metrics] == [(1, 21), (2, 42)]
+    assert ddp_alive_after_close(two_ranks) == [0, 0]
+
+
+def test_a_rank_stopped_by_a_signal_frees_its_ddp_wrapper_before_exit(tmp_path):
+    """Left for interpreter exit, DDP's reducer frees gloo work from a dying interpreter, and the
+    rank aborts now and then (-6, "terminate called without an active exception")."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, *map(str, worker_launch(tmp_path, "--out", run))], text=True,
+                            env={**cli_env(), "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for_step(proc, run, 5)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = finish(proc)
+    assert "stopping after this step" in stderr, stderr[-3000:]
+    assert ddp_alive_after_close(tmp_path) == [0, 0], stderr[-3000:]
 
 
 def test_two_ranks_match_one_process_with_the_same_global_batch(two_ranks, tmp_path):

@@ -100,6 +100,10 @@ def train(config: Config | None = None, out: str | Path | None = None, resume: s
                log=log if rt.is_main else _silent)
         rt.barrier()   # no rank leaves the process group while rank 0 still writes: gloo may abort the leaver
         finished = True
+    except Interrupted as e:
+        # its traceback holds _train's frames, and so DDP's reducer: without them, rt.close()
+        # collects the reducer while the interpreter lives (else a rank can abort at exit, 134)
+        raise e.with_traceback(None)
     except OSError as e:   # a full disk or a run directory made read-only while training
         raise RunError(f"cannot write {e.filename or run.path}: {e.strerror}; free disk space or fix permissions, "
                        f"then `vaekit train --resume {run.path}` (its last checkpoint is intact)") from None
