@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from .checkpoints import Checkpoint, Progress
 from .config import Config, ConfigError
-from .data import DataError, check_data_fits, fingerprint, hold_out, preprocess, splits_for
+from .data import DataError, ImageData, Splits, check_data_fits, fingerprint, hold_out, preprocess, splits_for
 from .data.sources import to_stderr
 from .distributed import Runtime, restarted, setup
 from .evaluate import elbo_report, epoch_test_record
@@ -161,7 +161,47 @@ def _silent(*_) -> None:
     """The log of ranks other than 0: one process speaks for the job."""
 
 
+@dataclass
+class _TrainingData:
+    """What training reads, on the device: the images it trains on and the test images (with their
+    labels for a class-conditional model, else None), and the validation split held out of the
+    training set (ImageData, on the CPU)."""
+    train_images: torch.Tensor
+    train_labels: torch.Tensor | None
+    test_images: torch.Tensor
+    test_labels: torch.Tensor | None
+    val_split: ImageData
+
+
+def _training_data(splits: Splits, config: Config, rt: Runtime) -> _TrainingData:
+    """The splits as training reads them; RunError or ConfigError when the batch does not fit them."""
+    train_split, val_split = hold_out(splits.train, config.data.validation)
+    conditional, batch_size = config.model.conditional, config.train.batch_size
+    data = _TrainingData(train_split.images.to(rt.device), train_split.labels.to(rt.device) if conditional else None,
+                         splits.test.images.to(rt.device), splits.test.labels.to(rt.device) if conditional else None,
+                         val_split)
+    if batch_size > len(data.train_images):
+        raise RunError(f"batch_size {batch_size} is larger than the {len(data.train_images)} training images; "
+                       "lower --batch-size")
+    if batch_size < rt.world_size:
+        raise ConfigError(f"batch_size {batch_size} (the global batch) is smaller than the {rt.world_size} "
+                          "processes; raise --batch-size")
+    return data
+
+
+def _check_same_data(run: Run, config: Config, data: dict) -> None:
+    """DataError when a resumed run's data is not what it was trained on (`data`: its fingerprint now)."""
+    recorded = run.data_fingerprint()
+    if recorded is not None and recorded != data:
+        raise DataError(f"{config.data.data_dir or config.data.dataset} does not hold the data {run.path} was "
+                        f"trained on ({data['train']}/{data['test']} train/test images of SHA-256 "
+                        f"{data['sha256'][:12]}, not {recorded['train']}/{recorded['test']} of "
+                        f"{recorded['sha256'][:12]}); pass --data-dir the folder it was trained on")
+
+
 def _train(run: Run, config: Config, rt: Runtime, resuming: bool, fall_back: bool, log) -> None:
+    """This rank's share of `train`: the data and the model (restored from the run's checkpoint
+    when `resuming`), the run directory (rank 0), then the epochs still to train (see _Epochs)."""
     tc = config.train
     with rt.local_main_first():    # one download per machine; the other ranks then read the cache
         splits = splits_for(config.data, log=to_stderr if rt.is_main else _silent)   # warnings: stderr
@@ -185,31 +225,14 @@ def _train(run: Run, config: Config, rt: Runtime, resuming: bool, fall_back: boo
                 "--epochs N` trains on to epoch N")
             return
         log(f"Resuming {run.path} from {latest.name} (step {at.step}: epoch {at.epoch + 1}, batch {at.batch})")
-    train_split, val_split = hold_out(splits.train, config.data.validation)
-    train_images = train_split.images.to(rt.device)
-    test_images = splits.test.images.to(rt.device)
-    # the labels a class-conditional model takes beside the images (None: an unconditional one)
-    train_labels, test_labels = ((train_split.labels.to(rt.device), splits.test.labels.to(rt.device))
-                                 if config.model.conditional else (None, None))
-    if tc.batch_size > len(train_images):
-        raise RunError(f"batch_size {tc.batch_size} is larger than the {len(train_images)} training images; "
-                       "lower --batch-size")
-    if tc.batch_size < rt.world_size:
-        raise ConfigError(f"batch_size {tc.batch_size} (the global batch) is smaller than the {rt.world_size} "
-                          "processes; raise --batch-size")
-    data = fingerprint(splits)
-    recorded = run.data_fingerprint() if resuming else None
-    if recorded is not None and recorded != data:
-        raise DataError(f"{config.data.data_dir or config.data.dataset} does not hold the data {run.path} was "
-                        f"trained on ({data['train']}/{data['test']} train/test images of SHA-256 "
-                        f"{data['sha256'][:12]}, not {recorded['train']}/{recorded['test']} of "
-                        f"{recorded['sha256'][:12]}); pass --data-dir the folder it was trained on")
-    # a resume's changed settings (--epochs, --data-dir) reach config.json with its first checkpoint:
-    # a resume that fails before it leaves config.json as it was
-    unsaved_config = resuming and config != run.config()
+    data = _training_data(splits, config, rt)
+    dataset = fingerprint(splits)
+    if resuming:
+        _check_same_data(run, config, dataset)
+    fixed_z = None
     if rt.is_main:
         if not resuming:
-            run.make(config, data)      # the data and the model are known good: now the run directory
+            run.make(config, dataset)   # the data and the model are known good: now the run directory
             run.lock()
         for path in damaged:            # --fall-back: the damaged checkpoints go out of the way, kept
             to_stderr(f"warning: set {path.name} aside as {run.checkpoints.set_aside(path)} (damaged); "
@@ -225,88 +248,122 @@ def _train(run: Run, config: Config, rt: Runtime, resuming: bool, fall_back: boo
     board = _open_board(run, at.epoch) if rt.is_main and tc.tensorboard else None
     if board and latest is None:
         _log_board(board, 0, {}, run.image_path(0))
-
-    def checkpoint(order_state: torch.Tensor) -> None:
-        nonlocal unsaved_config
-        if unsaved_config:
-            run.save_config(config)
-            unsaved_config = False
-        _save(run, at, model, optimizer, order_state, noise_gen, losses, tc.keep_checkpoints)
-
-    trained = rt.wrap(model)
     processes = f"{rt.world_size} processes on {rt.device.type}" if rt.world_size > 1 else rt.device.type
-    held_out = f"{len(val_split)} validation / " if len(val_split) else ""
-    log(f"Training {run.path} on {processes} ({rt.precision}): {len(train_images)} train / {held_out}"
-        f"{len(test_images)} test images, epochs {at.epoch + 1}..{tc.epochs}")
-    schedule = Schedule(tc, steps_per_epoch=-(-len(train_images) // tc.batch_size))
-    stopping = EarlyStop(tc.early_stop, run.metrics() if rt.is_main else [])
-    if rt.max_all(int(rt.is_main and stopping.due())):
-        log(f"Nothing to do: {run.path} stopped early after epoch {stopping.last_epoch} (best validation ELBO "
-            f"{stopping.best:.2f} at epoch {stopping.best_epoch}); its weights: {run.path}{BEST_SUFFIX}")
+    held_out = f"{len(data.val_split)} validation / " if len(data.val_split) else ""
+    log(f"Training {run.path} on {processes} ({rt.precision}): {len(data.train_images)} train / {held_out}"
+        f"{len(data.test_images)} test images, epochs {at.epoch + 1}..{tc.epochs}")
+    loop = _Epochs(run, config, rt, log, model, optimizer, order_gen, noise_gen, data, at, step_losses, fixed_z, board,
+                   # a resume's changed settings (--epochs, --data-dir) reach config.json with its first
+                   # checkpoint: a resume that fails before it leaves config.json as it was
+                   unsaved_config=resuming and config != run.config())
+    if rt.max_all(int(rt.is_main and loop.stopping.due())):
+        log(f"Nothing to do: {run.path} stopped early after epoch {loop.stopping.last_epoch} (best validation ELBO "
+            f"{loop.stopping.best:.2f} at epoch {loop.stopping.best_epoch}); its weights: {run.path}{BEST_SUFFIX}")
         return
     with _StopSignals(rt) as stop:
         for epoch in range(at.epoch + 1, tc.epochs + 1):
-            epoch_order = order_gen.get_state()    # what a mid-epoch checkpoint saves: a resume redraws this order
-            batches = torch.randperm(len(train_images), generator=order_gen).to(rt.device).split(tc.batch_size)
-            if at.batch > len(batches):
-                raise RunError(f"the checkpoint is at batch {at.batch} of an epoch that now has {len(batches)}; "
-                               "the training data changed since")
-            losses = torch.zeros(len(batches), dtype=torch.float64, device=rt.device)  # each step's summed loss
-            losses[:at.batch] = torch.tensor(step_losses, dtype=torch.float64)
-            first_batch, start_time, skipped = at.batch, time.perf_counter(), [0]
-            # counts batches, shown as images (and images/s) by scaling with the batch size
-            with tqdm(total=len(batches), initial=at.batch, desc=f"epoch {epoch}/{tc.epochs}", unit="img",
-                      unit_scale=tc.batch_size, leave=False, disable=None if rt.is_main else True,
-                      dynamic_ncols=True) as bar:
-                if bar.disable:    # stderr is no terminal (a log file, a pipe, a batch job): plain lines
-                    bar = _PlainProgress(log, f"epoch {epoch}/{tc.epochs}", len(batches), at.batch, tc.batch_size)
-                while at.batch < len(batches):
-                    first = at.batch
-                    train_steps(trained, optimizer, train_images, train_labels, batches, at, losses, config, rt,
-                                noise_gen, stop, bar, schedule, skipped)
-                    rt.sum_all(losses[first:at.batch])     # this rank's sums -> the global batches'
-                    _check_finite(losses, first, at, run)
-                    if rt.is_main and (stop.signum or at.batch < len(batches)):
-                        checkpoint(epoch_order)
-                    if stop.signum:
-                        rt.barrier()   # a rank that exits makes torchrun stop the others: not before rank 0 saved
-                        message = (f"Stopped by {signal.Signals(stop.signum).name} after step {at.step} "
-                                   f"(checkpoint {at.checkpoint_name}); go on with `vaekit train --resume {run.path}`")
-                        log(message)
-                        raise Interrupted(stop.signum, message)
-            end_time = time.perf_counter()
-            at = Progress(epoch, 0, at.step)
-            if rt.is_main:   # the test set is small: rank 0 evaluates all of it, with the single-process noise
-                test = _held_out_record(model, config, rt, epoch, test_images, test_labels, val_split)
-                eval_seconds = time.perf_counter() - end_time
-                log("============================")
-                log(f"Epoch: {epoch}, Test set ELBO: {test['test_elbo']:.2f}, "
-                    f"time elapse for current epoch {end_time - start_time:.1f}")
-                with torch.inference_mode():
-                    save_grid(model.decode_prior(fixed_z, y=grid_labels(config.model, rt.device)), run.image_path(epoch))
-                trained_images = sum(len(idx) for idx in batches[first_batch:])
-                record = {
-                    "epoch": epoch, "step": at.step, "train_loss": losses.sum().item() / len(train_images), **test,
-                    "epoch_seconds": round(end_time - start_time, 3), "eval_seconds": round(eval_seconds, 3),
-                    "images_per_second": round(trained_images / (end_time - start_time), 1),
-                    "lr": schedule.lr(at.step - 1), **({"skipped_updates": skipped[0]} if tc.skip_grad else {}),
-                }
-                run.append_metrics(record)
-                if stopping.record(record):
-                    run.checkpoints.save_best(model.state_dict(), epoch, record["val_elbo"])
-                if board:
-                    _log_board(board, epoch, record, run.image_path(epoch))
-                checkpoint(order_gen.get_state())
-            step_losses = []
-            if rt.max_all(int(rt.is_main and stopping.due())):    # rank 0 decides; every rank stops with it
-                log(f"Early stop after epoch {epoch}: no better validation ELBO for {tc.early_stop} epochs "
-                    f"(best {stopping.best:.2f} at epoch {stopping.best_epoch}; its weights: {run.path}{BEST_SUFFIX})")
+            loop.train_epoch(epoch, stop)
+            if rt.max_all(int(rt.is_main and loop.stopping.due())):    # rank 0 decides; every rank stops with it
+                log(f"Early stop after epoch {epoch}: no better validation ELBO for {tc.early_stop} epochs (best "
+                    f"{loop.stopping.best:.2f} at epoch {loop.stopping.best_epoch}; its weights: {run.path}{BEST_SUFFIX})")
                 break
     if board:
         board.close()
     if rt.is_main:
         gif_from_pngs(sorted(run.images.glob("image_at_epoch_*.png")), run.gif_path)
         log(f"Done: {run.path} (grid images in {run.images}, animation {run.gif_path})")
+
+
+class _Epochs:
+    """The epochs of a training job on this rank, from where `at` stands: each one's steps with the
+    checkpoints due in it (and a stop signal's), then on rank 0 its held-out numbers, progress
+    grid, metrics line and checkpoint. `fixed_z` (the grid's codes) and `board` on rank 0 only."""
+
+    def __init__(self, run: Run, config: Config, rt: Runtime, log, model, optimizer, order_gen: torch.Generator,
+                 noise_gen: torch.Generator, data: _TrainingData, at: Progress, step_losses: list[float],
+                 fixed_z: torch.Tensor | None, board, unsaved_config: bool) -> None:
+        self.run, self.config, self.rt, self.log = run, config, rt, log
+        self.model, self.trained, self.optimizer = model, rt.wrap(model), optimizer
+        self.order_gen, self.noise_gen, self.data = order_gen, noise_gen, data
+        self.at, self.step_losses, self.fixed_z, self.board = at, step_losses, fixed_z, board
+        self.unsaved_config = unsaved_config
+        self.schedule = Schedule(config.train, steps_per_epoch=-(-len(data.train_images) // config.train.batch_size))
+        self.stopping = EarlyStop(config.train.early_stop, run.metrics() if rt.is_main else [])
+
+    def checkpoint(self, order_state: torch.Tensor, losses: torch.Tensor) -> None:
+        """Rank 0: a checkpoint where `at` stands (and config.json first, when a resume changed it)."""
+        if self.unsaved_config:
+            self.run.save_config(self.config)
+            self.unsaved_config = False
+        _save(self.run, self.at, self.model, self.optimizer, order_state, self.noise_gen, losses,
+              self.config.train.keep_checkpoints)
+
+    def train_epoch(self, epoch: int, stop: "_StopSignals") -> None:
+        """Trains epoch `epoch` (from batch `at.batch` on); raises Interrupted after a stop signal,
+        once rank 0 has checkpointed."""
+        tc, rt, run = self.config.train, self.rt, self.run
+        epoch_order = self.order_gen.get_state()    # what a mid-epoch checkpoint saves: a resume redraws this order
+        batches = torch.randperm(len(self.data.train_images), generator=self.order_gen).to(rt.device).split(
+            tc.batch_size)
+        if self.at.batch > len(batches):
+            raise RunError(f"the checkpoint is at batch {self.at.batch} of an epoch that now has {len(batches)}; "
+                           "the training data changed since")
+        losses = torch.zeros(len(batches), dtype=torch.float64, device=rt.device)  # each step's summed loss
+        losses[:self.at.batch] = torch.tensor(self.step_losses, dtype=torch.float64)
+        first_batch, start_time, skipped = self.at.batch, time.perf_counter(), [0]
+        # counts batches, shown as images (and images/s) by scaling with the batch size
+        with tqdm(total=len(batches), initial=self.at.batch, desc=f"epoch {epoch}/{tc.epochs}", unit="img",
+                  unit_scale=tc.batch_size, leave=False, disable=None if rt.is_main else True,
+                  dynamic_ncols=True) as bar:
+            if bar.disable:    # stderr is no terminal (a log file, a pipe, a batch job): plain lines
+                bar = _PlainProgress(self.log, f"epoch {epoch}/{tc.epochs}", len(batches), self.at.batch,
+                                     tc.batch_size)
+            while self.at.batch < len(batches):
+                first = self.at.batch
+                train_steps(self.trained, self.optimizer, self.data.train_images, self.data.train_labels, batches,
+                            self.at, losses, self.config, rt, self.noise_gen, stop, bar, self.schedule, skipped)
+                rt.sum_all(losses[first:self.at.batch])     # this rank's sums -> the global batches'
+                _check_finite(losses, first, self.at, run)
+                if rt.is_main and (stop.signum or self.at.batch < len(batches)):
+                    self.checkpoint(epoch_order, losses)
+                if stop.signum:
+                    rt.barrier()   # a rank that exits makes torchrun stop the others: not before rank 0 saved
+                    message = (f"Stopped by {signal.Signals(stop.signum).name} after step {self.at.step} "
+                               f"(checkpoint {self.at.checkpoint_name}); go on with `vaekit train --resume {run.path}`")
+                    self.log(message)
+                    raise Interrupted(stop.signum, message)
+        end_time = time.perf_counter()
+        self.at, self.step_losses = Progress(epoch, 0, self.at.step), []
+        if rt.is_main:
+            trained_images = sum(len(idx) for idx in batches[first_batch:])
+            self._end_epoch(epoch, losses, trained_images, end_time - start_time, skipped[0])
+
+    def _end_epoch(self, epoch: int, losses: torch.Tensor, trained_images: int, seconds: float, skipped: int) -> None:
+        """Rank 0, after epoch `epoch`'s steps (`trained_images` of them in `seconds` in this process;
+        `losses` its steps' summed losses): its numbers, grid, metrics line and checkpoint."""
+        config, rt, run = self.config, self.rt, self.run
+        start = time.perf_counter()
+        # the test set is small: rank 0 evaluates all of it, with the single-process noise
+        test = _held_out_record(self.model, config, rt, epoch, self.data.test_images, self.data.test_labels,
+                                self.data.val_split)
+        eval_seconds = time.perf_counter() - start
+        self.log("============================")
+        self.log(f"Epoch: {epoch}, Test set ELBO: {test['test_elbo']:.2f}, time elapse for current epoch {seconds:.1f}")
+        with torch.inference_mode():
+            save_grid(self.model.decode_prior(self.fixed_z, y=grid_labels(config.model, rt.device)),
+                      run.image_path(epoch))
+        record = {
+            "epoch": epoch, "step": self.at.step, "train_loss": losses.sum().item() / len(self.data.train_images),
+            **test, "epoch_seconds": round(seconds, 3), "eval_seconds": round(eval_seconds, 3),
+            "images_per_second": round(trained_images / seconds, 1), "lr": self.schedule.lr(self.at.step - 1),
+            **({"skipped_updates": skipped} if config.train.skip_grad else {}),
+        }
+        run.append_metrics(record)
+        if self.stopping.record(record):
+            run.checkpoints.save_best(self.model.state_dict(), epoch, record["val_elbo"])
+        if self.board:
+            _log_board(self.board, epoch, record, run.image_path(epoch))
+        self.checkpoint(self.order_gen.get_state(), losses)
 
 
 def _open_board(run: Run, epochs_done: int):
