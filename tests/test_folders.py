@@ -12,7 +12,8 @@ from PIL import Image
 from conftest import SAMPLE, Log
 from test_cli import vaekit
 from vaekit import Config, ConfigError, DataConfig
-from vaekit.data import DataError, cache_root, dataset_info, load_folder, preprocess, read_idx, splits_for
+from vaekit.errors import DataError
+from vaekit.data import cache_root, dataset_info, load_folder, preprocess, read_idx, splits_for
 
 
 def sample_digits(n: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:

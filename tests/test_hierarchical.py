@@ -9,11 +9,13 @@ from torch.distributions import Categorical, Independent, MixtureSameFamily, Nor
 
 from conftest import sample_config
 from vaekit import train
-from vaekit.config import Config, ConfigError
+from vaekit.config import Config
+from vaekit.errors import ConfigError
 from vaekit.evaluate import iwae_bounds, likelihood_report
 from vaekit.models import LadderVAE, ModelConfig, build_model
 from vaekit.models.vae import mixture_log_pdf
-from vaekit.runs import RunError, load_model
+from vaekit.errors import RunError
+from vaekit.runs import load_model
 from vaekit.schedule import EarlyStop, Schedule
 
 

@@ -26,7 +26,8 @@ from test_data import Log, _offline, one_line, recognise_sample_as, serve  # noq
 from vaekit import Run, RunError, eval_to_json, sample_to_png
 from vaekit.checkpoints import CHECKPOINT_FILES
 from vaekit.cli import main
-from vaekit.data import DataError, fetch, read_idx, sources, write_idx
+from vaekit.errors import DataError
+from vaekit.data import fetch, read_idx, sources, write_idx
 from vaekit.data.sources import FILES
 
 # 2 epochs of 20 steps; a checkpoint every 3 steps and at each epoch's end

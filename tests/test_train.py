@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from conftest import sample_config
 from vaekit import Run, train
-from vaekit.runs import RunError
+from vaekit.errors import RunError
 from vaekit.viz import seed_gif_frames
 
 

@@ -7,7 +7,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .config import BINARIZATIONS, ConfigError
+from .config import BINARIZATIONS
+from .errors import ConfigError
 from .data import dataset_info, fetch, preprocess
 from .evaluate import likelihood_report, protocol
 from .export import export_run

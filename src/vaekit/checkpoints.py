@@ -28,7 +28,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from .runfiles import RunError, atomic_write_text, file_mode, fsync, load_tensors, sha256
+from .errors import RunError
+from .files import atomic_write_text, file_mode, fsync, load_tensors, sha256
 
 CHECKPOINT_NAME = re.compile(r"(epoch_\d{4,}|step_\d{8,})")
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")

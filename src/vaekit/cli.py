@@ -11,15 +11,14 @@ import typing
 from pathlib import Path
 
 from . import api
-from .config import FOLDER_SETTINGS, Config, ConfigError, DataConfig
-from .data import DataError
+from .config import FOLDER_SETTINGS, Config, DataConfig
+from .errors import ConfigError, VaekitError
 from .distributed import launch, launched_by_torchrun
 from .evaluate import eval_table
 from .pretrained import is_pretrained
-from .runs import Run, RunError, output_dir
+from .runs import Run, output_dir
 from .train import Interrupted
 
-USER_ERRORS = (ConfigError, DataError, RunError)
 RUN_HELP = ("a run directory made by `vaekit train` (RUN@best: its best validation epoch), or pretrained:NAME, "
             "a model shipped with vaekit (pretrained:mnist, pretrained:mnist-best)")
 DATA_DIR_HELP = "a folder holding the IDX files, to use instead of fetching"
@@ -396,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         if is_pretrained(run) and args.command != "serve" and getattr(args, "out", None) is None:
             print(f"vaekit: {run} is read-only (shipped inside vaekit), so this was written under "
                   f"./{output_dir(run)}/", file=sys.stderr)
-    except USER_ERRORS as e:
+    except VaekitError as e:
         print(f"vaekit: error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:   # training saved a checkpoint and said how to go on

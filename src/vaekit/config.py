@@ -11,6 +11,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import ConfigError
 from .models import ModelConfig
 
 IDX_DATASETS = ("mnist", "fashion-mnist", "kmnist")   # fetched and verified by vaekit.data (its sources.DATASETS)
@@ -19,10 +20,6 @@ PRECISIONS = ("auto", "fp32", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
 KL_ESTIMATORS = ("sample", "analytic")
 DEVICES = ("auto", "cpu", "cuda")
-
-
-class ConfigError(ValueError):
-    """A configuration value or file that cannot be used; the message says which and what to do."""
 
 
 def _f(default, help: str):

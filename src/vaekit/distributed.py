@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 
 from .allocator import keep_freed_memory
-from .config import PRECISIONS, ConfigError
+from .config import PRECISIONS
+from .errors import ConfigError
 
 
 @dataclass

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ConfigError
+from .errors import ConfigError
 from .models.layers import ConvTranspose2d
 from .runs import load_model, output_dir
 

@@ -8,8 +8,8 @@ import importlib.util
 from itertools import accumulate
 from pathlib import Path
 
-from .config import ConfigError
-from .runs import Run, RunError, output_dir
+from .errors import ConfigError, RunError
+from .runs import Run, output_dir
 
 # (what a panel shows, its metrics.jsonl keys end with "_" + this; the prefix names the split:
 # test_elbo drawn solid, any other split's, such as a validation split's, dashed)

@@ -34,12 +34,13 @@ from safetensors.torch import save_file
 
 from . import pretrained
 from .checkpoints import BEST, CheckpointStore, load_weights_into
-from .config import Config, ConfigError
+from .config import Config
 from .data import Splits, check_data_fits, splits_for
 from .distributed import Runtime, setup
 from .models import build_model
 from .models.inference import prepare_for_inference
-from .runfiles import RunError, atomic_write_text, file_mode, load_tensors
+from .errors import ConfigError, RunError
+from .files import atomic_write_text, file_mode, load_tensors
 
 BEST_SUFFIX = "@" + BEST
 EVAL_FILE = "eval.json"

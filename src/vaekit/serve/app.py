@@ -42,7 +42,8 @@ from ..distributed import Runtime
 from ..generate import (INPAINT_METHODS, MASKS, PATHS, inpaint, inpaint_refusal, interpolate, latent_plane,
                         mean_image, prior_samples, ranked_dims, reconstruct, region_mask, set_dims)
 from ..objectives import posterior
-from ..runs import RunError, open_for_inference
+from ..errors import RunError
+from ..runs import open_for_inference
 from ..viz import PALETTE
 from .bodies import (LIMITS, IndexRequest, InpaintRequest, InterpolateRequest, LatentRequest, MapPointRequest,
                      ReconstructRequest, SampleRequest, TraverseRequest, json_body)

@@ -13,7 +13,7 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .app import create_app, load
 
 STALL_SECONDS = 15.0    # a request's headers and body must all arrive within this long

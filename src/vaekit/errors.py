@@ -1,0 +1,21 @@
+"""vaekit's errors, in one place. Each carries a one-line message that names the problem and
+the fix; the command line prints it as it is (no traceback). VaekitError is the one to catch."""
+
+
+class VaekitError(Exception):
+    """A request vaekit cannot carry out; the message says why and what to do."""
+
+
+class ConfigError(VaekitError, ValueError):
+    """A configuration value, flag or config file that cannot be used."""
+
+
+class DataError(VaekitError):
+    """A dataset that cannot be fetched, read or verified, or that does not fit the run."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))  # one line, even when a cause had several
+
+
+class RunError(VaekitError):
+    """A run directory or checkpoint that cannot be used."""
