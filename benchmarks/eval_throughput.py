@@ -27,7 +27,8 @@ from vaekit.data import load_splits, preprocess
 from vaekit.distributed import setup
 from vaekit.evaluate import iwae_bounds
 from vaekit.models import ConvVAE, ModelConfig
-from vaekit.models.inference import decode_batch_for, prepare_for_inference
+from vaekit.evaluate import decode_batch_for
+from vaekit.models.inference import prepare_for_inference
 
 SAMPLE = Path(__file__).resolve().parent.parent / "tests" / "data" / "mnist-sample"
 

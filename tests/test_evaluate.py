@@ -14,7 +14,7 @@ from vaekit.cli import main
 from vaekit.data import preprocess
 from vaekit.evaluate import elbo_per_image, elbo_report, iwae_bounds
 from vaekit.objectives import analytic_kl
-from vaekit.models.inference import fastest_decode_batch, max_decodes
+from vaekit.evaluate import fastest_decode_batch, max_decodes
 
 
 @pytest.fixture(scope="module")

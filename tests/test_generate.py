@@ -13,7 +13,6 @@ from vaekit.data import preprocess
 from vaekit.api import traverse_to_png
 from vaekit.generate import (MASKS, PATHS, apply_attribute, attribute_vector, inpaint, inpainting_log_likelihood,
                              interpolate, manifold, mean_image, most_active_dims, project_2d, region_mask, traverse)
-from vaekit.objectives import posterior
 from vaekit.viz import grid_image, scatter_image
 
 
@@ -41,7 +40,7 @@ def loaded(run):
 def test_interpolation_ends_are_the_reconstructions_of_the_ends(loaded):
     model, _, splits = loaded
     x = preprocess(splits.test.images[[0, 1]], "static")
-    ends = decode(model, posterior(model, x)[0])
+    ends = decode(model, model.posterior(x)[0])
     for path in PATHS:
         line = interpolate(model, x, steps=6, path=path)
         assert line.shape == (6, 1, 28, 28)
@@ -52,7 +51,7 @@ def test_interpolation_ends_are_the_reconstructions_of_the_ends(loaded):
 def test_traversal_changes_only_the_chosen_dimension(loaded):
     model, _, splits = loaded
     x = preprocess(splits.test.images[:1], "static")
-    code = posterior(model, x)[0][0]
+    code = model.posterior(x)[0][0]
     values = torch.linspace(-3, 3, 5)
     z, images = traverse(model, x, [4, 17], values)
     assert z.shape == (2, 5, 50) and images.shape == (2, 5, 1, 28, 28)
@@ -65,18 +64,18 @@ def test_traversal_changes_only_the_chosen_dimension(loaded):
 
 def test_attribute_vector_moves_codes_toward_the_target_class(loaded):
     model, _, splits = loaded
-    codes = posterior(model, preprocess(splits.train.images, "static"))[0]
+    codes = model.posterior(preprocess(splits.train.images, "static"))[0]
     labels = splits.train.labels
     vector = attribute_vector(codes, labels, to=8, from_=3)
     torch.testing.assert_close(vector, codes[labels == 8].mean(0) - codes[labels == 3].mean(0))
     threes = preprocess(splits.test.images[splits.test.labels == 3][:20], "static")
-    morphs = apply_attribute(model, posterior(model, threes)[0], vector, torch.tensor([0.0, 1.0]))
+    morphs = apply_attribute(model, model.posterior(threes)[0], vector, torch.tensor([0.0, 1.0]))
     # re-encoded, the morphed images sit nearer the 8s' mean code than the 3s'
-    again = posterior(model, (morphs[:, 1] > 0.5).float())[0]
+    again = model.posterior((morphs[:, 1] > 0.5).float())[0]
     to_8 = (again - codes[labels == 8].mean(0)).norm(dim=1).mean()
     to_3 = (again - codes[labels == 3].mean(0)).norm(dim=1).mean()
     assert to_8 < to_3
-    torch.testing.assert_close(morphs[:, 0], decode(model, posterior(model, threes)[0]))
+    torch.testing.assert_close(morphs[:, 0], decode(model, model.posterior(threes)[0]))
     others = attribute_vector(codes, labels, to=8)       # against all other labels
     torch.testing.assert_close(others, codes[labels == 8].mean(0) - codes[labels != 8].mean(0))
 
@@ -122,7 +121,7 @@ def test_inpainting_beats_the_mean_image(loaded):
 
 def test_latent_maps(loaded):
     model, _, splits = loaded
-    codes = posterior(model, preprocess(splits.test.images, "static"))[0]
+    codes = model.posterior(preprocess(splits.test.images, "static"))[0]
     coords, axes = project_2d(codes)
     assert coords.shape == (500, 2) and axes[0].startswith("PC1")
     assert coords[:, 0].var() >= coords[:, 1].var() and abs(coords.mean(0)).max() < 1e-3

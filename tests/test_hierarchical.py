@@ -15,7 +15,7 @@ from vaekit.evaluate import iwae_bounds, likelihood_report
 from vaekit.models import LadderVAE, ModelConfig, build_model
 from vaekit.models.vae import mixture_log_pdf
 from vaekit.errors import RunError
-from vaekit.runs import load_model
+from vaekit.loading import load_model
 from vaekit.schedule import EarlyStop, Schedule
 
 

@@ -7,7 +7,7 @@ import torch
 from vaekit.likelihoods import Bernoulli
 from vaekit.models import ConvVAE, ModelConfig
 from vaekit.models.vae import Terms
-from vaekit.objectives import (analytic_kl, importance_weights, iwae_bound, log_normal_pdf, mean_and_stderr, posterior,
+from vaekit.objectives import (analytic_kl, importance_weights, iwae_bound, log_normal_pdf, mean_and_stderr,
                                rate_per_dim, training_loss)
 
 
@@ -129,7 +129,7 @@ def test_posterior_encodes_every_image_once_in_batches_with_a_ragged_last_one():
     with torch.inference_mode():
         whole = model.encode(x)
     for batch_size in (3, 7, 2000):
-        mean, logvar = posterior(model, x, batch_size=batch_size)
+        mean, logvar = model.posterior(x, batch_size=batch_size)
         assert mean.shape == logvar.shape == (7, 5)
         torch.testing.assert_close(mean, whole[0], atol=1e-6, rtol=0)
         torch.testing.assert_close(logvar, whole[1], atol=1e-6, rtol=0)

@@ -34,7 +34,7 @@ from vaekit import ConfigError, DataConfig, RunError, train  # noqa: E402
 from vaekit.cli import main  # noqa: E402
 from vaekit.data import preprocess, read_idx  # noqa: E402
 from vaekit.generate import interpolate, most_active_dims, prior_samples, region_mask, set_dims, traverse  # noqa: E402
-from vaekit.objectives import posterior, rate_per_dim  # noqa: E402
+from vaekit.objectives import rate_per_dim  # noqa: E402
 from vaekit.serve import create_app, load  # noqa: E402
 from vaekit.serve.app import host_allowed  # noqa: E402
 from vaekit.serve.server import STALL_SECONDS, bind, server_config, url_of  # noqa: E402
@@ -195,7 +195,7 @@ def test_samples_are_the_prior_decodes_of_the_seed(server, demo):
 
 def test_set_dims_sets_all_its_dimensions_at_once_and_agrees_with_traverse(demo):
     image = binary_test(2)
-    code = posterior(demo.model, image)[0]
+    code = demo.model.posterior(image)[0]
     _, row = traverse(demo.model, image, [7], torch.tensor([2.5]))
     torch.testing.assert_close(set_dims(demo.model, image, [7], torch.tensor([2.5])), row[0])
     z = code.clone()
@@ -208,7 +208,7 @@ def test_set_dims_sets_all_its_dimensions_at_once_and_agrees_with_traverse(demo)
 def test_most_active_dims_are_those_of_the_most_kl(demo):
     x = binary_test()
     dims, kl = most_active_dims(demo.model, x, 6)
-    rate = rate_per_dim(*posterior(demo.model, x))
+    rate = rate_per_dim(*demo.model.posterior(x))
     assert kl == sorted(rate.tolist(), reverse=True)[:6] and rate[dims].tolist() == kl
 
 
@@ -217,7 +217,7 @@ def test_sliders_start_at_the_code_on_the_most_active_dimensions_and_decode_it(s
     x = binary_test()
     assert latent["dims"] == most_active_dims(demo.model, x, 5)[0]
     assert latent["kl"] == sorted(latent["kl"], reverse=True) and latent["kl"][0] > 0.05
-    code = posterior(demo.model, binary_test(3))[0][0]
+    code = demo.model.posterior(binary_test(3))[0][0]
     assert latent["values"] == pytest.approx(code[latent["dims"]].tolist(), abs=1e-6)
     assert latent["label"] == int(demo.test_labels[3])
     assert np.array_equal(pixels(latent["image"]), grid(binary_test(3)))
@@ -321,7 +321,7 @@ def test_inpainting_fills_the_mask_and_leaves_the_observed_pixels(server, demo, 
 
 def test_the_latent_map_is_the_test_codes_on_their_principal_plane_and_decodes_its_points(server, demo):
     data = json.loads(request(server, "GET", "/api/map")[2])
-    codes = posterior(demo.model, binary_test())[0].double().numpy()
+    codes = demo.model.posterior(binary_test())[0].double().numpy()
     centred = codes - codes.mean(0)
     _, s, vt = np.linalg.svd(centred, full_matrices=False)              # numpy's PCA, beside torch's
     expected = centred @ vt[:2].T

@@ -15,7 +15,8 @@ from .evaluate import likelihood_report
 from .generate import (apply_attribute, attribute_vector, inpaint, interpolate, manifold, prior_samples, reconstruct,
                        traverse)
 from .models import ConvVAE, ModelConfig
-from .runs import OpenRun, Run, load_model, open_for_inference
+from .loading import OpenRun, load_model, open_for_inference
+from .runs import Run
 
 __all__ = [
     "Config", "ConfigError", "ConvVAE", "ModelConfig", "DataConfig", "DataError", "Run", "RunError", "VaekitError",

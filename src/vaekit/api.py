@@ -8,18 +8,17 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .config import BINARIZATIONS
-from .errors import ConfigError
 from .data import dataset_info, fetch, preprocess
-from .evaluate import likelihood_report, protocol
+from .errors import ConfigError
+from .evaluate import decode_batch_for, likelihood_report, protocol
 from .export import export_run
 from .generate import (INPAINT_METHODS, MASKS, PATHS, apply_attribute, attribute_vector, inpaint, inpaint_refusal,
                        inpainting_log_likelihood, interleave, interpolate, manifold, mean_image, most_active_dims,
                        prior_samples, project_2d, reconstruct, region_mask, traverse)
-from .models.inference import decode_batch_for
-from .objectives import posterior
 from .plot import plot_runs
+from .loading import open_for_inference
 from .pretrained import is_pretrained
-from .runs import Run, open_for_inference
+from .runs import Run
 from .train import train
 from .viz import gif_from_pngs, grid_image, save_gif, save_grid, scatter_image
 
@@ -223,11 +222,11 @@ def attribute_to_png(run: str | Path, to: int, from_: int | None = None, n: int 
         raise ConfigError(f"--from and --to are both {to}; give two different labels")
     gen = rt.generator(seed)
     b = config.data.binarization
-    train_codes = posterior(model, preprocess(splits.train.images.to(rt.device), b, gen))[0]
+    train_codes = model.posterior(preprocess(splits.train.images.to(rt.device), b, gen))[0]
     vector = attribute_vector(train_codes, splits.train.labels.to(rt.device), to, from_)
     chosen = splits.test.labels == from_ if from_ is not None else splits.test.labels != to
     x = preprocess(splits.test.images[chosen][:n].to(rt.device), b, gen)
-    morphs = apply_attribute(model, posterior(model, x)[0], vector, torch.linspace(0, strength, steps))
+    morphs = apply_attribute(model, model.posterior(x)[0], vector, torch.linspace(0, strength, steps))
     grid = torch.cat([x[:, None], morphs], dim=1).flatten(0, 1)
     name = f"attribute_{'not' if from_ is None else from_}_to_{to}.png"
     return save_grid(grid, out or opened.run.samples_path(name), nrow=steps + 1,
@@ -295,7 +294,7 @@ def latent_map_to_png(run: str | Path, n: int = 20, seed: int = 0, out: str | Pa
     if model.latent_dim == 2:
         _grid_of(n * n, f"--n {n} (an n x n manifold)")
     x = preprocess(splits.test.images.to(rt.device), config.data.binarization, rt.generator(seed))
-    coords, axes = project_2d(posterior(model, x)[0])
+    coords, axes = project_2d(model.posterior(x)[0])
     png = Path(out or opened.run.samples_path("latent_scatter.png"))
     png.parent.mkdir(parents=True, exist_ok=True)
     scatter_image(coords, splits.test.labels, axes).save(png)

@@ -13,7 +13,7 @@ from pathlib import Path
 from . import api
 from .config import FOLDER_SETTINGS, Config, DataConfig
 from .errors import ConfigError, VaekitError
-from .distributed import launch, launched_by_torchrun
+from .launch import launch, launched_by_torchrun
 from .evaluate import eval_table
 from .pretrained import is_pretrained
 from .runs import Run, output_dir

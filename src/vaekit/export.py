@@ -23,7 +23,8 @@ from torch import nn
 
 from .errors import ConfigError
 from .models.layers import ConvTranspose2d
-from .runs import load_model, output_dir
+from .loading import load_model
+from .runs import output_dir
 
 FORMATS = ("onnx",)
 EXPORT_PACKAGES = ("onnx", "onnxscript", "onnxruntime")

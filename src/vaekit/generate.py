@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .likelihoods import Bernoulli
-from .objectives import importance_weights, mean_and_stderr, posterior, rate_per_dim
+from .objectives import importance_weights, mean_and_stderr, rate_per_dim
 
 PATHS = ("linear", "slerp")
 MASKS = ("top", "bottom", "left", "right", "centre")
@@ -50,7 +50,7 @@ def interpolate(model, x: torch.Tensor, steps: int = 10, path: str = "linear") -
     ends are the decodes of a and b."""
     if path not in PATHS:
         raise ValueError(f"path must be one of {', '.join(PATHS)}; got {path!r}")
-    a, b = posterior(model, x)[0]
+    a, b = model.posterior(x)[0]
     t = torch.linspace(0, 1, steps, device=a.device)[:, None]          # [steps,1]
     omega = torch.arccos(F.cosine_similarity(a, b, dim=0).clamp(-1, 1))
     if path == "linear" or omega < 1e-4:    # (nearly) parallel codes: slerp is the straight line
@@ -65,7 +65,7 @@ def traverse(model, x: torch.Tensor, dims: list[int], values: torch.Tensor) -> t
     """Varies one latent dimension at a time around an image's code: row r sets dimension dims[r]
     of the posterior mean of the image x [1,C,H,W] to each of `values` [S] and keeps the others.
     Returns (codes [R,S,D], decodes [R,S,C,H,W])."""
-    code = posterior(model, x)[0][0]                                                    # [D]
+    code = model.posterior(x)[0][0]                                                    # [D]
     rows, cols = len(dims), len(values)
     z = code.repeat(rows, cols, 1)
     z[torch.arange(rows)[:, None], torch.arange(cols), torch.as_tensor(dims)[:, None]] = values.to(z)
@@ -76,7 +76,7 @@ def traverse(model, x: torch.Tensor, dims: list[int], values: torch.Tensor) -> t
 def set_dims(model, x: torch.Tensor, dims: list[int], values: torch.Tensor) -> torch.Tensor:
     """Decodes the posterior mean of the image x [1,C,H,W] with dimension dims[i] set to values[i] [K],
     all at once (the web demo's sliders; `traverse` varies one at a time). Returns [1,C,H,W]."""
-    z = posterior(model, x)[0]                                                          # [1,D]
+    z = model.posterior(x)[0]                                                          # [1,D]
     z[:, dims] = values.to(z)
     return model.decode(z, as_image=True)
 
@@ -84,7 +84,7 @@ def set_dims(model, x: torch.Tensor, dims: list[int], values: torch.Tensor) -> t
 def most_active_dims(model, x: torch.Tensor, n: int) -> tuple[list[int], list[float]]:
     """The `n` latent dimensions with the most KL over images x [N,C,H,W], most first, and
     their KL in nats (see rate_per_dim)."""
-    return ranked_dims(*posterior(model, x), n)
+    return ranked_dims(*model.posterior(x), n)
 
 
 def ranked_dims(mean: torch.Tensor, logvar: torch.Tensor, n: int) -> tuple[list[int], list[float]]:

@@ -1,5 +1,5 @@
-"""ELBO estimators and the IWAE bound, as pure tensor functions; the posterior q(z|x) of a set of
-images and its rate per latent dimension, which evaluation and the generation tasks both report.
+"""ELBO estimators and the IWAE bound, as pure tensor functions; the rate per latent dimension of
+a posterior, which evaluation and the generation tasks both report.
 
 Every loss returns one value per example ([B], in nats); callers sum or average
 (mean_and_stderr). The ELBO's two parts are kept apart: distortion = -log p(x|z), rate =
@@ -63,16 +63,6 @@ def importance_weights(x, params, z, mean, logvar, likelihood=Bernoulli) -> torc
 def iwae_bound(log_w: torch.Tensor) -> torch.Tensor:
     """log (1/K) sum_k w_k from log weights [K,B] -> [B], stable through logsumexp."""
     return torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0])
-
-
-@torch.inference_mode()
-def posterior(model, x: torch.Tensor, batch_size: int = 2000,
-              labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, logvar) of q(z|x), each [N,latent], for preprocessed images x [N,C,H,W] (and their
-    labels [N], for a conditional model), a batch at a time (the last one ragged, never dropped)."""
-    parts = [model.encode(x[i:i + batch_size], None if labels is None else labels[i:i + batch_size])
-             for i in range(0, len(x), batch_size)]
-    return torch.cat([m for m, _ in parts]), torch.cat([v for _, v in parts])
 
 
 def rate_per_dim(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

@@ -89,6 +89,15 @@ class VAE(nn.Module):
         mean, logvar = self.encoder(x).float().chunk(2, dim=1)
         return mean, logvar
 
+    @torch.inference_mode()
+    def posterior(self, x: torch.Tensor, batch_size: int = 2000,
+                  y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, logvar) of q(z|x), each [N,latent], for preprocessed images x [N,C,H,W] (and their
+        labels y [N], for a conditional model), a batch at a time (the last one ragged, never dropped)."""
+        parts = [self.encode(x[i:i + batch_size], None if y is None else y[i:i + batch_size])
+                 for i in range(0, len(x), batch_size)]
+        return torch.cat([m for m, _ in parts]), torch.cat([v for _, v in parts])
+
     @staticmethod
     def reparameterize(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None,
                        eps: torch.Tensor | None = None) -> torch.Tensor:

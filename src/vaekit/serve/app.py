@@ -41,9 +41,8 @@ from ..data import preprocess
 from ..distributed import Runtime
 from ..generate import (INPAINT_METHODS, MASKS, PATHS, inpaint, inpaint_refusal, interpolate, latent_plane,
                         mean_image, prior_samples, ranked_dims, reconstruct, region_mask, set_dims)
-from ..objectives import posterior
 from ..errors import RunError
-from ..runs import open_for_inference
+from ..loading import open_for_inference
 from ..viz import PALETTE
 from .bodies import (LIMITS, IndexRequest, InpaintRequest, InterpolateRequest, LatentRequest, MapPointRequest,
                      ReconstructRequest, SampleRequest, TraverseRequest, json_body)
@@ -97,7 +96,7 @@ def load(run: str | Path, device: str = "auto", data_dir: str | Path | None = No
     b, gen = config.data.binarization, rt.generator(0)
     test = splits.test.images.to(rt.device)
     x = preprocess(test, b, gen)
-    codes, logvar = posterior(model, x)              # [N,D] each: encoded once, for the sliders and the map
+    codes, logvar = model.posterior(x)              # [N,D] each: encoded once, for the sliders and the map
     dims, kl = ranked_dims(codes, logvar, model.latent_dim)
     origin, axes, names = latent_plane(codes)
     coords = ((codes.double() - origin) @ axes.T).float().cpu()
@@ -245,7 +244,7 @@ class Endpoints:
         k = min(req.k, demo.model.latent_dim)
         dims = demo.ranked_dims[:k]
         with torch.inference_mode():
-            code = posterior(demo.model, image)[0][0]
+            code = demo.model.posterior(image)[0][0]
         return {"dims": dims, "kl": demo.dim_kl[:k], "values": code[dims].tolist(),
                 "image": to_data_url(image), **self.label_of(req.index)}
 

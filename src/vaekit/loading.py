@@ -1,0 +1,66 @@
+"""Opening a run for inference: the one way the API, the demo and export get a model from a
+run directory (RUN, RUN@best) or a shipped model (pretrained:NAME)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoints import load_weights_into
+from .config import Config
+from .data import Splits, check_data_fits, splits_for
+from .distributed import Runtime, setup
+from .errors import ConfigError
+from .models import build_model
+from .models.inference import prepare_for_inference
+from .runs import Run
+
+
+@dataclass
+class OpenRun:
+    """A run opened for inference (see open_for_inference): its model on the runtime's device in
+    eval mode, its config, and the run, which says where commands write (`run.out`)."""
+    run: Run
+    model: torch.nn.Module
+    config: Config
+    runtime: Runtime
+
+    def data(self, data_dir: str | Path | None = None) -> Splits:
+        """The run's dataset in memory, read from `data_dir` (default: where it was trained), and
+        checked to hold images of the size and channels the model takes."""
+        data = self.config.data
+        splits = splits_for(data, data_dir)
+        check_data_fits(self.config.model, splits, str(data_dir or data.data_dir or data.dataset))
+        return splits
+
+
+def open_for_inference(run: str | Path, device: str = "auto", precision: str = "auto", fall_back: bool = False,
+                       prepared: bool = True, unconditional_task: str | None = None) -> OpenRun:
+    """The run RUN (its newest weights; with `fall_back`, the newest intact ones when newer ones
+    are damaged), RUN@best (its best validation epoch's weights) or pretrained:NAME, ready for
+    inference on `device` in `precision` (auto: bf16 where the hardware runs it natively, as in
+    training; see models/inference.py). With `prepared=False`, the model as training builds it
+    (plain parameters, e.g. to export it). `unconditional_task`: the command asking, when it is
+    one for unconditional models only (a class-conditional run is refused)."""
+    opened = Run.open(run)
+    config = opened.config()
+    if unconditional_task and config.model.conditional:
+        raise ConfigError(f"`vaekit {unconditional_task}` is for unconditional models and {run} is "
+                          "class-conditional: use `vaekit sample --label` or `vaekit reconstruct`")
+    runtime = setup(device, precision)
+    model = build_model(config.model)
+    store = opened.checkpoints
+    load_weights_into(model, store.load_best_weights() if opened.best else store.load_weights(fall_back), opened.path)
+    if prepared:
+        model = prepare_for_inference(model, runtime)
+    else:
+        model = model.to(runtime.device, memory_format=torch.channels_last).eval()
+    return OpenRun(opened, model, config, runtime)
+
+
+def load_model(path: str | Path, device: str = "auto", precision: str = "auto", fall_back: bool = False,
+               prepared: bool = True):
+    """(model, config, runtime) of open_for_inference(path, device, precision, fall_back, prepared)."""
+    opened = open_for_inference(path, device, precision, fall_back, prepared)
+    return opened.model, opened.config, opened.runtime
