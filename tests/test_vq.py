@@ -12,7 +12,7 @@ from safetensors.torch import load, save
 from conftest import SAMPLE
 from vaekit.data import load_splits, preprocess
 from vaekit.errors import ConfigError
-from vaekit.models.code_prior import CodePrior, PriorConfig, prior_train_step, vq_log_likelihood
+from vaekit.models.code_prior import CodePrior, PriorConfig, inpaint_codes, prior_train_step, vq_log_likelihood
 from vaekit.models.vq_vae import EMA_EPSILON, VQConfig, VQVAE, codebook_usage, perplexity, vq_train_step
 
 TINY = dict(codebook_size=16, code_dim=4, hidden_channels=8, res_blocks=1)
@@ -276,6 +276,23 @@ def test_unknown_codes_are_the_receptive_field_of_the_hole():
     assert torch.equal(unknown, reach) and 0 < int(unknown.sum()) < 64
 
 
+def test_inpainting_keeps_the_codes_the_hole_does_not_reach(images):
+    """Codes outside the hole's reach are the encoder's; with one proposal the draw is the
+    prior's own conditional draw (the resampling has one candidate)."""
+    vq = tiny_vq(res_blocks=0)
+    prior = tiny_prior(vq)
+    x = images[:3]
+    observed = torch.ones(3, 1, 28, 28, dtype=torch.bool)
+    observed[..., 22:, :] = False                  # the bottom rows hidden
+    known = ~vq.unknown_codes(observed)
+    assert known[:, :3].all() and not known[:, 3:].any()     # an 18-pixel field without res blocks
+    codes = inpaint_codes(vq, prior, x, observed, torch.Generator().manual_seed(1), proposals=8)
+    assert torch.equal(codes[known], vq.codes(x)[known])
+    one = inpaint_codes(vq, prior, x, observed, torch.Generator().manual_seed(2), proposals=1)
+    alone = prior.sample(3, torch.Generator().manual_seed(2), given=vq.codes(x * observed), known=known)
+    assert torch.equal(one, alone)
+
+
 def test_short_training_lowers_distortion_and_uses_codes(images):
     """100 first-stage steps on the MNIST sample, then 40 prior steps on the frozen codes."""
     torch.manual_seed(0)
@@ -290,8 +307,8 @@ def test_short_training_lowers_distortion_and_uses_codes(images):
     usage = codebook_usage(vq)
     vq.eval()
     after = vq(images[:256]).distortion.mean().item()
-    assert after < 0.6 * first, (first, after)
-    assert usage["perplexity"] > 8 and usage["dead_codes"] < 32 - 8, usage
+    assert after < 0.4 * first, (first, after)      # measured: 513 -> 140 nats
+    assert usage["perplexity"] > 12 and usage["dead_codes"] < 8, usage    # measured: 19.8, 0
     codes = vq.codes(images)
     torch.manual_seed(0)
     prior = CodePrior(PriorConfig.for_model(vq, width=32, layers=1, heads=2))
@@ -301,4 +318,4 @@ def test_short_training_lowers_distortion_and_uses_codes(images):
         nll = prior_train_step(prior, prior_optimizer, codes[torch.randperm(len(codes), generator=order)[:32]])
     prior.eval()
     held = -vq_log_likelihood(vq, prior, images[:128]).mean().item()
-    assert nll < 0.8 * uniform and held > after, (nll, uniform, held)
+    assert nll < 0.7 * uniform and held > after      # measured: 100 against 170 nats, (nll, uniform, held)

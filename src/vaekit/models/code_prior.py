@@ -5,7 +5,8 @@ The grid [B,h,w] is read as a sequence of L = h*w codes. The input at position i
 i - 1 (a start token at 0), and self-attention is masked to positions <= i, so the logits at i,
 those of p(c_i | c_<i), see the codes before i and nothing else: exactly causal, the masked
 weights being exact zeros. `sample` draws the codes one position at a time, and, given some of
-the codes, draws only the others (inpainting: see `sample`).
+the codes, draws only the others; `inpaint_codes` uses it to fill the codes an image's hole
+reaches, by importance resampling against the observed pixels.
 
 The two-stage bound (`vq_log_likelihood`) is written out in docs/architecture-vq.md.
 """
@@ -130,6 +131,31 @@ def prior_train_step(prior: CodePrior, optimizer: torch.optim.Optimizer, indices
     loss.backward()
     optimizer.step()
     return loss.item()
+
+
+@torch.inference_mode()
+def inpaint_codes(vq: VQVAE, prior: CodePrior, x: torch.Tensor, observed: torch.Tensor,
+                  generator: torch.Generator | None = None, proposals: int = 64) -> torch.Tensor:
+    """Codes [B,h,w] for preprocessed images x [B,C,H,W] of which only the pixels where
+    `observed` [B,1 or C,H,W] is True are known: the codes whose receptive field is all observed
+    (vq.unknown_codes) are the encoder's; the others are drawn by sampling-importance-resampling
+    from p(c_U | c_K, x_obs), proposals drawn from the prior given the known codes before them
+    (`sample`), weighted by how well they explain the observed pixels:
+      w = p(x_obs | c) * prod_{i known} p(c_i | c_<i)     (= p(c) p(x_obs|c) / proposal(c_U))
+    then one proposal per image drawn in proportion to w. With few known codes (a large hole, or
+    the default encoder's wide field) it is the best of `proposals` prior draws at explaining
+    x_obs, more than a draw of the posterior: the weights are far from even."""
+    b, m = len(x), proposals
+    observed = observed.bool().expand_as(x)
+    known = ~vq.unknown_codes(observed)                                                  # [B,h,w]
+    given = vq.codes(x * observed)                                                       # hidden pixels as 0
+    draws = prior.sample(b * m, generator, given=given.repeat_interleave(m, 0),
+                         known=known.repeat_interleave(m, 0))                            # [B*M,h,w]
+    log_p = F.log_softmax(prior.logits(draws), -1).gather(-1, draws[..., None])[..., 0]  # [B*M,h,w]
+    log_w = (log_p * known.repeat_interleave(m, 0)).flatten(1).sum(1) + vq.likelihood.log_prob(
+        x.repeat_interleave(m, 0), vq.decode_indices(draws), observed.repeat_interleave(m, 0))  # [B*M]
+    pick = torch.multinomial(F.softmax(log_w.view(b, m), dim=1), 1, generator=generator)[:, 0]  # [B]
+    return draws.view(b, m, *draws.shape[1:])[torch.arange(b, device=pick.device), pick]
 
 
 @torch.inference_mode()
