@@ -81,6 +81,8 @@ def test_nearest_code_and_statistics_against_loops():
     e = vq.codebook.embedding
     for row, k in zip(z, indices):
         assert int(k) == min(range(16), key=lambda j: float(((row - e[j]) ** 2).sum()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(vq.codebook.nearest(z), indices)      # distances stay float32 under autocast
     counts, sums = vq.codebook.batch_statistics(z, indices)
     for k in range(16):
         chosen = z[indices == k]

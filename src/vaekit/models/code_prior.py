@@ -110,16 +110,17 @@ class CodePrior(nn.Module):
         device = self.position.device
         if (given is None) != (known is None):
             raise ValueError("sample takes both `given` and `known`, or neither")
-        codes = torch.zeros(n, side, side, dtype=torch.long, device=device) if given is None else given.clone()
-        flat = codes.view(n, -1)                                                             # [n,L], a view
-        known_flat = None if known is None else known.reshape(n, -1).to(device)
-        for i in range(side * side):
+        length = side * side
+        flat = (torch.zeros(n, length, dtype=torch.long, device=device) if given is None
+                else given.reshape(n, length).to(device, torch.long, copy=True))            # [n,L]
+        known_flat = None if known is None else known.reshape(n, length).to(device)
+        for i in range(length):
             if known_flat is not None and bool(known_flat[:, i].all()):
                 continue
-            logits = self.logits(codes).view(n, side * side, -1)[:, i] / temperature     # [n,K]
+            logits = self.logits(flat.view(n, side, side)).view(n, length, -1)[:, i] / temperature   # [n,K]
             drawn = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
             flat[:, i] = drawn if known_flat is None else torch.where(known_flat[:, i], flat[:, i], drawn)
-        return codes
+        return flat.view(n, side, side)
 
 
 def prior_train_step(prior: CodePrior, optimizer: torch.optim.Optimizer, indices: torch.Tensor) -> float:

@@ -133,16 +133,19 @@ class Codebook(nn.Module):
 
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
         """Vectors z [N,D] -> the index of the nearest codebook vector of each [N], by
-        ||z||^2 - 2 z.e + ||e||^2 (float32: a [N,K] matrix, not [N,K,D])."""
-        z, e = z.float(), self.embedding.float()
-        distance = (z * z).sum(1, keepdim=True) - 2 * z @ e.T + (e * e).sum(1)    # [N,K]
+        ||z||^2 - 2 z.e + ||e||^2: a [N,K] matrix, not [N,K,D], in float32 even under autocast
+        (a bf16 product would pick another code for close pairs)."""
+        with torch.autocast(z.device.type, enabled=False):
+            z, e = z.float(), self.embedding.float()
+            distance = (z * z).sum(1, keepdim=True) - 2 * z @ e.T + (e * e).sum(1)    # [N,K]
         return distance.argmin(1)
 
     def batch_statistics(self, z: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder outputs z [N,D] and their codes [N] -> (n_k [K], sum of the z of each code [K,D]),
         float32. Under DDP, all-reduce (sum) both before `update`."""
-        one_hot = F.one_hot(indices, self.size).float()                          # [N,K]
-        return one_hot.sum(0), one_hot.T @ z.float()
+        with torch.autocast(z.device.type, enabled=False):
+            one_hot = F.one_hot(indices, self.size).float()                      # [N,K]
+            return one_hot.sum(0), one_hot.T @ z.float()
 
     @torch.no_grad()
     def update(self, counts: torch.Tensor, sums: torch.Tensor, candidates: torch.Tensor,
