@@ -240,9 +240,10 @@ class VQVAE(nn.Module):
         distortion = -self.likelihood.log_prob(x, params)
         return VQTerms(params, distortion, quantized.commitment, quantized.indices, z_e)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def codes(self, x: torch.Tensor, batch_size: int = 2000) -> torch.Tensor:
-        """The codes [N,h,w] of preprocessed images x [N,C,H,W], a batch at a time (the prior's data)."""
+        """The codes [N,h,w] of preprocessed images x [N,C,H,W], a batch at a time: the prior's
+        training data (no_grad, not inference_mode, so that the prior's backward may save them)."""
         return torch.cat([self.quantize(self.encode(x[i:i + batch_size])).indices
                           for i in range(0, len(x), batch_size)])
 
