@@ -9,7 +9,7 @@ Decoder: z_q [B,D,h,w] -> Conv(hidden,3) -> res_blocks x ResBlock -> ReLU -> Con
          ReLU -> ConvT(C*P,4,s2) -> the likelihood's parameters [B,C*P,H,W] (likelihoods.py), so
          the distortion -log p(x|codes) is in nats, as the Gaussian families' is.
 
-Training (`vq_train_step`): the gradient of the distortion reaches the encoder through the
+Training (`vq_train_step`, or `vq_loss` then `update_codebook` in a loop of its own): the gradient of the distortion reaches the encoder through the
 straight-through estimator (z_q's gradient is given to z_e), plus the commitment loss
 beta * ||z_e - sg(z_q)||^2 (beta 0.25). The codebook is not a parameter: it is the EMA recipe
 of VQ-VAE-2 (Razavi et al. 2019), with cluster sizes N_k and sums m_k kept as buffers
@@ -260,21 +260,33 @@ class VQVAE(nn.Module):
         return hidden[:, 0] > 0
 
 
+def vq_loss(terms: VQTerms) -> torch.Tensor:
+    """The first stage's training loss of each example, [B]: distortion (nats) + commitment."""
+    return terms.distortion + terms.commitment
+
+
+def update_codebook(model: VQVAE, terms: VQTerms, generator: torch.Generator) -> tuple[int, torch.Tensor]:
+    """The codebook's step after the optimizer's, from the pass `terms`: the EMA update from
+    its encoder outputs and codes, then the restarts (drawn from `generator`). Returns the
+    codes restarted and the batch's code counts [K]."""
+    d = terms.z_e.shape[1]
+    z = terms.z_e.detach().permute(0, 2, 3, 1).reshape(-1, d)                  # [B*h*w,D]
+    counts, sums = model.codebook.batch_statistics(z, terms.indices.flatten())
+    return model.codebook.update(counts, sums, z, generator), counts
+
+
 def vq_train_step(model: VQVAE, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                   generator: torch.Generator) -> dict[str, float]:
     """One step of the first stage on preprocessed images x [B,C,H,W]: the gradient step of the
-    mean distortion + commitment (encoder and decoder), then the codebook's EMA update and
-    restarts (restart draws from `generator`). Returns the batch's means (distortion in nats),
-    the codes restarted and the perplexity of the batch's codes."""
+    batch mean of `vq_loss` (encoder and decoder), then `update_codebook`. Returns the batch's
+    means (distortion in nats), the codes restarted and the perplexity of the batch's codes."""
     model.train()
     terms = model(x)
-    loss = (terms.distortion + terms.commitment).mean()
+    loss = vq_loss(terms).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    z = terms.z_e.detach().permute(0, 2, 3, 1).reshape(-1, terms.z_e.shape[1])    # [B*h*w,D]
-    counts, sums = model.codebook.batch_statistics(z, terms.indices.flatten())
-    restarted = model.codebook.update(counts, sums, z, generator)
+    restarted, counts = update_codebook(model, terms, generator)
     return {"loss": loss.item(), "distortion": terms.distortion.detach().mean().item(),
             "commitment": terms.commitment.detach().mean().item(), "restarted": restarted,
             "perplexity": perplexity(counts)}
