@@ -207,6 +207,8 @@ def test_two_stage_likelihood_against_float64_reference(images):
     assert bound.dtype == torch.float64 and bound.shape == (4,)
     assert torch.allclose(bound, log_px + log_pc, rtol=1e-5, atol=1e-3)
     assert (log_pc < 0).all() and (bound < log_px).all()
+    uniform = vq_log_likelihood(vq, None, x)                  # the first stage's own prior, uniform
+    assert torch.allclose(uniform, log_px - 49 * math.log(16), rtol=1e-5, atol=1e-3)
 
 
 def _state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> bytes:

@@ -12,6 +12,7 @@ The two-stage bound (`vq_log_likelihood`) is written out in docs/architecture-vq
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -160,13 +161,16 @@ def inpaint_codes(vq: VQVAE, prior: CodePrior, x: torch.Tensor, observed: torch.
 
 
 @torch.inference_mode()
-def vq_log_likelihood(vq: VQVAE, prior: CodePrior, x: torch.Tensor, batch_size: int = 2000) -> torch.Tensor:
+def vq_log_likelihood(vq: VQVAE, prior: CodePrior | None, x: torch.Tensor, batch_size: int = 2000) -> torch.Tensor:
     """The two-stage bound of preprocessed images x [N,C,H,W] -> [N] float64, nats:
     log p(x | c(x)) + log p(c(x)), c(x) the encoder's codes: the ELBO of the model
     p(c) p(x|c) under the one-hot posterior q(c|x) (whose entropy is 0), so a lower bound on
-    log p(x) (docs/architecture-vq.md). A batch at a time, the last one ragged."""
+    log p(x) (docs/architecture-vq.md). With no prior (before the second stage), p(c) is the
+    uniform prior of the first stage: log p(c) = -h w log K. A batch at a time, the last one ragged."""
+    uniform = -vq.grid_size ** 2 * math.log(vq.config.codebook_size)
     parts = []
     for start in range(0, len(x), batch_size):
         terms = vq(x[start:start + batch_size])
-        parts.append((prior.log_prob(terms.indices) - terms.distortion).double())
+        log_pc = uniform if prior is None else prior.log_prob(terms.indices).double()
+        parts.append(log_pc - terms.distortion.double())
     return torch.cat(parts)
