@@ -1,22 +1,21 @@
 """The VQ-VAE family and its code prior: the straight-through gradient, the codebook's EMA and
-restarts, the prior's causality, the two-stage bound against float64, bit-exact resume of both
-stages, and a short real training on the MNIST sample."""
-import io
+restarts, float32 codes under autocast, the prior's causality and sampling, inpainting's kept
+codes, the two-stage bound against float64, bit-exact resume of both stages, and a short real
+training on the MNIST sample."""
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load, save
 
 from conftest import SAMPLE
 from vaekit.data import load_splits, preprocess
 from vaekit.errors import ConfigError
 from vaekit.models.code_prior import CodePrior, PriorConfig, inpaint_codes, prior_train_step, vq_log_likelihood
-from vaekit.models.vq_vae import EMA_EPSILON, VQConfig, VQVAE, codebook_usage, perplexity, vq_train_step
+from vaekit.models.vq_vae import EMA_EPSILON, VQVAE, VQConfig, codebook_usage, perplexity, vq_train_step
 
-TINY = dict(codebook_size=16, code_dim=4, hidden_channels=8, res_blocks=1)
-TINY_PRIOR = dict(width=16, layers=2, heads=2)
+TINY = {"codebook_size": 16, "code_dim": 4, "hidden_channels": 8, "res_blocks": 1}
+TINY_PRIOR = {"width": 16, "layers": 2, "heads": 2}
 
 
 def tiny_vq(seed: int = 0, **changes) -> VQVAE:

@@ -43,7 +43,7 @@ class PriorConfig:
             raise ConfigError(f"the prior's heads ({self.heads}) must divide its width ({self.width})")
 
     @classmethod
-    def for_model(cls, vq: VQVAE, **sizes) -> "PriorConfig":
+    def for_model(cls, vq: VQVAE, **sizes) -> PriorConfig:
         """The prior of `vq`'s codes, with the transformer's `sizes` (width, layers, heads)."""
         return cls(codebook_size=vq.config.codebook_size, grid_size=vq.grid_size, **sizes)
 
