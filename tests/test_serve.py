@@ -381,7 +381,7 @@ BAD = [
      "image is 2000x10; the limit is 1024 pixels a side"),
     ("/api/inpaint", {"index": 0, "mask": "middle"}, 400, "mask must be one of top, bottom, left, right, centre or a PNG"),
     ("/api/inpaint", {"index": 0, "mask": png_url(Image.new("L", (28, 28)))}, 400,
-     "the mask is empty: mark the pixels to fill (on the page, paint them red; in a mask PNG, white)"),
+     "mask marks no pixel to fill: paint the missing pixels white (on the demo's page, red)"),
     ("/api/inpaint", {"index": 0, "mask": "top", "chains": 9}, 422, "chains: … 8"),
     ("/api/inpaint", {"index": 0, "mask": "top", "steps": 201}, 422, "steps: … 200"),
     ("/api/inpaint", {"index": 0, "mask": "top", "method": "gibbs"}, 422, "method: … 'pseudo-gibbs'"),
