@@ -145,7 +145,7 @@ def inpainting_mask(mask: str | Image.Image, shape: tuple[int, int, int], name: 
     if isinstance(mask, str):
         pixels = region_mask(mask, shape)
     else:
-        c, h, w = shape
+        _, h, w = shape
         if mask.size != (w, h):
             raise ConfigError(f"{name} is {mask.width}x{mask.height}; the images are {w}x{h}")
         pixels = torch.from_numpy(np.array(mask.convert("L")) >= 128).expand(shape)
@@ -269,7 +269,7 @@ class LatentPlane:
     names: list[str]
 
     @classmethod
-    def of(cls, codes: torch.Tensor) -> "LatentPlane":
+    def of(cls, codes: torch.Tensor) -> LatentPlane:
         """The plane of codes [N,D]."""
         if codes.shape[1] == 2:
             return cls(torch.zeros(2, dtype=torch.float64, device=codes.device),
