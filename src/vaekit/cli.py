@@ -61,7 +61,8 @@ def _add_seed(p: argparse.ArgumentParser) -> None:
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", choices=DEVICES, help="auto (default): cuda if torch sees a GPU, else cpu")
+    p.add_argument("--device", default="auto", choices=DEVICES,
+                   help="auto (default): cuda if torch sees a GPU, else cpu")
 
 
 def _add_precision(p: argparse.ArgumentParser) -> None:
