@@ -80,6 +80,8 @@ def test_resume_via_cli_extends_the_run(trained_run, tmp_path):
     (["eval", "{run}", "--decode-batch", "1000000000"], "--decode-batch 1000000000 is over vaekit's limit of 1000000"),
     (["train", "--resume", "{run}", "--data-dir", "{tmp}/nowhere", "--epochs", "3"], "does not exist"),
     (["train", "--out", "{tmp}/x", "--fall-back"], "--fall-back applies to --resume RUN only"),
+    (["train", "--nproc", "2", "--batch-size", "1", "--out", "{tmp}/x"],      # said once, before torchrun starts
+     "batch_size 1 (the global batch) is smaller than the 2 processes; raise --batch-size"),
 ])
 def test_bad_input_gets_one_line(trained_run, tmp_path, args, message):
     run, _ = trained_run
@@ -92,7 +94,8 @@ def test_bad_input_gets_one_line(trained_run, tmp_path, args, message):
 
 @pytest.mark.parametrize("args", [["sample", "RUN", "--device", "gpu"], ["trian"], ["train", "--epochs", "many"],
                                   ["sample", "RUN", "--out", "x.txt"],
-                                  ["inpaint", "RUN", "--score-n", "many"]])
+                                  ["inpaint", "RUN", "--score-n", "many"], ["sample", "RUN", "--seed", str(2**64)],
+                                  ["eval", "RUN", "--seed", "1e16"], ["latent", "RUN", "--seed", "-1"]])
 def test_usage_mistakes_are_one_line_too(args):
     result = vaekit(*args, check=False)
     assert result.returncode == 2

@@ -11,8 +11,10 @@ from vaekit import load_model, load_splits, train
 from vaekit.cli import main
 from vaekit.data import preprocess
 from vaekit.api import traverse_to_png
-from vaekit.generate import (MASKS, PATHS, apply_attribute, attribute_vector, inpaint, inpainting_log_likelihood,
-                             interpolate, manifold, mean_image, most_active_dims, project_2d, region_mask, traverse)
+from vaekit.errors import ConfigError
+from vaekit.generate import (MASKS, PATHS, LatentPlane, apply_attribute, attribute_vector, inpaint,
+                             inpainting_log_likelihood, inpainting_mask, interpolate, manifold, mean_image,
+                             most_active_dims, region_mask, traverse)
 from vaekit.viz import grid_image, scatter_image
 
 
@@ -80,6 +82,19 @@ def test_attribute_vector_moves_codes_toward_the_target_class(loaded):
     torch.testing.assert_close(others, codes[labels == 8].mean(0) - codes[labels != 8].mean(0))
 
 
+def test_a_mask_from_a_picture_marks_its_white_pixels_and_refuses_an_empty_or_misfit_one():
+    picture = Image.new("L", (28, 28))
+    picture.paste(255, (4, 14, 24, 24))                     # white = missing: 20 x 10 pixels
+    mask = inpainting_mask(picture, (1, 28, 28))
+    assert mask.shape == (1, 28, 28) and mask.sum() == 200 and mask[0, 14:24, 4:24].all()
+    assert torch.equal(inpainting_mask("top", (3, 28, 28)), region_mask("top", (3, 28, 28)))
+    assert inpainting_mask(picture.convert("RGB"), (3, 28, 28)).sum() == 3 * 200   # every channel of a pixel
+    with pytest.raises(ConfigError, match="marks no pixel"):
+        inpainting_mask(Image.new("L", (28, 28)), (1, 28, 28))
+    with pytest.raises(ConfigError, match="is 8x8; the images are 28x28"):
+        inpainting_mask(Image.new("L", (8, 8), 255), (1, 28, 28))
+
+
 def test_region_masks_cover_the_named_region():
     masks = {name: region_mask(name, (1, 28, 28)) for name in MASKS}
     assert all(m.sum() == 14 * 28 for name, m in masks.items() if name != "centre")
@@ -122,13 +137,17 @@ def test_inpainting_beats_the_mean_image(loaded):
 def test_latent_maps(loaded):
     model, _, splits = loaded
     codes = model.posterior(preprocess(splits.test.images, "static"))[0]
-    coords, axes = project_2d(codes)
-    assert coords.shape == (500, 2) and axes[0].startswith("PC1")
+    plane = LatentPlane.of(codes)
+    coords = plane.project(codes)
+    assert coords.shape == (500, 2) and plane.names[0].startswith("PC1")
     assert coords[:, 0].var() >= coords[:, 1].var() and abs(coords.mean(0)).max() < 1e-3
-    image = scatter_image(coords, splits.test.labels, axes)
+    on_plane = plane.code(coords)                           # the codes' shadows on the plane project back
+    assert torch.allclose(plane.project(on_plane), coords, atol=1e-4)
+    image = scatter_image(coords, splits.test.labels, plane.names)
     assert image.size == (640 + 70, 640) and len(image.getcolors(10_000)) > 10   # ten classes' colours
-    same, names = project_2d(codes[:, :2])
-    assert torch.equal(same, codes[:, :2]) and names == ["z1", "z2"]
+    flat = LatentPlane.of(codes[:, :2])
+    assert torch.equal(flat.project(codes[:, :2]), codes[:, :2]) and flat.names == ["z1", "z2"]
+    assert torch.allclose(flat.code(codes[:, :2]), codes[:, :2])
 
 
 def test_manifold_of_a_2d_latent(tmp_path):
@@ -205,13 +224,16 @@ def assert_one_error_line(err: str, message: str) -> None:
     (["attribute", "{run}", "--to", "42"], "--to 42 is not a label of mnist"),
     (["inpaint", "{run}", "--mask", "middle"], "is neither one of top, bottom, left, right, centre"),
     (["inpaint", "{run}", "--mask", "{small}"], "is 8x8; the images are 28x28"),
+    (["inpaint", "{run}", "--mask", "{black}"], "marks no pixel to fill"),
     (["inpaint", "{run}", "--method", "gibbs"], "--method must be one of pseudo-gibbs, metropolis"),
     (["latent", "{tmp}"], "not a vaekit run directory"),
 ])
 def test_bad_input_gets_one_line(run, tmp_path, capsys, args, message):
     small = tmp_path / "small.png"
     Image.new("L", (8, 8)).save(small)
-    argv = [a.format(run=run, tmp=tmp_path, small=small) for a in args]
+    black = tmp_path / "black.png"
+    Image.new("L", (28, 28)).save(black)
+    argv = [a.format(run=run, tmp=tmp_path, small=small, black=black) for a in args]
     assert main([*argv, "--device", "cpu"]) == 2
     assert_one_error_line(capsys.readouterr().err, message)
 

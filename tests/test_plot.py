@@ -66,6 +66,11 @@ def test_vaekit_plot_writes_a_png_beside_one_run_or_in_the_working_directory(run
     monkeypatch.chdir(tmp_path)
     both = vaekit("plot", *runs).stdout.strip()
     assert both == "curves.png" and Image.open(tmp_path / "curves.png").size == (1200, 960)
+    assert "<svg" in plot_runs(runs, "curves.svg").read_text()         # the format its name says
+    refused = vaekit("plot", *runs, "--out", "curves.xyz", check=False)
+    assert refused.returncode == 2 and refused.stderr.startswith("vaekit: error: --out curves.xyz: matplotlib cannot")
+    assert not (tmp_path / "curves.xyz").exists() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "curves.png", "curves.svg"]                                     # no temporary file left beside them
 
 
 def test_plot_refuses_in_one_line_a_run_without_metrics_and_a_missing_extra(runs, tmp_path, capsys, monkeypatch):

@@ -90,8 +90,9 @@ def test_what_cannot_be_done_with_it_is_one_line(capsys):
     assert err.startswith("vaekit: error: ") and err.count("\n") == 1
     assert "shipped with vaekit (weights only, no optimizer state) and cannot be trained further" in err
     assert main(["gif", "pretrained:mnist"]) == 2
-    assert capsys.readouterr().err == ("vaekit: error: pretrained:mnist is shipped without its epoch images, so "
-                                       "there is no GIF to make of it\n")
+    err = capsys.readouterr().err
+    assert err.startswith("vaekit: error: pretrained:mnist has no epoch images") and err.count("\n") == 1
+    assert "no GIF to make of it" in err
     assert main(["sample", "pretrained:cifar"]) == 2
     assert capsys.readouterr().err == ("vaekit: error: pretrained:cifar is not a model shipped with vaekit (shipped: "
                                        "pretrained:mnist, pretrained:mnist-best); pass one of them or a run directory\n")

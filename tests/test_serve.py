@@ -5,7 +5,6 @@ request (a one-line JSON error with a 4xx status), no way out to the file system
 docs/demo.md, and the `vaekit serve` command itself."""
 import base64
 import http.client
-import importlib.util
 import io
 import json
 import re
@@ -358,6 +357,7 @@ BAD = [
     ("/api/sample", {"n": 0}, 422, "n: … 1"),
     ("/api/sample", {"n": 65}, 422, "n: … 64"),
     ("/api/sample", {"n": 4, "seed": -1}, 422, "seed:"),
+    ("/api/sample", {"n": 4, "seed": 2**31}, 422, "seed: … 2147483647"),          # the range of --seed
     ("/api/sample", {"n": "many"}, 422, "n: … integer"),
     ("/api/sample", {"n": 4, "path": "/etc/passwd"}, 422, "path: not a setting of /api/sample, which takes n, seed"),
     ("/api/test-image", {"index": 500}, 400, "index 500 is out of range: the test set has 500 images (0..499)"),
@@ -381,7 +381,7 @@ BAD = [
      "image is 2000x10; the limit is 1024 pixels a side"),
     ("/api/inpaint", {"index": 0, "mask": "middle"}, 400, "mask must be one of top, bottom, left, right, centre or a PNG"),
     ("/api/inpaint", {"index": 0, "mask": png_url(Image.new("L", (28, 28)))}, 400,
-     "the mask is empty: mark the pixels to fill (on the page, paint them red; in a mask PNG, white)"),
+     "mask marks no pixel to fill: paint the missing pixels white (on the demo's page, red)"),
     ("/api/inpaint", {"index": 0, "mask": "top", "chains": 9}, 422, "chains: … 8"),
     ("/api/inpaint", {"index": 0, "mask": "top", "steps": 201}, 422, "steps: … 200"),
     ("/api/inpaint", {"index": 0, "mask": "top", "method": "gibbs"}, 422, "method: … 'pseudo-gibbs'"),
@@ -556,8 +556,7 @@ def test_the_core_never_imports_the_demo():
 
 
 def test_serve_without_the_extra_says_how_to_install_it(run, monkeypatch, capsys):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a))
+    monkeypatch.setitem(sys.modules, "uvicorn", None)      # as if it were not installed: find_spec says None
     assert main(["serve", str(run)]) == 2
     assert capsys.readouterr().err == "vaekit: error: the web demo needs uvicorn: pip install 'vaekit[demo]'\n"
 

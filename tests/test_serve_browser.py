@@ -209,7 +209,8 @@ def test_nothing_is_broken_on_load_and_the_page_fits_a_phone(browser, url):
         assert 3.15 * 5 * 5 < page.evaluate("mask.reduce((a, b) => a + b, 0)") <= 3.15 * 7 * 7   # a radius of 6
         page.click("#inpaint-clear")
         page.click("#inpaint-run")                                          # the error speaks of what is painted
-        wait_for_text(page, "#inpaint-error", "the mask is empty: mark the pixels to fill (on the page, paint them red")
+        wait_for_text(page, "#inpaint-error",
+                      "mask marks no pixel to fill: paint the missing pixels white (on the demo's page, red)")
 
         # 390 px wide (a phone): no sideways scrolling, the frames still legible
         page.set_viewport_size({"width": 390, "height": 844})

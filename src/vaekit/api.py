@@ -1,9 +1,9 @@
 """Task-level functions over run directories: what the CLI calls, one function per command."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
@@ -12,12 +12,12 @@ from .data import dataset_info, fetch, preprocess
 from .errors import ConfigError
 from .evaluate import decode_batch_for, likelihood_report, protocol
 from .export import export_run
-from .generate import (INPAINT_METHODS, MASKS, PATHS, apply_attribute, attribute_vector, inpaint, inpaint_refusal,
-                       inpainting_log_likelihood, interleave, interpolate, manifold, mean_image, most_active_dims,
-                       prior_samples, project_2d, reconstruct, region_mask, traverse)
-from .plot import plot_runs
+from .files import atomic_write_bytes
+from .generate import (INPAINT_METHODS, MASKS, PATHS, LatentPlane, apply_attribute, attribute_vector, check_index,
+                       inpaint, inpaint_refusal, inpainting_log_likelihood, inpainting_mask, interleave, interpolate,
+                       manifold, mean_image, most_active_dims, prior_samples, reconstruct, traverse)
 from .loading import open_for_inference
-from .pretrained import is_pretrained
+from .plot import plot_runs
 from .runs import Run
 from .train import train
 from .viz import gif_from_pngs, grid_image, save_gif, save_grid, scatter_image
@@ -50,11 +50,6 @@ def _grid_of(images: int, given: str) -> None:
 def _labels(config, split, rt):
     """A split's labels on the device for a class-conditional model; None for another."""
     return split.labels.to(rt.device) if config.model.conditional else None
-
-
-def _check_index(flag: str, index: int, n: int) -> None:
-    if not 0 <= index < n:
-        raise ConfigError(f"{flag} {index} is out of range: the test set has {n} images (0..{n - 1})")
 
 
 def _ping_pong(frames: list) -> list:
@@ -103,12 +98,11 @@ def reconstruct_to_png(run: str | Path, n: int = 16, seed: int = 0, out: str | P
 
 def make_gif(run: str | Path) -> Path:
     """RUN/training.gif from RUN/images/image_at_epoch_*.png, with the seed's frame choice."""
-    if is_pretrained(run):
-        raise ConfigError(f"{run} is shipped without its epoch images, so there is no GIF to make of it")
     r = Run.open(run)
     pngs = sorted(r.images.glob("image_at_epoch_*.png"))
     if not pngs:
-        raise ConfigError(f"{r.images} holds no image_at_epoch_*.png; train the run first")
+        raise ConfigError(f"{run} has no epoch images ({r.images}/image_at_epoch_*.png), so there is no GIF to make "
+                          "of it: train the run first (a model shipped with vaekit comes without them)")
     return gif_from_pngs(pngs, r.gif_path)
 
 
@@ -164,7 +158,7 @@ def interpolate_to_png(run: str | Path, index: tuple[int, int] = (0, 1), steps: 
     opened = open_for_inference(run, device, precision, unconditional_task="interpolate")
     model, config, rt, splits = opened.model, opened.config, opened.runtime, opened.data(data_dir)
     for i in index:
-        _check_index("--index", i, len(splits.test))
+        check_index("--index", i, len(splits.test))
     ends = preprocess(splits.test.images[list(index)].to(rt.device), config.data.binarization, rt.generator(seed))
     paths = [interpolate(model, ends, steps, p) for p in PATHS]
     rows = torch.cat([torch.cat([ends[:1], path, ends[1:]]) for path in paths])
@@ -188,7 +182,7 @@ def traverse_to_png(run: str | Path, index: int = 0, dims: int = 8, steps: int =
     _grid_of(dims * steps, f"--dims {dims} x --steps {steps}")
     opened = open_for_inference(run, device, precision, unconditional_task="traverse")
     model, config, rt, splits = opened.model, opened.config, opened.runtime, opened.data(data_dir)
-    _check_index("--index", index, len(splits.test))
+    check_index("--index", index, len(splits.test))
     if dims > model.latent_dim:
         raise ConfigError(f"--dims {dims} is more than the model's {model.latent_dim} latent dimensions")
     x = preprocess(splits.test.images.to(rt.device), config.data.binarization, rt.generator(seed))
@@ -234,16 +228,26 @@ def attribute_to_png(run: str | Path, to: int, from_: int | None = None, n: int 
 
 
 def _mask(spec: str, shape: tuple[int, int, int]) -> torch.Tensor:
-    """A named region (see generate.MASKS) or a PNG of the image's size, white = missing -> bool [C,H,W]."""
+    """--mask: a region's name (generate.MASKS) or the path of a PNG of the images' size, white =
+    missing -> bool [C,H,W] (generate.inpainting_mask)."""
     if spec in MASKS:
-        return region_mask(spec, shape)
+        return inpainting_mask(spec, shape, "--mask")
     try:
-        img = Image.open(spec).convert("L")
+        with Image.open(spec) as img:
+            img.load()
     except (OSError, UnidentifiedImageError):
         raise ConfigError(f"--mask {spec!r} is neither one of {', '.join(MASKS)} nor a readable PNG file") from None
-    if img.size != (shape[2], shape[1]):
-        raise ConfigError(f"--mask {spec} is {img.width}x{img.height}; the images are {shape[2]}x{shape[1]}")
-    return torch.from_numpy(np.array(img) >= 128).expand(shape)
+    return inpainting_mask(img, shape, f"--mask {spec}")
+
+
+def _save_image(image: Image.Image, path: Path) -> Path:
+    """Writes a picture made with Pillow whole or not at all (files.atomic_write_bytes), in the
+    format its name's extension says."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=Image.registered_extensions()[path.suffix.lower()])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
 
 
 def inpaint_to_png(run: str | Path, mask: str = "centre", n: int = 8, steps: int = 50, chains: int = 4,
@@ -294,10 +298,10 @@ def latent_map_to_png(run: str | Path, n: int = 20, seed: int = 0, out: str | Pa
     if model.latent_dim == 2:
         _grid_of(n * n, f"--n {n} (an n x n manifold)")
     x = preprocess(splits.test.images.to(rt.device), config.data.binarization, rt.generator(seed))
-    coords, axes = project_2d(model.posterior(x)[0])
-    png = Path(out or opened.run.samples_path("latent_scatter.png"))
-    png.parent.mkdir(parents=True, exist_ok=True)
-    scatter_image(coords, splits.test.labels, axes).save(png)
+    codes = model.posterior(x)[0]                                            # [N,D]
+    plane = LatentPlane.of(codes)
+    png = _save_image(scatter_image(plane.project(codes), splits.test.labels, plane.names),
+                      Path(out or opened.run.samples_path("latent_scatter.png")))
     if model.latent_dim != 2:
         return [png]
     return [png, save_grid(manifold(model, n), png.with_name(png.stem + "_manifold.png"), nrow=n, scale=2)]

@@ -6,12 +6,16 @@ the Python API and the web demo. Inputs are images x [N,C,H,W] already preproces
 the task has them (prior_samples, reconstruct); the other tasks are for unconditional models."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
+from .errors import ConfigError
 from .likelihoods import Bernoulli
 from .objectives import importance_weights, mean_and_stderr, rate_per_dim
 
@@ -113,6 +117,12 @@ def mean_image(x: torch.Tensor) -> torch.Tensor:
     return ((x.double().sum(0) + 1) / (len(x) + 2)).float()
 
 
+def check_index(name: str, index: int, n: int) -> None:
+    """Refuses `index` (the setting `name`: --index, a, b) unless it picks one of a test set's n images."""
+    if not 0 <= index < n:
+        raise ConfigError(f"{name} {index} is out of range: the test set has {n} images (0..{n - 1})")
+
+
 def region_mask(name: str, shape: tuple[int, int, int]) -> torch.Tensor:
     """A boolean mask [C,H,W], True = missing: the top/bottom/left/right half or a centre square
     of half the side."""
@@ -125,6 +135,23 @@ def region_mask(name: str, shape: tuple[int, int, int]) -> torch.Tensor:
         raise ValueError(f"mask must be one of {', '.join(MASKS)}; got {name!r}")
     mask[(slice(None), *region[name])] = True
     return mask
+
+
+def inpainting_mask(mask: str | Image.Image, shape: tuple[int, int, int], name: str = "mask") -> torch.Tensor:
+    """The pixels to fill, bool [C,H,W] (True = missing), from a region's name (MASKS) or a
+    picture of the images' size, white (grey level >= 128) = missing; the CLI reads it from a
+    file, the web demo from the page's drawing. `name` is the setting that gave it, for the
+    one-line refusal of a picture of another size or one that marks no pixel."""
+    if isinstance(mask, str):
+        pixels = region_mask(mask, shape)
+    else:
+        _, h, w = shape
+        if mask.size != (w, h):
+            raise ConfigError(f"{name} is {mask.width}x{mask.height}; the images are {w}x{h}")
+        pixels = torch.from_numpy(np.array(mask.convert("L")) >= 128).expand(shape)
+    if not pixels.any():
+        raise ConfigError(f"{name} marks no pixel to fill: paint the missing pixels white (on the demo's page, red)")
+    return pixels
 
 
 @torch.inference_mode()
@@ -231,22 +258,31 @@ def manifold(model, n: int = 20) -> torch.Tensor:
     return model.decode(torch.stack([z1, z2], dim=-1).flatten(0, 1), as_image=True)
 
 
-def latent_plane(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """The plane a latent map shows, for codes [N,D]: (origin [D], orthonormal axes [2,D], their
-    names), float64. The map's point (u, v) is the code origin + u axes[0] + v axes[1]. For D = 2
+@dataclass(frozen=True)
+class LatentPlane:
+    """The plane a latent map shows: the point (u, v) of the map is the code origin + u axes[0] +
+    v axes[1]; origin [D] and orthonormal axes [2,D] in float64, with the axes' names. For D = 2
     the plane is the latent itself; else it passes through the codes' mean along their first two
     principal components, each named with the share of the variance it explains."""
-    if codes.shape[1] == 2:
-        return (torch.zeros(2, dtype=torch.float64, device=codes.device),
-                torch.eye(2, dtype=torch.float64, device=codes.device), ["z1", "z2"])
-    centre = codes.double().mean(0)
-    _, s, v = torch.linalg.svd(codes.double() - centre, full_matrices=False)
-    share = s.pow(2) / s.pow(2).sum()
-    return centre, v[:2], [f"PC{i + 1} ({100 * share[i]:.0f}% of variance)" for i in range(2)]
+    origin: torch.Tensor
+    axes: torch.Tensor
+    names: list[str]
 
+    @classmethod
+    def of(cls, codes: torch.Tensor) -> LatentPlane:
+        """The plane of codes [N,D]."""
+        if codes.shape[1] == 2:
+            return cls(torch.zeros(2, dtype=torch.float64, device=codes.device),
+                       torch.eye(2, dtype=torch.float64, device=codes.device), ["z1", "z2"])
+        centre = codes.double().mean(0)
+        _, s, v = torch.linalg.svd(codes.double() - centre, full_matrices=False)
+        share = s.pow(2) / s.pow(2).sum()
+        return cls(centre, v[:2], [f"PC{i + 1} ({100 * share[i]:.0f}% of variance)" for i in range(2)])
 
-def project_2d(codes: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
-    """codes [N,D] -> (coordinates [N,2] on their latent_plane, axis names): the codes themselves
-    for D = 2, else their first two principal components."""
-    origin, axes, names = latent_plane(codes)
-    return ((codes.double() - origin) @ axes.T).float(), names
+    def project(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [N,D] -> their coordinates on the plane [N,2] (float32): for D = 2 the codes themselves."""
+        return ((codes.double() - self.origin) @ self.axes.T).float()
+
+    def code(self, points: torch.Tensor) -> torch.Tensor:
+        """points [M,2] of the map -> the codes there [M,D] (float32), to decode."""
+        return (self.origin + points.to(self.axes) @ self.axes).float()

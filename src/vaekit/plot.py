@@ -5,10 +5,12 @@ matplotlib is an optional extra (`pip install 'vaekit[plot]'`); only this module
 from __future__ import annotations
 
 import importlib.util
+import io
 from itertools import accumulate
 from pathlib import Path
 
 from .errors import ConfigError, RunError
+from .files import atomic_write_bytes
 from .runs import Run, output_dir
 
 # (what a panel shows, its metrics.jsonl keys end with "_" + this; the prefix names the split:
@@ -73,6 +75,11 @@ def plot_runs(runs: list[str | Path], out: str | Path | None = None) -> Path:
     RUN/curves.png for one run, ./curves.png for several); returns its path."""
     fig = curves_figure(runs)
     out = Path(out or (output_dir(runs[0]) / "curves.png" if len(runs) == 1 else "curves.png"))
+    kind = out.suffix[1:].lower() or "png"
+    if kind not in fig.canvas.get_supported_filetypes():
+        raise ConfigError(f"--out {out}: matplotlib cannot write .{kind} files; end it in .png (or .svg, .pdf)")
+    buffer = io.BytesIO()       # drawn in memory, then written whole or not at all
+    fig.savefig(buffer, dpi=100, format=kind)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    atomic_write_bytes(out, buffer.getvalue())
     return out

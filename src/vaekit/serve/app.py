@@ -39,14 +39,14 @@ from starlette.exceptions import HTTPException
 
 from ..data import preprocess
 from ..distributed import Runtime
-from ..generate import (INPAINT_METHODS, MASKS, PATHS, inpaint, inpaint_refusal, interpolate, latent_plane,
-                        mean_image, prior_samples, ranked_dims, reconstruct, region_mask, set_dims)
-from ..errors import RunError
+from ..errors import ConfigError, RunError
+from ..generate import (INPAINT_METHODS, MASKS, PATHS, LatentPlane, check_index, inpaint, inpaint_refusal,
+                        inpainting_mask, interpolate, mean_image, prior_samples, ranked_dims, reconstruct, set_dims)
 from ..loading import open_for_inference
 from ..viz import PALETTE
 from .bodies import (LIMITS, IndexRequest, InpaintRequest, InterpolateRequest, LatentRequest, MapPointRequest,
                      ReconstructRequest, SampleRequest, TraverseRequest, json_body)
-from .images import PNG_PREFIX, BadInput, as_mnist_digit, from_data_url, read_png, shrunk, to_data_url
+from .images import PNG_PREFIX, BadInput, as_mnist_digit, fitted, read_png, shrunk, to_data_url
 
 WORK_SECONDS = 10.0     # the longest one request may hold the model (inpainting stops there)
 QUEUE_SECONDS = 30.0    # the longest a heavy request waits for its turn before a 503
@@ -61,8 +61,7 @@ class Demo:
     x [N,C,H,W] on the model's device, their labels [N] and the names of the labels; the latent
     dimensions ranked by their KL over the test set (most first) with that KL; `start`, the
     training set's mean image [C,H,W], where inpainting chains begin; the latent map: the plane it
-    shows (origin [D], axes [2,D], axis names; see generate.latent_plane) and the test codes'
-    coordinates on it [N,2]; and whether a drawing is made into a digit the way MNIST's were
+    shows (generate.LatentPlane) and the test codes' coordinates on it [N,2]; and whether a drawing is made into a digit the way MNIST's were
     (else the whole pad is shrunk)."""
     model: torch.nn.Module
     runtime: Runtime
@@ -73,7 +72,7 @@ class Demo:
     ranked_dims: list[int]
     dim_kl: list[float]
     start: torch.Tensor
-    plane: tuple[torch.Tensor, torch.Tensor, list[str]]
+    plane: LatentPlane
     map_coords: torch.Tensor
     mnist_drawings: bool
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -98,11 +97,10 @@ def load(run: str | Path, device: str = "auto", data_dir: str | Path | None = No
     x = preprocess(test, b, gen)
     codes, logvar = model.posterior(x)              # [N,D] each: encoded once, for the sliders and the map
     dims, kl = ranked_dims(codes, logvar, model.latent_dim)
-    origin, axes, names = latent_plane(codes)
-    coords = ((codes.double() - origin) @ axes.T).float().cpu()
+    plane = LatentPlane.of(codes)
     start = mean_image(preprocess(splits.train.images.to(rt.device), b, gen))
-    return Demo(model, rt, b, x, splits.test.labels, splits.class_names, dims, kl, start, (origin, axes, names),
-                coords, config.data.dataset == "mnist")
+    return Demo(model, rt, b, x, splits.test.labels, splits.class_names, dims, kl, start, plane,
+                plane.project(codes).cpu(), config.data.dataset == "mnist")
 
 
 def host_allowed(host: str, bound: str) -> bool:
@@ -145,6 +143,11 @@ async def bad_input(request: Request, exc: BadInput) -> JSONResponse:
     return JSONResponse({"error": str(exc)}, status_code=exc.status)
 
 
+async def bad_setting(request: Request, exc: ConfigError) -> JSONResponse:
+    """A setting the generation tasks refuse (vaekit.generate's checks, shared with the CLI)."""
+    return JSONResponse({"error": str(exc)}, status_code=400)
+
+
 async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
     """No such path (404), or a method the path does not take (405)."""
     return JSONResponse({"error": f"{exc.detail}: {request.method} {request.url.path}"},
@@ -159,7 +162,7 @@ class Endpoints:
         static = files(__package__) / "static"
         self.pages = {name: (static / name).read_bytes() for name in PAGES}
         self.latent_map_json = json.dumps({
-            "axes": demo.plane[2], "points": [[round(u, 4), round(v, 4)] for u, v in demo.map_coords.tolist()],
+            "axes": demo.plane.names, "points": [[round(u, 4), round(v, 4)] for u, v in demo.map_coords.tolist()],
             "labels": demo.test_labels.tolist(), "class_names": demo.class_names,
             "colours": ["#%02x%02x%02x" % PALETTE[i % len(PALETTE)] for i in range(len(demo.class_names))]}).encode()
 
@@ -195,9 +198,7 @@ class Endpoints:
 
     def image_at(self, field: str, index: int) -> torch.Tensor:
         """Test image `index` (named `field` in the request), preprocessed: x [1,C,H,W]."""
-        n = len(self.demo.test_x)
-        if index >= n:
-            raise BadInput(f"{field} {index} is out of range: the test set has {n} images (0..{n - 1})")
+        check_index(field, index, len(self.demo.test_x))
         return self.demo.test_x[index:index + 1]
 
     def label_of(self, index: int) -> dict:
@@ -225,11 +226,10 @@ class Endpoints:
         return Response(self.latent_map_json, media_type="application/json")
 
     async def map_decode(self, req: MapPointRequest = json_body(MapPointRequest)) -> dict:
-        """The decode of the map's point (x, y): the code origin + x axes[0] + y axes[1]."""
-        origin, axes, _ = self.demo.plane
-        z = origin + torch.tensor([req.x, req.y], dtype=torch.float64, device=origin.device) @ axes
+        """The decode of the map's point (x, y) (see generate.LatentPlane)."""
+        z = self.demo.plane.code(torch.tensor([[req.x, req.y]]))
         with torch.inference_mode():
-            decoded = self.demo.model.decode(z.float()[None], as_image=True)
+            decoded = self.demo.model.decode(z, as_image=True)
         return {"image": to_data_url(decoded)}
 
     async def test_image(self, req: IndexRequest = json_body(IndexRequest)) -> dict:
@@ -314,15 +314,10 @@ class Endpoints:
         """An inpainting request's mask, a region's name or a PNG (white = missing): bool [C,H,W]."""
         shape = self.demo.shape
         if mask in MASKS:
-            pixels = region_mask(mask, shape)
-        elif not mask.startswith(PNG_PREFIX):
+            return inpainting_mask(mask, shape)
+        if not mask.startswith(PNG_PREFIX):
             raise BadInput(f"mask must be one of {', '.join(MASKS)} or a PNG data URL ({PNG_PREFIX}...)")
-        else:
-            pixels = (from_data_url("mask", mask, (1, *shape[1:]))[0] >= 128).expand(shape)
-        if not pixels.any():
-            raise BadInput("the mask is empty: mark the pixels to fill (on the page, paint them red; "
-                           "in a mask PNG, white)")
-        return pixels
+        return inpainting_mask(fitted(read_png("mask", mask), (1, *shape[1:])), shape)
 
 
 def create_app(demo: Demo, host: str = "127.0.0.1", work_seconds: float = WORK_SECONDS,
@@ -330,6 +325,7 @@ def create_app(demo: Demo, host: str = "127.0.0.1", work_seconds: float = WORK_S
     """The demo's app; `host` is the address it listens on, for the Host header check."""
     app = FastAPI(title="vaekit demo", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_exception_handler(BadInput, bad_input)
+    app.add_exception_handler(ConfigError, bad_setting)
     app.add_exception_handler(HTTPException, http_error)
     app.middleware("http")(partial(guard, host=host))
     for methods, path, handler in Endpoints(demo, work_seconds, queue_seconds).routes():

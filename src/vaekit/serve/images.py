@@ -55,19 +55,18 @@ def read_png(field: str, url: str) -> Image.Image:
     return img.convert("RGB")
 
 
-def shrunk(img: Image.Image, shape: tuple[int, int, int]) -> torch.Tensor:
-    """The whole picture at the model's size, shape (C,H,W) with C 1 or 3, each output pixel the
-    mean of those it covers -> uint8 [1,C,H,W]."""
+def fitted(img: Image.Image, shape: tuple[int, int, int]) -> Image.Image:
+    """The whole picture at the model's size, shape (C,H,W) with C 1 (grey) or 3 (RGB), each
+    output pixel the mean of those it covers."""
     c, h, w = shape
     img = img.convert("L" if c == 1 else "RGB")
-    if img.size != (w, h):
-        img = img.resize((w, h), Image.BOX)
-    return torch.from_numpy(np.array(img)).reshape(h, w, c).permute(2, 0, 1)[None].contiguous()
+    return img if img.size == (w, h) else img.resize((w, h), Image.BOX)
 
 
-def from_data_url(field: str, url: str, shape: tuple[int, int, int]) -> torch.Tensor:
-    """A PNG data URL -> uint8 [1,C,H,W], shrunk to shape (C,H,W)."""
-    return shrunk(read_png(field, url), shape)
+def shrunk(img: Image.Image, shape: tuple[int, int, int]) -> torch.Tensor:
+    """fitted(img, shape) as uint8 [1,C,H,W]."""
+    c, h, w = shape
+    return torch.from_numpy(np.array(fitted(img, shape))).reshape(h, w, c).permute(2, 0, 1)[None].contiguous()
 
 
 def as_mnist_digit(img: Image.Image) -> torch.Tensor:
