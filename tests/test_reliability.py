@@ -360,20 +360,38 @@ PIL.ImageFile._save = _save
 """
 
 
-MEET = """
-    barrier = os.environ["BARRIER"]            # two writers meet here: each has written its header
-    open(os.path.join(barrier, str(os.getpid())), "w").close()
+TWO_WRITERS = """
+import os, sys, time
+import PIL.Image, PIL.ImageFile
+barrier = os.environ["BARRIER"]           # a folder where two writers of one picture meet
+def wait_for(writers):
     deadline = time.time() + 120
-    while len(os.listdir(barrier)) < 2 and time.time() < deadline:
-        time.sleep(0.01)"""
+    while len(os.listdir(barrier)) < writers and time.time() < deadline:
+        time.sleep(0.01)
+real_save = PIL.Image.Image.save
+def save(image, *args, **kwargs):         # the larger picture's file is opened once the smaller has its header
+    if image.size[0] > 500:
+        wait_for(1)
+    real_save(image, *args, **kwargs)
+PIL.Image.Image.save = save
+real = PIL.ImageFile._save
+def _save(im, fp, *args, **kwargs):       # both write their pixels once both have written their header
+    getattr(fp, "fp", fp).flush()
+    open(os.path.join(barrier, str(os.getpid())), "w").close()
+    wait_for(2)
+    if im.size[0] < 500:                  # the smaller picture's pixels land last
+        time.sleep(1)
+    real(im, fp, *args, **kwargs)
+PIL.ImageFile._save = _save
+"""
 
 
 def test_two_commands_writing_one_picture_at_once_leave_one_whole(reference, tmp_path, monkeypatch):
     png = tmp_path / "same.png"
     monkeypatch.setenv("BARRIER", str(tmp_path / "barrier"))
     (tmp_path / "barrier").mkdir()
-    writers = [start("sample", reference, "--n", n, "--out", png, "--device", "cpu",
-                     script=picture_writer(MEET)) for n in (4, 64)]
+    writers = [start("sample", reference, "--n", n, "--out", png, "--device", "cpu", script=TWO_WRITERS)
+               for n in (4, 64)]
     for proc in writers:
         _, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 0, stderr
