@@ -126,7 +126,7 @@ def test_eval_checks_it_can_write_before_the_work_and_prints_its_result_before_w
     error = assert_one_line_error(result)
     assert f"cannot write {run / 'eval.json'}: File too large; the result is not saved" in error
     assert "NLL" in result.stdout and "test ELBO" in result.stdout   # the table came first
-    assert sorted(p.name for p in run.iterdir() if "eval" in p.name) == [".eval.json.lock"]   # no part of eval.json
+    assert sorted(p.name for p in run.iterdir() if "eval" in p.name) == [".eval.lock"]   # no part of eval.json
     (run / "eval.json").write_text('{"static": {"k": 5000, "iwae')    # damaged: kept aside, not overwritten
     assert vaekit("eval", run, "--k", "2", "--device", "cpu").returncode == 0
     assert json.loads((run / "eval.json").read_text())["static_k2_n500_seed0"]["k"] == 2

@@ -13,7 +13,7 @@ RUN/
   .lock, .lock.pid             an OS file lock held by the one training process writing here; its pid
   tensorboard/                 event files for TensorBoard (train --tensorboard)
 
-  .eval.json.lock              an OS file lock held while eval.json is read, merged and replaced
+  .eval.lock                   an OS file lock held while eval.json is read, merged and replaced
 
 This module is also the one home of the RUN syntax every command takes (parse_run_name):
   RUN              the run directory: its newest intact checkpoint's weights
@@ -47,6 +47,7 @@ BEST_SUFFIX = "@best"              # RUN@best: the run's best validation epoch
 BEST_OUT = "best"                  # where commands write what they make of RUN@best: RUN/best
 PRETRAINED_PREFIX = "pretrained:"  # pretrained:NAME: a model shipped with vaekit
 EVAL_FILE = "eval.json"
+EVAL_LOCK = ".eval.lock"            # beside eval.json, held while it is read, merged and replaced
 EVAL_LOCK_SECONDS = 600            # how long a `vaekit eval` waits for another one saving its entry
 
 
@@ -277,13 +278,13 @@ class Run:
         """Keeps `record` (a likelihood_report() result) in eval.json under its protocol's key (eval_key),
         beside the other protocols' entries, replacing that protocol's older one, with the fingerprint
         of the data it scored (`scored_data`, set by loading.OpenRun.data) as "data". The file is read,
-        merged and replaced whole (atomic) under a lock of its own (.eval.json.lock), so evaluations
+        merged and replaced whole (atomic) under a lock of its own (.eval.lock), so evaluations
         saving at once keep every entry. A damaged file is kept beside it as eval.json.unreadable,
         never overwritten; entries an older vaekit keyed otherwise take their key."""
         path = self.eval_path
         entry = record if self.scored_data is None else {**record, "data": self.scored_data}
         try:
-            with FileLock(path.with_name(f".{path.name}.lock"), timeout=EVAL_LOCK_SECONDS):
+            with FileLock(path.with_name(EVAL_LOCK), timeout=EVAL_LOCK_SECONDS):
                 entries = self._eval_entries()
                 entries[eval_key(entry)] = entry
                 atomic_write_text(path, json.dumps(entries, indent=1) + "\n")
