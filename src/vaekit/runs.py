@@ -11,9 +11,8 @@ RUN/
   samples/                     the pictures the generation commands write (Run.samples_path)
   eval.json                    what `vaekit eval` measured, one entry per protocol (Run.save_eval)
   .lock, .lock.pid             an OS file lock held by the one training process writing here; its pid
-  tensorboard/                 event files for TensorBoard (train --tensorboard)
-
   .eval.lock                   an OS file lock held while eval.json is read, merged and replaced
+  tensorboard/                 event files for TensorBoard (train --tensorboard)
 
 This module is also the one home of the RUN syntax every command takes (parse_run_name):
   RUN              the run directory: its newest intact checkpoint's weights
@@ -47,7 +46,7 @@ BEST_SUFFIX = "@best"              # RUN@best: the run's best validation epoch
 BEST_OUT = "best"                  # where commands write what they make of RUN@best: RUN/best
 PRETRAINED_PREFIX = "pretrained:"  # pretrained:NAME: a model shipped with vaekit
 EVAL_FILE = "eval.json"
-EVAL_LOCK = ".eval.lock"            # beside eval.json, held while it is read, merged and replaced
+EVAL_LOCK = ".eval.lock"           # beside eval.json, held while it is read, merged and replaced
 EVAL_LOCK_SECONDS = 600            # how long a `vaekit eval` waits for another one saving its entry
 
 
