@@ -1,12 +1,17 @@
 """`vaekit export --format onnx`: the files onnxruntime runs give the torch model's outputs, at
-batch sizes other than the export's; a conditional model takes its labels; one-line refusals."""
+batch sizes other than the export's; a conditional model takes its labels; the pair is written as
+one unit, with a manifest naming the checkpoint, even when the export is killed; one-line refusals."""
+import hashlib
+import json
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import sample_config
+from conftest import cli_env, sample_config
 from test_cli import vaekit
 from vaekit import ConfigError, export_run, load_model, train
 from vaekit.cli import main
@@ -74,6 +79,48 @@ def test_vaekit_export_writes_both_files_into_the_run_by_default(run, exported):
     assert lines[:2] == [str(run / "onnx" / "encoder.onnx"), str(run / "onnx" / "decoder.onnx")]
     assert lines[2].startswith("checked with onnxruntime against torch: largest difference ")
     assert float(lines[2].rsplit(" ", 1)[1]) < 1e-4
+    weights = run / "checkpoints" / "epoch_0001" / "model.safetensors"
+    assert consistent_pair(run / "onnx") == {"run": str(run), "weights": str(weights), "weights_sha256": sha256(weights)}
+
+
+def sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def consistent_pair(folder):
+    """The manifest's source, once both files are checked against the SHA-256 it records of them."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert sorted(p.name for p in folder.iterdir()) == ["decoder.onnx", "encoder.onnx", "manifest.json"]
+    assert {name: sha256(folder / name) for name in ("encoder.onnx", "decoder.onnx")} == manifest["files"]
+    return manifest["source"]
+
+
+def test_a_kill_9_while_exporting_never_leaves_a_mixed_pair(run, tmp_path):
+    other = train(sample_config(epochs=1, batch_size=100, lr=1e-3, seed=1), out=tmp_path / "other", log=quiet).path
+    out = tmp_path / "onnx"
+    began = time.monotonic()
+    vaekit("export", run, "--out", out)
+    took = time.monotonic() - began
+    sources = {str(run), str(other)}
+    for fraction in (0.6, 0.8, 0.95):      # killed at points in the writing of the pair
+        proc = subprocess.Popen([sys.executable, "-m", "vaekit", "export", str(other), "--out", str(out)],
+                                env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(took * fraction)
+        proc.kill()
+        proc.wait()
+        if out.exists():                # absent only in the instant between moving the old pair aside and the new in
+            assert consistent_pair(out)["run"] in sources
+    vaekit("export", other, "--out", out)
+    assert consistent_pair(out)["run"] == str(other)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx", "other"]   # nothing left of the killed exports
+
+
+def test_an_export_replaces_only_an_export(run, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["export", str(run), "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (f"vaekit: error: {tmp_path} holds other files than an export (notes.txt, ...), "
+                                       "and an export replaces its folder whole; choose a new folder for --out\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
 def test_bad_input_and_a_missing_extra_are_one_line(run, capsys, monkeypatch):

@@ -35,7 +35,7 @@ CHECKPOINT_NAME = re.compile(r"(epoch_\d{4,}|step_\d{8,})")
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
 CHECKSUMS = "SHA256SUMS"   # written last into each checkpoint; `sha256sum -c SHA256SUMS` checks it too
 SET_ASIDE = "set-aside"    # damaged checkpoints a --fall-back resume moved away
-BEST = "best"              # the best validation epoch's weights; RUN@best names them
+BEST_FOLDER = "best"       # the best validation epoch's weights
 
 
 @dataclass
@@ -157,7 +157,7 @@ class CheckpointStore:
     def save_best(self, weights: dict[str, torch.Tensor], epoch: int, val_elbo: float) -> None:
         """Keeps `weights` as the best epoch's: the file first, then best.json naming it (atomic), then
         the older file goes; a crash at any point leaves a best.json whose file is there and intact."""
-        folder = self.path / BEST
+        folder = self.path / BEST_FOLDER
         folder.mkdir(exist_ok=True)
         name = f"model-epoch_{epoch:04d}.safetensors"
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(folder / name))
@@ -273,16 +273,19 @@ class CheckpointStore:
                            f"was altered after it was written; restore it, or move it out of {self.path} "
                            "to go on from an older one") from None
 
-    def load_weights(self, fall_back: bool = False) -> dict[str, torch.Tensor]:
-        """The model weights of the newest checkpoint, its checksums verified (all that generation
-        and evaluation need); with `fall_back`, of the newest intact one; or a shipped model's."""
+    def weights_file(self, best: bool = False, fall_back: bool = False) -> Path:
+        """The model weights file that generation and evaluation read, verified: the newest
+        checkpoint's (with `fall_back`, the newest intact one's), the best validation epoch's
+        (`best`), or a shipped model's."""
+        if best:
+            return self._best_weights_file()
         if self.shipped_weights.is_file() and not self.path.is_dir():
-            return load_tensors(self.shipped_weights)
-        return load_tensors(self._newest(fall_back) / "model.safetensors")
+            return self.shipped_weights
+        return self._newest(fall_back) / "model.safetensors"
 
     def best(self) -> dict | None:
         """best.json of checkpoints/best/ (the file, epoch, validation ELBO, SHA-256), or None."""
-        path = self.path / BEST / "best.json"
+        path = self.path / BEST_FOLDER / "best.json"
         if not path.is_file():
             return None
         try:
@@ -290,17 +293,16 @@ class CheckpointStore:
         except (OSError, ValueError) as e:
             raise RunError(f"{path} is damaged ({e}); the run directory was altered") from None
 
-    def load_best_weights(self) -> dict[str, torch.Tensor]:
-        """The weights of the best validation epoch, their SHA-256 verified."""
+    def _best_weights_file(self) -> Path:
         best = self.best()
         if best is None:
             raise RunError(f"{self.run} has no best checkpoint: it is kept by runs trained with a validation "
                            "split (--validation 10000); use the run's newest weights (drop @best)")
-        path = self.path / BEST / best["file"]
+        path = self.path / BEST_FOLDER / best["file"]
         if not path.is_file() or sha256(path) != best["sha256"]:
             raise RunError(f"best checkpoint file {path} is missing or damaged (its SHA-256 differs from the one "
                            "recorded when it was written)")
-        return load_tensors(path)
+        return path
 
 
 def load_weights_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:

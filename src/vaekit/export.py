@@ -5,6 +5,12 @@ encoder.onnx: x float32 [N,C,H,W] (preprocessed as in training: binary for the s
 decoder.onnx: z float32 [N,latent] -> params float32 [N,C*P,H,W], the likelihood's parameters
               (Bernoulli: logits), and image float32 [N,C,H,W] in [0,1], the image they mean
 A class-conditional model takes `label` int64 [N] as a second input of each.
+manifest.json: the SHA-256 of both files and the weights they were made from (the run, the
+              checkpoint file and its SHA-256), so a pair can be traced and checked.
+
+The folder is written as one unit (files.replacing_folder): built beside its place under a
+temporary name, checked, then renamed into place, so a kill leaves the old pair or the new one,
+never an encoder from one checkpoint beside a decoder from another.
 
 torch's exporter needs onnx and onnxscript, and onnxruntime checks the files against torch: all
 three come with the optional extra `pip install 'vaekit[export]'`; only this module imports them.
@@ -14,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -22,9 +29,11 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .files import replacing_folder, sha256
+from .loading import open_for_inference
 from .models.layers import ConvTranspose2d
-from .loading import load_model
-from .runs import output_dir
+
+FILES = ("encoder.onnx", "decoder.onnx", "manifest.json")
 
 FORMATS = ("onnx",)
 EXPORT_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
@@ -87,26 +96,49 @@ def _inputs(model: nn.Module, first: torch.Tensor, n: int) -> tuple[torch.Tensor
     return first, torch.arange(n) % model.config.num_classes
 
 
-def export_onnx(model: nn.Module, out_dir: str | Path, check_batch: int = 5) -> dict:
-    """Writes OUT_DIR/encoder.onnx and OUT_DIR/decoder.onnx for a vaekit model, then runs both
-    with onnxruntime on `check_batch` random inputs (a batch size other than the export's, so
-    the dynamic batch is exercised) and compares them with torch. Returns {"files": [paths],
-    "max_abs_diff": largest |onnxruntime - torch| over every output}."""
+def _check_out_dir(out_dir: Path) -> None:
+    """ConfigError unless `out_dir` is new, empty or an earlier export (it is replaced whole)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{out_dir} is a file; choose a folder for --out")
+    others = sorted(p.name for p in out_dir.iterdir() if p.name not in FILES) if out_dir.is_dir() else []
+    if others:
+        raise ConfigError(f"{out_dir} holds other files than an export ({others[0]}, ...), and an export replaces "
+                          "its folder whole; choose a new folder for --out")
+
+
+def export_onnx(model: nn.Module, out_dir: str | Path, check_batch: int = 5, source: dict | None = None) -> dict:
+    """Writes OUT_DIR/encoder.onnx, OUT_DIR/decoder.onnx and OUT_DIR/manifest.json (their SHA-256
+    and `source`, what the weights came from) for a vaekit model as one unit, after running both
+    with onnxruntime on `check_batch` random inputs (a batch size other than the export's, so the
+    dynamic batch is exercised) and comparing them with torch. Returns {"files": [the two ONNX
+    paths], "manifest": its path, "max_abs_diff": largest |onnxruntime - torch| over every output}."""
     missing = [name for name in EXPORT_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
         raise ConfigError(f"ONNX export needs {', '.join(missing)}: pip install 'vaekit[export]'")
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with replacing_folder(out_dir) as tmp:
+        worst = _write_pair(_portable(model), tmp, check_batch)
+        sums = {name: sha256(tmp / name) for name in FILES[:2]}
+        manifest = {"files": sums, "source": source, "max_abs_diff": worst}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return {"files": [out_dir / name for name in FILES[:2]], "manifest": out_dir / "manifest.json",
+            "max_abs_diff": worst}
+
+
+def _write_pair(model: nn.Module, out_dir: Path, check_batch: int) -> float:
+    """Writes encoder.onnx and decoder.onnx of a _portable model into `out_dir` and checks them with
+    onnxruntime (see export_onnx); returns the largest difference from torch."""
     import onnxruntime
 
-    model = _portable(model)
     c, size, latent = model.config.image_channels, model.config.image_size, model.latent_dim
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
     parts = [(_Encoder(model), "encoder", ["x"], ["mean", "logvar"],
               lambda n: torch.rand(n, c, size, size, generator=gen).round()),
              (_Decoder(model), "decoder", ["z"], ["params", "image"],
               lambda n: torch.randn(n, latent, generator=gen))]
-    files, worst = [], 0.0
+    worst = 0.0
     for module, name, names, outputs, draw in parts:
         path = out_dir / f"{name}.onnx"
         example = _inputs(model, draw(2), 2)
@@ -122,14 +154,15 @@ def export_onnx(model: nn.Module, out_dir: str | Path, check_batch: int = 5) -> 
         with torch.inference_mode():
             want = module(*check)
         worst = max([worst, *((torch.from_numpy(g) - w).abs().max().item() for g, w in zip(got, want))])
-        files.append(path)
-    return {"files": files, "max_abs_diff": worst}
+    return worst
 
 
 def export_run(run: str | Path, format: str = "onnx", out: str | Path | None = None) -> dict:
-    """`vaekit export`: the newest weights of `run` as encoder.onnx and decoder.onnx in `out`
-    (default RUN/onnx/); see export_onnx for the files and the check."""
+    """`vaekit export`: the newest weights of `run` (or RUN@best's, or a shipped model's) as
+    encoder.onnx and decoder.onnx in `out` (default RUN/onnx/), with manifest.json naming the
+    checkpoint file they came from; see export_onnx for the files and the check."""
     if format not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}; got {format!r}")
-    model, _, _ = load_model(run, "cpu", "fp32", prepared=False)
-    return export_onnx(model, out or output_dir(run) / "onnx")
+    opened = open_for_inference(run, "cpu", "fp32", prepared=False)
+    source = {"run": str(run), "weights": str(opened.weights), "weights_sha256": sha256(opened.weights)}
+    return export_onnx(opened.model, out or opened.run.out / "onnx", source=source)

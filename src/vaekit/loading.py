@@ -1,5 +1,5 @@
 """Opening a run for inference: the one way the API, the demo and export get a model from a
-run directory (RUN, RUN@best) or a shipped model (pretrained:NAME)."""
+run directory (RUN, RUN@best) or a shipped model (pretrained:NAME; the syntax is runs.py's)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,9 +9,10 @@ import torch
 
 from .checkpoints import load_weights_into
 from .config import Config
-from .data import Splits, check_data_fits, splits_for
+from .data import Splits, check_data_fits, fingerprint, splits_for
 from .distributed import Runtime, setup
-from .errors import ConfigError
+from .errors import ConfigError, DataError
+from .files import load_tensors
 from .models import build_model
 from .models.inference import prepare_for_inference
 from .runs import Run
@@ -20,18 +21,31 @@ from .runs import Run
 @dataclass
 class OpenRun:
     """A run opened for inference (see open_for_inference): its model on the runtime's device in
-    eval mode, its config, and the run, which says where commands write (`run.out`)."""
+    eval mode, its config, the weights file it was loaded from, and the run, which says where
+    commands write (`run.out`)."""
     run: Run
     model: torch.nn.Module
     config: Config
     runtime: Runtime
+    weights: Path
 
     def data(self, data_dir: str | Path | None = None) -> Splits:
-        """The run's dataset in memory, read from `data_dir` (default: where it was trained), and
-        checked to hold images of the size and channels the model takes."""
+        """The run's dataset in memory, read from `data_dir` (default: where it was trained), checked
+        to hold images of the size and channels the model takes and to be the data the run was
+        trained on (its data.json, as a resume checks it): DataError otherwise, so that no command
+        scores other data under the run's name. Its fingerprint is kept on the run (run.scored_data),
+        so that an evaluation's entry in eval.json says which data it scored."""
         data = self.config.data
+        where = str(data_dir or data.data_dir or data.dataset)
         splits = splits_for(data, data_dir)
-        check_data_fits(self.config.model, splits, str(data_dir or data.data_dir or data.dataset))
+        check_data_fits(self.config.model, splits, where)
+        scored, trained = fingerprint(splits), self.run.data_fingerprint()
+        if trained is not None and scored != trained:
+            raise DataError(f"{where} does not hold the data {self.run.path} was trained on ({scored['train']}/"
+                            f"{scored['test']} train/test images of SHA-256 {scored['sha256'][:12]}, not "
+                            f"{trained['train']}/{trained['test']} of {trained['sha256'][:12]}); pass --data-dir "
+                            "the folder it was trained on")
+        self.run.scored_data = scored
         return splits
 
 
@@ -50,13 +64,13 @@ def open_for_inference(run: str | Path, device: str = "auto", precision: str = "
                           "class-conditional: use `vaekit sample --label` or `vaekit reconstruct`")
     runtime = setup(device, precision)
     model = build_model(config.model)
-    store = opened.checkpoints
-    load_weights_into(model, store.load_best_weights() if opened.best else store.load_weights(fall_back), opened.path)
+    weights = opened.checkpoints.weights_file(best=opened.best, fall_back=fall_back)
+    load_weights_into(model, load_tensors(weights), opened.path)
     if prepared:
         model = prepare_for_inference(model, runtime)
     else:
         model = model.to(runtime.device, memory_format=torch.channels_last).eval()
-    return OpenRun(opened, model, config, runtime)
+    return OpenRun(opened, model, config, runtime, weights)
 
 
 def load_model(path: str | Path, device: str = "auto", precision: str = "auto", fall_back: bool = False,

@@ -11,12 +11,16 @@ RUN/
   samples/                     the pictures the generation commands write (Run.samples_path)
   eval.json                    what `vaekit eval` measured, one entry per protocol (Run.save_eval)
   .lock, .lock.pid             an OS file lock held by the one training process writing here; its pid
+  .eval.lock                   an OS file lock held while eval.json is read, merged and replaced
   tensorboard/                 event files for TensorBoard (train --tensorboard)
 
-A model shipped in vaekit/pretrained is a run reduced to config.json, metrics.jsonl and
-model.safetensors (the weights alone, no checkpoints/), named `pretrained:NAME`. Commands write
-what they make of a shipped model under ./pretrained-NAME (samples/, eval.json), and what they make
-of RUN@best (the best validation epoch's weights) under RUN/best.
+This module is also the one home of the RUN syntax every command takes (parse_run_name):
+  RUN              the run directory: its newest intact checkpoint's weights
+  RUN@best         its best validation epoch's weights (checkpoints/best/); commands write what they
+                   make of it under RUN/best
+  pretrained:NAME  a model shipped in vaekit/pretrained: a run reduced to config.json, metrics.jsonl
+                   and model.safetensors (no checkpoints/), read-only, so commands write under
+                   ./pretrained-NAME
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,25 +37,64 @@ from filelock import FileLock, Timeout
 from safetensors.torch import save_file
 
 from . import pretrained
-from .checkpoints import BEST, CheckpointStore
+from .checkpoints import CheckpointStore
 from .config import Config
 from .errors import ConfigError, RunError
-from .files import atomic_write_text, file_mode, load_tensors
+from .files import atomic_write_text, load_tensors, replacing
 
-BEST_SUFFIX = "@" + BEST
+BEST_SUFFIX = "@best"              # RUN@best: the run's best validation epoch
+BEST_OUT = "best"                  # where commands write what they make of RUN@best: RUN/best
+PRETRAINED_PREFIX = "pretrained:"  # pretrained:NAME: a model shipped with vaekit
 EVAL_FILE = "eval.json"
+EVAL_LOCK = ".eval.lock"           # beside eval.json, held while it is read, merged and replaced
+EVAL_LOCK_SECONDS = 600            # how long a `vaekit eval` waits for another one saving its entry
+
+
+@dataclass(frozen=True)
+class RunName:
+    """A RUN argument, parsed once (parse_run_name): `text` as the command was given it, `path` the
+    directory to read, `best` whether it names the best validation epoch's weights (RUN@best),
+    `shipped` the NAME of pretrained:NAME (else None)."""
+    text: str
+    path: Path
+    best: bool = False
+    shipped: str | None = None
+
+    @property
+    def out(self) -> Path:
+        """Where commands write what they make of the run (samples/, eval.json, onnx/): the run
+        directory; RUN/best for RUN@best; ./pretrained-NAME for a shipped model (read-only)."""
+        if self.shipped is not None:
+            return Path("pretrained-" + self.shipped)
+        return self.path / BEST_OUT if self.best else self.path
+
+
+def parse_run_name(text: str | Path) -> RunName:
+    """RUN, RUN@best or pretrained:NAME as a RunName; RunError naming the shipped models when NAME
+    is not one of them."""
+    text = str(text)
+    if text.endswith(BEST_SUFFIX):
+        return RunName(text, Path(text[:-len(BEST_SUFFIX)]), best=True)
+    if text.startswith(PRETRAINED_PREFIX):
+        name = text[len(PRETRAINED_PREFIX):]
+        if name not in pretrained.names():
+            shipped = ", ".join(PRETRAINED_PREFIX + n for n in pretrained.names()) or "none"
+            raise RunError(f"{text} is not a model shipped with vaekit (shipped: {shipped}); pass one of them "
+                           "or a run directory")
+        return RunName(text, pretrained.FOLDER / name, shipped=name)
+    return RunName(text, Path(text))
 
 
 class Run:
-    """The run in directory `path`. `name` is how a command named it (default: the path): for
-    RUN@best or pretrained:NAME, `out` is where commands write what they make of it (see
-    output_dir) and `best` says to read the best validation epoch's weights."""
+    """The run in directory `path` (a new one, or one opened by name: Run.open). `name` is how a
+    command named it (a RunName; default: the path itself): `out` is where commands write what they
+    make of it, `best` says to read the best validation epoch's weights."""
 
-    def __init__(self, path: str | Path, name: str | Path | None = None) -> None:
+    def __init__(self, path: str | Path, name: RunName | None = None) -> None:
         self.path = Path(path)
-        self.name = str(name or path)
-        self.out = output_dir(self.name)
-        self.best = is_best(self.name)
+        self.name = name or RunName(str(path), self.path)
+        self.out = self.name.out
+        self.best = self.name.best
         self.images = self.path / "images"
         self.checkpoints = CheckpointStore(self.path)
         self.config_path = self.path / "config.json"
@@ -59,17 +103,26 @@ class Run:
         self.gif_path = self.path / "training.gif"
         self.data_path = self.path / "data.json"
         self.created = False     # whether this object made the run directory (see remove_unstarted)
+        self.scored_data = None  # the fingerprint of the data a command scored (loading.OpenRun.data), for save_eval
         self._lock = None        # the FileLock held while training (see lock)
         self._lock_pid = self.path / ".lock.pid"
 
     # -- creating and opening -------------------------------------------------------------
     def check_new(self) -> None:
-        """Raises RunError unless `path` is free for a new run (missing, or an empty folder) and
-        can be made: checked by making a file in the nearest folder that exists, as permission
-        bits say nothing for root or a read-only mount."""
-        if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
-            raise RunError(f"{self.path} already exists and is not empty: resume it with "
-                           f"`vaekit train --resume {self.path}` or choose another --out")
+        """Raises RunError unless `path` is free for a new run (missing, or an empty folder), is not
+        inside another run (whose commands would then trip over it), and can be made: checked by
+        making a file in the nearest folder that exists, as permission bits say nothing for root or a
+        read-only mount."""
+        if self.path.is_file():
+            raise RunError(f"{self.path} is a file, not a folder; choose a new folder for --out")
+        if self.path.is_dir() and (self.path / "config.json").is_file():
+            raise RunError(f"{self.path} already holds a run: resume it with `vaekit train --resume {self.path}` "
+                           "or choose another --out")
+        for parent in self.path.absolute().parents:
+            if (parent / "config.json").is_file() and (parent / "checkpoints").is_dir():
+                raise RunError(f"{self.path} is inside the run {parent}; choose an --out outside it")
+        if self.path.exists() and any(self.path.iterdir()):
+            raise RunError(f"{self.path} already exists and is not empty; choose a new or empty folder for --out")
         nearest = self.path.absolute()
         while not nearest.exists():
             nearest = nearest.parent
@@ -79,12 +132,6 @@ class Run:
             tempfile.TemporaryFile(dir=nearest).close()
         except OSError as e:
             raise RunError(f"cannot write the run directory {self.path}: {e.strerror}; choose a writable --out") from None
-
-    @classmethod
-    def create(cls, path: str | Path, config: Config, data: dict | None = None) -> "Run":
-        run = cls(path)
-        run.make(config, data)
-        return run
 
     def make(self, config: Config, data: dict | None = None) -> None:
         """Makes the run directory with its config.json (and `data`, the fingerprint of its data,
@@ -124,9 +171,10 @@ class Run:
             raise RunError(f"{self.data_path} is damaged ({e}); the run directory was altered") from None
 
     @classmethod
-    def open(cls, path: str | Path) -> "Run":
-        """The run in directory `path`, or the shipped model `pretrained:NAME`."""
-        run = cls(resolve(path), path)
+    def open(cls, run: str | Path | RunName) -> "Run":
+        """The run RUN, RUN@best or pretrained:NAME (see parse_run_name)."""
+        name = run if isinstance(run, RunName) else parse_run_name(run)
+        run = cls(name.path, name)
         if not run.config_path.is_file():
             raise RunError(f"{run.path} is not a vaekit run directory (no config.json); "
                            "pass the folder `vaekit train` made")
@@ -197,8 +245,8 @@ class Run:
         atomic_write_text(self.metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
 
     def save_fixed_z(self, z: torch.Tensor) -> None:
-        save_file({"z": z.detach().cpu().contiguous()}, str(self.fixed_z_path))
-        os.chmod(self.fixed_z_path, file_mode())
+        with replacing(self.fixed_z_path) as tmp:
+            save_file({"z": z.detach().cpu().contiguous()}, str(tmp))
 
     def fixed_z(self) -> torch.Tensor:
         return load_tensors(self.fixed_z_path)["z"]
@@ -227,65 +275,56 @@ class Run:
 
     def save_eval(self, record: dict) -> Path:
         """Keeps `record` (a likelihood_report() result) in eval.json under its protocol's key (eval_key),
-        beside the other protocols' entries, replacing that protocol's older one: the file is read,
-        merged and replaced whole (atomic). A damaged file is kept beside it as eval.json.unreadable,
-        never overwritten; entries an older vaekit keyed by their binarization alone take their key."""
+        beside the other protocols' entries, replacing that protocol's older one, with the fingerprint
+        of the data it scored (`scored_data`, set by loading.OpenRun.data) as "data". The file is read,
+        merged and replaced whole (atomic) under a lock of its own (.eval.lock), so evaluations
+        saving at once keep every entry. A damaged file is kept beside it as eval.json.unreadable,
+        never overwritten; entries an older vaekit keyed otherwise take their key."""
         path = self.eval_path
+        entry = record if self.scored_data is None else {**record, "data": self.scored_data}
         try:
-            try:
-                saved = json.loads(path.read_text()) if path.exists() else {}
-                if not isinstance(saved, dict):
-                    raise ValueError("not a JSON object")
-            except ValueError:
-                saved = {}
-                os.replace(path, path.with_name(path.name + ".unreadable"))
-            entries = {_stored_key(key, entry): entry for key, entry in saved.items()}
-            entries[eval_key(record)] = record
-            atomic_write_text(path, json.dumps(entries, indent=1) + "\n")
+            with FileLock(path.with_name(EVAL_LOCK), timeout=EVAL_LOCK_SECONDS):
+                entries = self._eval_entries()
+                entries[eval_key(entry)] = entry
+                atomic_write_text(path, json.dumps(entries, indent=1) + "\n")
+        except Timeout:
+            raise RunError(f"cannot write {path}: another process held its lock for {EVAL_LOCK_SECONDS} s; "
+                           "the result is not saved") from None
         except OSError as e:
             raise RunError(f"cannot write {path}: {e.strerror}; the result is not saved") from None
         return path
 
-
-def is_best(run: str | Path) -> bool:
-    """Whether `run` names a run's best validation checkpoint: RUN@best."""
-    return str(run).endswith(BEST_SUFFIX)
-
-
-def resolve(run: str | Path) -> Path:
-    """The directory of `run`: itself (RUN@best: RUN), or for `pretrained:NAME` the shipped model's folder."""
-    if is_best(run):
-        return Path(str(run)[:-len(BEST_SUFFIX)])
-    if not pretrained.is_pretrained(run):
-        return Path(run)
-    name = str(run)[len(pretrained.PREFIX):]
-    if name not in pretrained.names():
-        shipped = ", ".join(pretrained.PREFIX + n for n in pretrained.names()) or "none"
-        raise RunError(f"{run} is not a model shipped with vaekit (shipped: {shipped}); pass one of them "
-                       "or a run directory")
-    return pretrained.FOLDER / name
-
-
-def output_dir(run: str | Path) -> Path:
-    """Where commands write what they make of `run` (samples/, eval.json, ...): the run directory,
-    or for a shipped model (read-only, inside the installed package) ./pretrained-NAME; for RUN@best, RUN/best."""
-    if is_best(run):
-        return resolve(run) / BEST
-    if pretrained.is_pretrained(run):
-        return Path("pretrained-" + str(run)[len(pretrained.PREFIX):])
-    return Path(run)
+    def _eval_entries(self) -> dict:
+        """eval.json's entries by eval_key; a damaged file is moved aside (eval.json.unreadable)."""
+        path = self.eval_path
+        try:
+            saved = json.loads(path.read_text()) if path.exists() else {}
+            if not isinstance(saved, dict):
+                raise ValueError("not a JSON object")
+        except ValueError:
+            os.replace(path, path.with_name(path.name + ".unreadable"))
+            return {}
+        return {_stored_key(key, entry): entry for key, entry in saved.items()}
 
 
 def eval_key(record: dict) -> str:
-    """The key of an evaluation's entry in eval.json: its protocol, BINARIZATION_kK_nN (e.g.
-    dynamic_k5000_n10000), so that evaluations with another K or on fewer images sit beside it."""
-    return f"{record['binarization']}_k{record['k']}_n{record['n']}"
+    """The key of an evaluation's entry in eval.json: its protocol, BINARIZATION_kK_nN_seedS (e.g.
+    dynamic_k5000_n10000_seed0), so that evaluations with another K, on fewer images or with
+    another seed (another draw of z, and of the binarization when dynamic) sit beside it."""
+    return f"{record['binarization']}_k{record['k']}_n{record['n']}_seed{record['seed']}"
 
 
 def _stored_key(key: str, entry) -> str:
     """The key of an entry read from eval.json: eval_key, for those an older vaekit stored under
-    BINARIZATION or BINARIZATION_nN; `key` as it is for an entry that does not say its protocol."""
+    BINARIZATION, BINARIZATION_nN or BINARIZATION_kK_nN (an entry without its seed was seed 0's,
+    the default); `key` as it is for an entry that does not say its protocol."""
     try:
-        return eval_key(entry)
+        return eval_key({"seed": 0, **entry})
     except (KeyError, TypeError):
         return key
+
+
+def output_dir(run: str | Path) -> Path:
+    """parse_run_name(run).out. Transitional: kept only while cli.py and plot.py still call it; remove
+    once they read `parse_run_name(run).out` (or `Run.open(run).out`)."""
+    return parse_run_name(run).out

@@ -1,4 +1,6 @@
-"""Pictures: image grids (PNG) and animations (GIF), with Pillow."""
+"""Pictures: image grids (PNG) and animations (GIF), with Pillow. Every picture is written whole or
+not at all (save_image, through files.replacing): a kill, a full disk or a second writer of the
+same path never leaves half a picture, nor takes the old one away."""
 from __future__ import annotations
 
 import math
@@ -6,6 +8,8 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from .files import replacing
 
 # matplotlib's "tab10": ten colours that stay apart, one per class
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
@@ -55,9 +59,19 @@ def labelled_grid(images: torch.Tensor, nrow: int | None = None, row_labels: lis
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 4,
               row_labels: list[str] | None = None, col_labels: list[str] | None = None) -> Path:
     """Writes the grid of `images` as a PNG, with row and column labels where given."""
+    return save_image(labelled_grid(images, nrow, row_labels, col_labels, scale), path)
+
+
+def save_image(image: Image.Image, path: str | Path, **options) -> Path:
+    """Writes `image` to `path` (its folder made if need be) in the format its extension names,
+    whole or not at all; `options` go to Pillow's save (e.g. an animation's frames)."""
     path = Path(path)
+    image_format = Image.registered_extensions().get(path.suffix.lower())
+    if image_format is None:      # the temporary file's name cannot say it
+        raise ValueError(f"unknown file extension: {path.suffix}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    labelled_grid(images, nrow, row_labels, col_labels, scale).save(path)
+    with replacing(path) as tmp:
+        image.save(tmp, format=image_format, **options)
     return path
 
 
@@ -74,10 +88,9 @@ def seed_gif_frames(paths: list[Path]) -> list[Path]:
 
 
 def save_gif(frames: list[Image.Image], path: str | Path, duration_ms: int = 100) -> Path:
-    path = Path(path)
+    """Writes `frames` as an animated GIF that loops, `duration_ms` a frame."""
     first, *rest = [f.convert("P") if f.mode not in ("L", "P") else f for f in frames]
-    first.save(path, save_all=True, append_images=rest, duration=duration_ms, loop=0)
-    return path
+    return save_image(first, path, save_all=True, append_images=rest, duration=duration_ms, loop=0)
 
 
 def gif_from_pngs(pngs: list[Path], path: str | Path, duration_ms: int = 100) -> Path:

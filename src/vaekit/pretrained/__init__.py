@@ -1,14 +1,14 @@
 """Models trained by vaekit's own recipes, shipped inside the package (docs/pretrained.md).
 
 Each is a folder NAME/ holding config.json, metrics.jsonl and model.safetensors: a run directory
-reduced to what inference needs. `pretrained:NAME` names it wherever a command takes a RUN
-(runs.resolve); it is read-only, so commands write what they make of it under ./pretrained-NAME/.
+reduced to what inference needs. `pretrained:NAME` names it wherever a command takes a RUN (the
+syntax is runs.py's: runs.parse_run_name); it is read-only, so commands write what they make of it
+under ./pretrained-NAME/.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-PREFIX = "pretrained:"
 FOLDER = Path(__file__).parent
 
 
@@ -18,6 +18,7 @@ def names() -> list[str]:
 
 
 def is_pretrained(run) -> bool:
-    """Whether `run` (a path or a string) names a shipped model, `pretrained:NAME`."""
-    return str(run).startswith(PREFIX)
-
+    """Whether `run` names a shipped model, pretrained:NAME. Transitional: kept only while cli.py and
+    api.py still call it; remove once they ask `runs.parse_run_name(run).shipped`."""
+    from ..runs import PRETRAINED_PREFIX    # runs.py imports this module: the syntax is runs.py's
+    return str(run).startswith(PRETRAINED_PREFIX)
