@@ -1,7 +1,6 @@
 """Task-level functions over run directories: what the CLI calls, one function per command."""
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import torch
@@ -12,7 +11,6 @@ from .data import dataset_info, fetch, preprocess
 from .errors import ConfigError
 from .evaluate import decode_batch_for, likelihood_report, protocol
 from .export import export_run
-from .files import atomic_write_bytes
 from .generate import (INPAINT_METHODS, MASKS, PATHS, LatentPlane, apply_attribute, attribute_vector, check_index,
                        inpaint, inpaint_refusal, inpainting_log_likelihood, inpainting_mask, interleave, interpolate,
                        manifold, mean_image, most_active_dims, prior_samples, reconstruct, traverse)
@@ -20,7 +18,7 @@ from .loading import open_for_inference
 from .plot import plot_runs
 from .runs import Run
 from .train import train
-from .viz import gif_from_pngs, grid_image, save_gif, save_grid, scatter_image
+from .viz import gif_from_pngs, grid_image, save_gif, save_grid, save_image, scatter_image
 
 __all__ = ["train", "fetch", "dataset_info", "sample_to_png", "reconstruct_to_png", "make_gif", "eval_to_json",
            "interpolate_to_png", "traverse_to_png", "attribute_to_png", "inpaint_to_png", "latent_map_to_png",
@@ -240,16 +238,6 @@ def _mask(spec: str, shape: tuple[int, int, int]) -> torch.Tensor:
     return inpainting_mask(img, shape, f"--mask {spec}")
 
 
-def _save_image(image: Image.Image, path: Path) -> Path:
-    """Writes a picture made with Pillow whole or not at all (files.atomic_write_bytes), in the
-    format its name's extension says."""
-    buffer = io.BytesIO()
-    image.save(buffer, format=Image.registered_extensions()[path.suffix.lower()])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
-
-
 def inpaint_to_png(run: str | Path, mask: str = "centre", n: int = 8, steps: int = 50, chains: int = 4,
                    method: str = "pseudo-gibbs", score_n: int | None = 1000, seed: int = 0,
                    out: str | Path | None = None, data_dir: str | Path | None = None,
@@ -300,7 +288,7 @@ def latent_map_to_png(run: str | Path, n: int = 20, seed: int = 0, out: str | Pa
     x = preprocess(splits.test.images.to(rt.device), config.data.binarization, rt.generator(seed))
     codes = model.posterior(x)[0]                                            # [N,D]
     plane = LatentPlane.of(codes)
-    png = _save_image(scatter_image(plane.project(codes), splits.test.labels, plane.names),
+    png = save_image(scatter_image(plane.project(codes), splits.test.labels, plane.names),
                       Path(out or opened.run.samples_path("latent_scatter.png")))
     if model.latent_dim != 2:
         return [png]

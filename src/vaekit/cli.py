@@ -22,8 +22,7 @@ from .config import DEVICES, FOLDER, FOLDER_SETTINGS, IDX_DATASETS, PRECISIONS, 
 from .errors import ConfigError, VaekitError
 from .evaluate import eval_table
 from .launch import launch, launched_by_torchrun
-from .pretrained import is_pretrained
-from .runs import Run, output_dir
+from .runs import Run, parse_run_name
 from .train import Interrupted
 
 
@@ -489,9 +488,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _say_where_a_shipped_model_went(args) -> None:
     """A shipped model is read-only: when --out did not say, name the folder its results went to."""
-    if args.handler.writes_beside_run and getattr(args, "out", None) is None and is_pretrained(args.run):
+    if not args.handler.writes_beside_run or getattr(args, "out", None) is not None:
+        return
+    name = parse_run_name(args.run)
+    if name.shipped:
         print(f"vaekit: {args.run} is read-only (shipped inside vaekit), so this was written under "
-              f"./{output_dir(args.run)}/", file=sys.stderr)
+              f"./{name.out}/", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

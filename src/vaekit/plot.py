@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .errors import ConfigError, RunError
 from .files import atomic_write_bytes
-from .runs import Run, output_dir
+from .runs import Run, parse_run_name
 
 # (what a panel shows, its metrics.jsonl keys end with "_" + this; the prefix names the split:
 # test_elbo drawn solid, any other split's, such as a validation split's, dashed)
@@ -74,7 +74,7 @@ def plot_runs(runs: list[str | Path], out: str | Path | None = None) -> Path:
     against epoch and against training time, the runs overlaid. Writes `out` (default:
     RUN/curves.png for one run, ./curves.png for several); returns its path."""
     fig = curves_figure(runs)
-    out = Path(out or (output_dir(runs[0]) / "curves.png" if len(runs) == 1 else "curves.png"))
+    out = Path(out or (parse_run_name(runs[0]).out / "curves.png" if len(runs) == 1 else "curves.png"))
     kind = out.suffix[1:].lower() or "png"
     if kind not in fig.canvas.get_supported_filetypes():
         raise ConfigError(f"--out {out}: matplotlib cannot write .{kind} files; end it in .png (or .svg, .pdf)")

@@ -322,9 +322,3 @@ def _stored_key(key: str, entry) -> str:
         return eval_key({"seed": 0, **entry})
     except (KeyError, TypeError):
         return key
-
-
-def output_dir(run: str | Path) -> Path:
-    """parse_run_name(run).out. Transitional: kept only while cli.py and plot.py still call it; remove
-    once they read `parse_run_name(run).out` (or `Run.open(run).out`)."""
-    return parse_run_name(run).out

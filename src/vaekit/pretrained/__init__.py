@@ -15,10 +15,3 @@ FOLDER = Path(__file__).parent
 def names() -> list[str]:
     """The shipped models' names, e.g. ["mnist"]."""
     return sorted(p.name for p in FOLDER.iterdir() if (p / "config.json").is_file())
-
-
-def is_pretrained(run) -> bool:
-    """Whether `run` names a shipped model, pretrained:NAME. Transitional: kept only while cli.py and
-    api.py still call it; remove once they ask `runs.parse_run_name(run).shipped`."""
-    from ..runs import PRETRAINED_PREFIX    # runs.py imports this module: the syntax is runs.py's
-    return str(run).startswith(PRETRAINED_PREFIX)
