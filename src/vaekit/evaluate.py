@@ -185,8 +185,8 @@ def likelihood_report(model, x: torch.Tensor, binarization: str, runtime: Runtim
         # KL to N(0, 1) of each dimension: the rate of each, under the standard prior of a one-layer model
         **({"rate_per_dim": [round(r, 4) for r in rate_per_dim(mean, logvar).tolist()]}
            if model.config.prior == "standard" and model.config.layers_of_z == 1 else {}),
-        "precision": model.inference_precision or runtime.precision, "decode_batch": decode_batch, "decodes": n * (k + 1),
-        "seconds": round(seconds, 1), "decodes_per_second": round(n * (k + 1) / seconds),
+        "precision": model.inference_precision or runtime.precision, "decode_batch": decode_batch,
+        "decodes": n * (k + 1), "seconds": round(seconds, 1), "decodes_per_second": round(n * (k + 1) / seconds),
     }
 
 
