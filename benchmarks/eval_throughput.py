@@ -25,9 +25,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vaekit.data import load_splits, preprocess
 from vaekit.distributed import setup
-from vaekit.evaluate import iwae_bounds
+from vaekit.evaluate import decode_batch_for, iwae_bounds
 from vaekit.models import ConvVAE, ModelConfig
-from vaekit.evaluate import decode_batch_for
 from vaekit.models.inference import prepare_for_inference
 
 SAMPLE = Path(__file__).resolve().parent.parent / "tests" / "data" / "mnist-sample"

@@ -185,3 +185,36 @@ def test_decode_batch_tuning_stays_under_the_cap(run):
     model, _, _ = load_model(run, "cpu", "fp32")
     assert 1 <= fastest_decode_batch(model, torch.device("cpu"), cap=300) <= 300
     assert max_decodes(model, torch.device("cpu"), 1024) > max_decodes(model, torch.device("cpu"), 512) > 100
+
+
+def test_elbo_report_runs_a_training_model_in_the_runtimes_precision(run):
+    """The one precision rule (evaluate.py): a training model is run under the runtime's autocast,
+    a prepared one as it is, so both give the bf16 ELBO; the runtime's precision is what changes it."""
+    from vaekit.distributed import setup
+    from vaekit.models.inference import prepare_for_inference
+
+    x = preprocess(load_splits("mnist", SAMPLE).test.images[:100], "static")
+    plain, _, bf16 = load_model(run, "cpu", "bf16", prepared=False)
+    fp32 = setup("cpu", "fp32")
+    prepared = prepare_for_inference(plain, bf16)
+    elbo = {name: elbo_report(model, x, "static", rt, rt.generator(0))["elbo"]
+            for name, model, rt in (("training", plain, bf16), ("prepared", prepared, bf16), ("fp32", plain, fp32))}
+    assert elbo["training"] == pytest.approx(elbo["prepared"], abs=1e-3)
+    assert elbo["fp32"] != elbo["training"] and elbo["fp32"] == pytest.approx(elbo["training"], abs=0.5)
+
+
+def test_seeds_are_checked_once_and_the_largest_one_runs_every_derivation(model_and_test):
+    """config.check_seed takes 0..SEED_LIMIT and refuses the rest in one line; evaluation's draws
+    from the largest (likelihood_report seeds the bound with seed + 1) are drawn, not an overflow."""
+    from vaekit.config import SEED_LIMIT, TrainConfig, check_seed
+    from vaekit.errors import ConfigError
+
+    assert check_seed(SEED_LIMIT) == SEED_LIMIT and check_seed(0) == 0
+    for bad in (-1, SEED_LIMIT + 1, 2 ** 64, 1e16, True):
+        with pytest.raises(ConfigError, match=f"^--seed must be an integer from 0 to {SEED_LIMIT}; got "):
+            check_seed(bad)
+    with pytest.raises(ConfigError, match="--seed must be"):
+        TrainConfig(seed=2 ** 40)
+    model, _, images = model_and_test
+    bounds = iwae_bounds(model, preprocess(images[:2], "static"), 3, seed=SEED_LIMIT + 1)
+    assert bounds.shape == (2,) and torch.isfinite(bounds).all()

@@ -76,16 +76,12 @@ def test_discretized_logistic_sums_to_one_over_the_256_levels(mu, log_s):
     assert abs(torch.logsumexp(log_p.double(), 0).item()) < 1e-5
 
 
-def test_samples_and_means_are_images():
-    g = torch.Generator().manual_seed(3)
-    params = torch.randn(2, 6, 4, 4, generator=g)
+def test_means_are_images():
+    params = torch.randn(2, 6, 4, 4, generator=torch.Generator().manual_seed(3)) * 3
     for name in ("bernoulli", "gaussian", "gaussian-fixed", "logistic"):
         likelihood = get_likelihood(name)
-        p = params[:, :3 * likelihood.params_per_channel]
-        for image in (likelihood.mean(p), likelihood.draw(p, g)):
-            assert image.shape == (2, 3, 4, 4) and image.min() >= 0 and image.max() <= 1
-    levels = DiscretizedLogistic.draw(params, g) * 255
-    torch.testing.assert_close(levels, levels.round())
+        image = likelihood.mean(params[:, :3 * likelihood.params_per_channel])
+        assert image.shape == (2, 3, 4, 4) and image.min() >= 0 and image.max() <= 1
 
 
 def test_bits_per_dim_on_the_8_bit_scale():

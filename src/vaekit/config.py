@@ -13,38 +13,44 @@ from pathlib import Path
 
 from .errors import ConfigError
 from .models import ModelConfig
+from .models.model_config import setting
 
-IDX_DATASETS = ("mnist", "fashion-mnist", "kmnist")   # fetched and verified by vaekit.data (its sources.DATASETS)
+IDX_DATASETS = ("mnist", "fashion-mnist", "kmnist")   # the IDX datasets; vaekit.data.sources holds each one's files
 BINARIZATIONS = ("static", "dynamic", "none")
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")   # what --precision takes; distributed.setup turns it into the arithmetic
 LR_SCHEDULES = ("constant", "cosine")
 KL_ESTIMATORS = ("sample", "analytic")
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda")       # what --device takes; distributed.setup turns it into the device
+# The largest seed: every stream vaekit derives from a seed (evaluation's (seed + 1) * 2**32 + image,
+# training's seed * 1_000_003 + epoch) then stays below 2**64, what torch.Generator.manual_seed takes.
+SEED_LIMIT = 2**31 - 1
 
 
-def _f(default, help: str):
-    """A field with its default and the help line its command-line flag shows."""
-    return field(default=default, metadata={"help": help})
+def check_seed(seed: int, flag: str = "--seed") -> int:
+    """`seed` if it is an integer from 0 to SEED_LIMIT, else a one-line ConfigError naming `flag`."""
+    if type(seed) is not int or not 0 <= seed <= SEED_LIMIT:
+        raise ConfigError(f"{flag} must be an integer from 0 to {SEED_LIMIT}; got {seed}")
+    return seed
 
 
 @dataclass
 class DataConfig:
-    dataset: str = field(default="mnist", metadata={"help": f"{', '.join(IDX_DATASETS)} (IDX files, fetched "
-                         "and verified), or folder: the PNG/JPEG images under --data-dir, labelled by subfolder"})
-    data_dir: str | None = field(default=None, metadata={"help": "IDX files to use instead of fetching; with "
-                                 "--dataset folder, the folder of images (required)"})
-    binarization: str = field(default="static", metadata={"help": "static: the seed's threshold pixel/255 >= 0.5; "
-                              "dynamic: a Bernoulli draw with p = pixel/255 per batch; none: pixel/255 in [0, 1] "
-                              "as is (8-bit likelihoods recover the integer as x*255)"})
-    resize: int = field(default=28, metadata={"help": "folder: the shorter side is resized to this many pixels, "
-                        "then the centre square kept"})
-    channels: int = field(default=1, metadata={"help": "folder: 1 = grey, 3 = RGB (each image is converted)"})
-    test_fraction: float = field(default=0.1, metadata={"help": "folder: the share of images held out as the "
-                                 "test split, chosen by a hash of each file's path"})
-    split_seed: int = field(default=0, metadata={"help": "folder: another seed puts other files in the test split"})
-    validation: int = _f(0, "hold out the last N training images as a validation split, scored every epoch "
-                         "(val_elbo) for --early-stop and RUN@best; the literature's MNIST split is 10000 "
-                         "(50,000 train / 10,000 validation); 0: none, the seed's")
+    dataset: str = setting("mnist", f"{', '.join(IDX_DATASETS)} (IDX files, fetched "
+                           "and verified), or folder: the PNG/JPEG images under --data-dir, labelled by subfolder")
+    data_dir: str | None = setting(None, "IDX files to use instead of fetching; with "
+                                   "--dataset folder, the folder of images (required)")
+    binarization: str = setting("static", "static: the seed's threshold pixel/255 >= 0.5; "
+                                "dynamic: a Bernoulli draw with p = pixel/255 per batch; none: pixel/255 in [0, 1] "
+                                "as is (8-bit likelihoods recover the integer as x*255)")
+    resize: int = setting(28, "folder: the shorter side is resized to this many pixels, "
+                          "then the centre square kept")
+    channels: int = setting(1, "folder: 1 = grey, 3 = RGB (each image is converted)")
+    test_fraction: float = setting(0.1, "folder: the share of images held out as the "
+                                   "test split, chosen by a hash of each file's path")
+    split_seed: int = setting(0, "folder: another seed puts other files in the test split")
+    validation: int = setting(0, "hold out the last N training images as a validation split, scored every epoch "
+                              "(val_elbo) for --early-stop and RUN@best; the literature's MNIST split is 10000 "
+                              "(50,000 train / 10,000 validation); 0: none, the seed's")
 
     def __post_init__(self) -> None:
         _choice("dataset", self.dataset, (*IDX_DATASETS, FOLDER))
@@ -75,34 +81,38 @@ FOLDER_SETTINGS = ("resize", "channels", "test_fraction", "split_seed")   # Data
 
 @dataclass
 class TrainConfig:
-    epochs: int = _f(100, "passes over the training images (the seed's 100)")
-    batch_size: int = _f(100, "images per step, over all processes (the seed's 100)")
-    lr: float = _f(1e-4, "Adam's learning rate (the seed's 1e-4); the start of --lr-schedule cosine")
-    adam_eps: float = _f(1e-7, "Adam's epsilon; 1e-7 is Keras's, which the seed trained with (torch's is 1e-8)")
-    lr_schedule: str = _f("constant", "constant (the seed's) or cosine: from --lr down to --lr-final along half "
-                          "a cosine over all the steps of --epochs")
-    lr_final: float = _f(0.0, "cosine: the learning rate at the last step")
-    warmup_epochs: float = _f(0.0, "KL warm-up: the weight of the rate grows linearly from 0 to --beta over this "
-                              "many epochs (Sønderby et al. 2016); 0: off")
-    kl: str = _f("sample", "the rate in the elbo objective: sample, the seed's log q(z|x) - log p(z) of the one "
-                 "draw; analytic, each layer's closed-form KL where there is one (lower variance)")
-    free_bits: float = _f(0.0, "analytic kl: each stochastic layer's rate of each image counts as at least this "
-                          "many nats (Kingma et al. 2016), so no layer collapses early; 0: off")
-    clip_grad: float = _f(0.0, "clip the gradient's global norm to this; 0: off")
-    skip_grad: float = _f(0.0, "skip the update of a step whose gradient norm exceeds this (as VDVAE), counted in "
-                          "metrics.jsonl's skipped_updates; 0: off")
-    early_stop: int = _f(0, "with --validation: stop after this many epochs without a better validation ELBO; 0: off")
-    seed: int = _f(0, "seeds the initial weights, the batch order and all noise")
-    precision: str = _f("auto", "auto: bf16 where the hardware runs it fast (AVX512-BF16, AMX, Ampere+), else fp32")
-    device: str = _f("auto", "auto: cuda if available, else cpu")
-    eval_batch_size: int = _f(500, "images per pass of the per-epoch test ELBO (no gradients; 500 keeps "
-                              "activations under the mmap threshold, see allocator.py)")
-    keep_checkpoints: int = _f(2, "epoch checkpoints kept on disk (the newest ones)")
-    checkpoint_every: int = _f(0, "also checkpoint every N steps within epochs (0: at epoch ends only)")
-    tensorboard: bool = _f(False, "also log each epoch's metrics and grid image for TensorBoard in RUN/tensorboard/ "
-                           "(needs pip install 'vaekit[tensorboard]')")
+    epochs: int = setting(100, "passes over the training images (the seed's 100)")
+    batch_size: int = setting(100, "images per step, over all processes (the seed's 100)")
+    lr: float = setting(1e-4, "Adam's learning rate (the seed's 1e-4); the start of --lr-schedule cosine")
+    adam_eps: float = setting(1e-7, "Adam's epsilon; 1e-7 is Keras's, which the seed trained with (torch's is 1e-8)")
+    lr_schedule: str = setting("constant", "constant (the seed's) or cosine: from --lr down to --lr-final along half "
+                               "a cosine over all the steps of --epochs")
+    lr_final: float = setting(0.0, "cosine: the learning rate at the last step")
+    warmup_epochs: float = setting(0.0, "KL warm-up: the weight of the rate grows linearly from 0 to --beta over this "
+                                   "many epochs (Sønderby et al. 2016); 0: off")
+    kl: str = setting("sample", "the rate in the elbo objective: sample, the seed's log q(z|x) - log p(z) of the one "
+                      "draw; analytic, each layer's closed-form KL where there is one (lower variance)")
+    free_bits: float = setting(0.0, "analytic kl: each stochastic layer's rate of each image counts as at least this "
+                               "many nats (Kingma et al. 2016), so no layer collapses early; 0: off")
+    clip_grad: float = setting(0.0, "clip the gradient's global norm to this; 0: off")
+    skip_grad: float = setting(0.0, "skip the update of a step whose gradient norm exceeds this (as VDVAE), counted in "
+                               "metrics.jsonl's skipped_updates; 0: off")
+    early_stop: int = setting(0, "with --validation: stop after this many epochs without a better validation "
+                                 "ELBO; 0: off")
+    seed: int = setting(0, "seeds the initial weights, the batch order and all noise")
+    precision: str = setting("auto", "auto: bf16 where the hardware runs it fast (AVX512-BF16, AMX, Ampere+), "
+                                     "else fp32")
+    device: str = setting("auto", "auto: cuda if available, else cpu")
+    eval_batch_size: int = setting(500, "images per pass of the per-epoch test ELBO (no gradients; 500 keeps "
+                                   "activations under the mmap threshold, see allocator.py)")
+    keep_checkpoints: int = setting(2, "epoch checkpoints kept on disk (the newest ones)")
+    checkpoint_every: int = setting(0, "also checkpoint every N steps within epochs (0: at epoch ends only)")
+    tensorboard: bool = setting(False, "also log each epoch's metrics and grid image for TensorBoard in "
+                                       "RUN/tensorboard/ "
+                                "(needs pip install 'vaekit[tensorboard]')")
 
     def __post_init__(self) -> None:
+        check_seed(self.seed)
         _choice("precision", self.precision, PRECISIONS)
         _choice("device", self.device, DEVICES)
         _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)

@@ -16,14 +16,14 @@ import torch
 import torch.distributed as dist
 
 from .allocator import keep_freed_memory
-from .config import PRECISIONS
+from .config import DEVICES, PRECISIONS
 from .errors import ConfigError
 
 
 @dataclass
 class Runtime:
     device: torch.device
-    autocast_dtype: torch.dtype | None   # None: plain fp32
+    autocast_dtype: torch.dtype | None   # the arithmetic setup decided: torch.bfloat16, or None for fp32
     rank: int = 0
     local_rank: int = 0                  # the rank among this machine's processes
     world_size: int = 1
@@ -39,7 +39,9 @@ class Runtime:
         return self.rank == 0
 
     def autocast(self):
-        """Mixed precision for the forward pass; losses are computed in fp32 (see objectives)."""
+        """The runtime's precision for a model as training builds it: bf16 autocast around its
+        forward pass (or nothing, in fp32); the densities stay fp32 (see models/vae.py). A model
+        prepared for inference carries the precision itself (models/inference.py)."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
@@ -105,6 +107,9 @@ def bf16_is_fast(device: torch.device) -> bool:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """The device `--device` names (one of config.DEVICES): auto is cuda where torch sees a GPU, else cpu."""
+    if name not in DEVICES:
+        raise ConfigError(f"--device must be one of {', '.join(DEVICES)}; got {name!r}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -112,18 +117,26 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The arithmetic `--precision` names (one of config.PRECISIONS) on `device`: bf16 (torch.bfloat16)
+    or fp32 (None); auto is bf16 where bf16_is_fast, else fp32. The one place this is decided: training
+    applies it with Runtime.autocast, inference by preparing the model (models/inference.py)."""
+    if name not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}; got {name!r}")
+    if name == "bf16" and not bf16_is_fast(device):
+        print(f"vaekit: warning: this {device.type} has no bf16 instructions: bf16 is emulated, about 10x slower "
+              "than fp32 (--precision auto picks fp32 here)", file=sys.stderr)
+    use_bf16 = name == "bf16" or (name == "auto" and bf16_is_fast(device))
+    return torch.bfloat16 if use_bf16 else None
+
+
 def setup(device: str = "auto", precision: str = "auto", distributed: bool = False) -> Runtime:
-    """The runtime for `device` and `precision`. With `distributed`, under torchrun with more than
-    one process, this also joins the process group (the caller ends it with `Runtime.close`)."""
+    """The runtime for `device` and `precision` (see resolve_device, resolve_precision). With
+    `distributed`, under torchrun with more than one process, this also joins the process group
+    (the caller ends it with `Runtime.close`)."""
     keep_freed_memory()
     dev = resolve_device(device)
-    if precision not in PRECISIONS:
-        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
-    if precision == "bf16" and not bf16_is_fast(dev):
-        print(f"vaekit: warning: this {dev.type} has no bf16 instructions: bf16 is emulated, about 10x slower "
-              "than fp32 (--precision auto picks fp32 here)", file=sys.stderr)
-    use_bf16 = precision == "bf16" or (precision == "auto" and bf16_is_fast(dev))
-    autocast_dtype = torch.bfloat16 if use_bf16 else None
+    autocast_dtype = resolve_precision(precision, dev)
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if distributed else 1
     if world_size == 1:
         return Runtime(dev, autocast_dtype)

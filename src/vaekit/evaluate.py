@@ -7,11 +7,18 @@ levels themselves ("none"), where bits per dimension on the 8-bit scale are repo
 The functions take the test images preprocessed once by their caller (x [N,C,H,W], see
 `vaekit.data.preprocess`); the ELBO's z come from the generator that binarised them, its draws
 going on, so one seed fixes every draw. A class-conditional model scores log p(x|y) and needs
-the images' labels."""
+the images' labels.
+
+Precision, one rule: a model is run in the precision it carries, never wrapped in autocast twice.
+A model prepared for inference (models.inference.prepare_for_inference, what vaekit.loading
+opens) carries its runtime's precision and is run as it is. A model as training builds it carries
+none: the functions that take a runtime (elbo_report, likelihood_report) run it under
+`runtime.autocast()`, as training does; those that take none (elbo_per_image, iwae_bounds) run it
+as they get it, so the training model in fp32 unless their caller holds an autocast."""
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
@@ -19,9 +26,6 @@ from tqdm import tqdm
 from .distributed import Runtime
 from .likelihoods import bits_per_dim
 from .objectives import iwae_bound, mean_and_stderr, rate_per_dim
-
-if TYPE_CHECKING:
-    from .config import Config
 
 ACTIVE_UNIT_THRESHOLD = 0.01   # Burda et al. 2016: a unit is active when Cov_x(E_q[z_u]) > 0.01
 
@@ -43,6 +47,12 @@ def reports_bits(model, binarization: str) -> bool:
 def _bits_per_dim(model, nll: float) -> float:
     c = model.config
     return bits_per_dim(nll, c.image_channels * c.image_size * c.image_size, model.likelihood)
+
+
+def _runtime_precision(model, runtime: Runtime):
+    """The context that runs `model` in the runtime's precision (the module docstring's rule):
+    none for a prepared model, which carries it, else the runtime's autocast."""
+    return contextlib.nullcontext() if model.inference_precision else runtime.autocast()
 
 
 @torch.inference_mode()
@@ -87,10 +97,11 @@ def elbo_report(model, x: torch.Tensor, binarization: str, runtime: Runtime, gen
     (-log p(x|z)) and `rate` (analytic KL) are the same pass's parts, and `elbo_analytic_kl`
     = -(distortion + rate), a lower-variance estimate of the same bound; each with its standard
     error over images. Always the ELBO (beta 1), whatever the training objective; with grey
-    levels ("none") also `bits_per_dim`, of -elbo on the 8-bit scale."""
+    levels ("none") also `bits_per_dim`, of -elbo on the 8-bit scale. A training model is run under
+    the runtime's autocast, a prepared one as it is (see the module docstring)."""
     was_training = model.training
     model.eval()
-    with runtime.autocast():
+    with _runtime_precision(model, runtime):
         terms = elbo_per_image(model, x, generator, batch_size, labels)
     model.train(was_training)
     result = {**_elbo_record(terms), "n": len(x)}
@@ -99,15 +110,16 @@ def elbo_report(model, x: torch.Tensor, binarization: str, runtime: Runtime, gen
     return result
 
 
-IMAGE_STREAMS = 2 ** 32   # image i's importance draws come from the generator seeded with seed * IMAGE_STREAMS + i
+IMAGE_STREAMS = 2 ** 32   # image i's importance draws: the generator seeded with (seed * IMAGE_STREAMS + i) mod 2**64
 
 
 def _image_noise(seed: int, first: int, count: int, k: int, dim: int, device: torch.device) -> torch.Tensor:
     """The K standard-normal draws of images first..first+count-1: [K, count, dim]. Each image's
     draws come from a generator of its own, so an image's bound never depends on batch sizes, on
-    how many images are scored, on the device's batch order or on the precision."""
+    how many images are scored, on the device's batch order or on the precision. The seed is taken
+    mod 2**64, the generator's range: any seed works (training's held-out ones grow with the epoch)."""
     draws = [torch.randn(k, dim, device=device,
-                         generator=torch.Generator(device).manual_seed(seed * IMAGE_STREAMS + first + i))
+                         generator=torch.Generator(device).manual_seed((seed * IMAGE_STREAMS + first + i) % 2**64))
              for i in range(count)]
     return torch.stack(draws, dim=1)
 
@@ -150,10 +162,11 @@ def likelihood_report(model, x: torch.Tensor, binarization: str, runtime: Runtim
     units and the rate of each latent dimension; for grey levels also both in bits per dimension;
     and what it cost (seconds, decodes per second, precision, decode batch). `labels` [N]: for a
     conditional model. Every pass scores those same x; image i's importance draws come from
-    `seed` + 1 and i alone (see iwae_bounds)."""
+    `seed` + 1 and i alone (see iwae_bounds). Meant for a prepared model; a training model is run
+    under the runtime's autocast (see the module docstring)."""
     start = time.perf_counter()
     n = len(x)
-    with runtime.autocast(), tqdm(total=n * (k + 1), desc=f"eval K={k}", unit="decode", unit_scale=True,
+    with _runtime_precision(model, runtime), tqdm(total=n * (k + 1), desc=f"eval K={k}", unit="decode", unit_scale=True,
                                   disable=None, smoothing=0.05) as bar:
         elbo = _elbo_record(elbo_per_image(model, x, generator, decode_batch, labels, bar))
         mean, logvar = model.posterior(x, decode_batch, labels)     # [N,D] each
@@ -172,8 +185,8 @@ def likelihood_report(model, x: torch.Tensor, binarization: str, runtime: Runtim
         # KL to N(0, 1) of each dimension: the rate of each, under the standard prior of a one-layer model
         **({"rate_per_dim": [round(r, 4) for r in rate_per_dim(mean, logvar).tolist()]}
            if model.config.prior == "standard" and model.config.layers_of_z == 1 else {}),
-        "precision": runtime.precision, "decode_batch": decode_batch, "decodes": n * (k + 1),
-        "seconds": round(seconds, 1), "decodes_per_second": round(n * (k + 1) / seconds),
+        "precision": model.inference_precision or runtime.precision, "decode_batch": decode_batch,
+        "decodes": n * (k + 1), "seconds": round(seconds, 1), "decodes_per_second": round(n * (k + 1) / seconds),
     }
 
 
@@ -277,19 +290,3 @@ def eval_table(result: dict) -> str:
     lines += [f"{name:40}{value:>12}  {stderr:<10}  {b}" for name, value, stderr in rows]
     return "\n".join(lines)
 
-
-def epoch_test_record(model, x: torch.Tensor, generator: torch.Generator, labels: torch.Tensor | None,
-                      config: Config, rt: Runtime, seed: int) -> dict:
-    """The test numbers of each epoch's metrics line, from the test images x preprocessed with
-    `generator`, seeded by `seed` (and their labels): the ELBO (at beta 1, whatever the training
-    objective), its distortion and rate, bits per dimension for grey levels, and the IWAE bound the
-    iwae objective trains (with its K draws)."""
-    test = elbo_report(model, x, config.data.binarization, rt, generator, config.train.eval_batch_size, labels)
-    record = {"test_elbo": test["elbo"], "test_distortion": test["distortion"], "test_rate": test["rate"]}
-    if "bits_per_dim" in test:
-        record["test_bits_per_dim"] = test["bits_per_dim"]
-    if config.model.objective == "iwae":
-        k = config.model.iwae_k
-        bounds = iwae_bounds(model, x, k, seed + 1, config.train.eval_batch_size, labels)
-        record[f"test_iwae_bound_k{k}"] = bounds.double().mean().item()
-    return record

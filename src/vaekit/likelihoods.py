@@ -7,7 +7,6 @@ the log-scale of each pixel. Every likelihood has the same small interface:
   params_per_channel           how many decoder outputs each image channel needs
   log_prob(x, params, mask)    log p(x|z) summed per example -> [B], nats
   mean(params)                 the image the decoder means, in [0, 1], [B,C,H,W]
-  sample(params, generator)    one draw x ~ p(x|z), in [0, 1], [B,C,H,W]
   nats_to_8bit_per_dim         what converts -log p(x) of x in [0,1] to the 8-bit scale (see bits_per_dim)
 
 Inputs x are float32 in [0, 1]: binary for "bernoulli"; pixel / 255 for the others
@@ -57,10 +56,6 @@ class Bernoulli:
     def mean(params: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(params)
 
-    @staticmethod
-    def draw(params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return torch.bernoulli(torch.sigmoid(params.float()), generator=generator)
-
 
 @dataclass(frozen=True)
 class Gaussian:
@@ -92,11 +87,6 @@ class Gaussian:
 
     def mean(self, params: torch.Tensor) -> torch.Tensor:
         return self._mean_log_scale(params)[0].clamp(0, 1)
-
-    def draw(self, params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        mean, log_scale = self._mean_log_scale(params)
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device)
-        return (mean + noise * log_scale.exp()).clamp(0, 1)
 
 
 class DiscretizedLogistic:
@@ -130,18 +120,18 @@ class DiscretizedLogistic:
         """The logistic's centre (its mode and, before clipping to [0, 1], its mean)."""
         return _loc_log_scale(params)[0].clamp(0, 1)
 
-    @staticmethod
-    def draw(params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        mu, log_scale = _loc_log_scale(params)
-        u = torch.rand(mu.shape, generator=generator, device=mu.device).clamp(1e-5, 1 - 1e-5)
-        x = mu + log_scale.exp() * (torch.log(u) - torch.log1p(-u))    # inverse logistic CDF
-        return torch.round(x.clamp(0, 1) * 255) / 255
-
 
 def get_likelihood(name: str, fixed_scale: float = 0.1):
     """The likelihood called `name` (one of LIKELIHOODS); `fixed_scale` is gaussian-fixed's scale on [0, 1]."""
     return {"bernoulli": Bernoulli, "gaussian": Gaussian(), "gaussian-fixed": Gaussian(fixed_scale),
             "logistic": DiscretizedLogistic}[name]
+
+
+def log_prob_of_draws(likelihood, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """log p(x|z_k) of K draws per example: images x [B,C,H,W], the decoder's outputs for them
+    params [K,B,C*P,H,W] -> [K,B], nats."""
+    k = params.shape[0]
+    return likelihood.log_prob(x.expand(k, *x.shape).flatten(0, 1), params.flatten(0, 1)).view(k, -1)
 
 
 def bits_per_dim(nll_nats: float, dims: int, likelihood) -> float:

@@ -12,9 +12,7 @@ import math
 
 import torch
 
-from .likelihoods import Bernoulli
-
-LOG_2PI = math.log(2.0 * math.pi)
+from .likelihoods import LOG_2PI, Bernoulli, log_prob_of_draws
 
 
 def log_normal_pdf(sample: torch.Tensor, mean, logvar) -> torch.Tensor:
@@ -55,9 +53,7 @@ def importance_weights(x, params, z, mean, logvar, likelihood=Bernoulli) -> torc
     """log w = log p(x|z) + log p(z) - log q(z|x) for K draws per example.
 
     x [B,...]; params [K,B,...]; z, mean, logvar broadcastable to [K,B,D]. Returns [K,B]."""
-    k = params.shape[0]
-    log_px_z = likelihood.log_prob(x.expand(k, *x.shape).flatten(0, 1), params.flatten(0, 1)).view(k, -1)
-    return log_px_z + log_normal_pdf(z, 0.0, 0.0) - log_normal_pdf(z, mean, logvar)
+    return log_prob_of_draws(likelihood, x, params) + log_normal_pdf(z, 0.0, 0.0) - log_normal_pdf(z, mean, logvar)
 
 
 def iwae_bound(log_w: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,11 @@ it computes in training.
   vector block (8 floats with AVX2, 16 with AVX-512), so one output channel costs as much as 16.
   The layer is rewritten as a stride-s convolution with out * s * s channels, each computing one
   of the s x s positions of an output block, then a pixel shuffle (see `subpixel_conv`);
-- the encoder and decoder run under the run's precision (bf16 autocast where asked) and hand
-  back float32, so likelihoods and objectives never see bf16.
+- every network of the model (encoder, decoder, and a hierarchy's bottom-up and top-down blocks)
+  runs in the runtime's precision by itself, under autocast to bf16 where it was asked for and in
+  fp32 otherwise, whatever autocast its caller holds, and hands back float32, so likelihoods and
+  objectives never see bf16. The copy records it in `inference_precision`: the precision is the
+  model's, and no caller wraps a prepared model in autocast (see evaluate.py).
 """
 from __future__ import annotations
 
@@ -33,9 +36,9 @@ def conv_transpose_as_conv(weight: torch.Tensor, padding: int) -> tuple[torch.Te
     return weight.flip(2, 3).transpose(0, 1), k - 1 - padding
 
 
-def subpixel_conv(weight: torch.Tensor, bias: torch.Tensor, padding: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A stride-1 convolution (weight [out, in, k, k], `padding`) as a stride-s convolution with
-    kernel k + s - 1 and out * s * s channels followed by `F.pixel_shuffle(., s)`.
+def subpixel_conv(weight: torch.Tensor, bias: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stride-1 convolution (weight [out, in, k, k], padding p) as a stride-s convolution with
+    kernel k + s - 1, the same padding p, and out * s * s channels followed by `F.pixel_shuffle(., s)`.
 
     Output pixel (s*Y + a, s*X + b) of the original reads input rows s*Y + a - p + i, i < k; the
     channel (c, a, b) of the new convolution reads rows s*Y - p + t, t < k + s - 1, so its kernel
@@ -120,12 +123,13 @@ def pack(module: nn.Module, dtype: torch.dtype, out_size: int | None = None) -> 
         return PackedConv(weight, bias, stride, padding, output_padding, transposed, relu, dtype=dtype)
     if transposed:
         weight, padding = conv_transpose_as_conv(weight, padding)
-    weight, bias = subpixel_conv(weight, bias, padding, s)
+    weight, bias = subpixel_conv(weight, bias, s)
     return PackedConv(weight, bias, s, padding, shuffle=s, dtype=dtype)
 
 
 class Precision(nn.Module):
-    """Runs `module` under autocast to `dtype` (None: as it is) and hands back float32."""
+    """Runs `module` under autocast to `dtype` (None: fp32, any autocast around it switched off)
+    and hands back float32: one network of a prepared model in the model's precision."""
 
     def __init__(self, module: nn.Module, device_type: str, dtype: torch.dtype | None) -> None:
         super().__init__()
@@ -134,6 +138,17 @@ class Precision(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             return self.module(x).float()
+
+
+def _in_precision(model: nn.Module, device_type: str, dtype: torch.dtype | None) -> None:
+    """Every network of `model` (each child module holding parameters, each member of a
+    ModuleList) wrapped in Precision, in place."""
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.ModuleList):
+            for i, member in enumerate(child):
+                child[i] = Precision(member, device_type, dtype)
+        elif next(child.parameters(), None) is not None:
+            setattr(model, name, Precision(child, device_type, dtype))
 
 
 def _replace_convs(network: nn.Sequential, dtype: torch.dtype, out_size: int) -> None:
@@ -149,13 +164,13 @@ def _replace_convs(network: nn.Sequential, dtype: torch.dtype, out_size: int) ->
 
 @torch.no_grad()
 def prepare_for_inference(model, runtime) -> nn.Module:
-    """A frozen copy of `model` for decoding on `runtime.device` in `runtime.precision`; see the
-    module docstring. The original is left as it was (training can go on with it)."""
+    """A frozen copy of `model` for decoding on `runtime.device` in `runtime.precision`, which it
+    carries (see the module docstring). The original is left as it was (training can go on with it)."""
     model = copy.deepcopy(model).to(runtime.device).eval().requires_grad_(False)
     dtype = runtime.autocast_dtype or torch.float32
     _replace_convs(model.encoder, dtype, out_size=0)
     _replace_convs(model.decoder, dtype, out_size=model.config.image_size)
-    model.encoder = Precision(model.encoder, runtime.device.type, runtime.autocast_dtype)
-    model.decoder = Precision(model.decoder, runtime.device.type, runtime.autocast_dtype)
+    _in_precision(model, runtime.device.type, runtime.autocast_dtype)
+    model.inference_precision = runtime.precision
     model.freeze_prior()
     return model

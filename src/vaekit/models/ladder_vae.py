@@ -163,6 +163,6 @@ class LadderVAE(VAE):
         log_pz_top, log_qz_top = self.log_prior(z_top), log_normal_pdf(z_top, mean, logvar)
         s, log_p, log_q, rate = self._top_down(z_top, features, eps[:, d:])
         params = self.decoder(s)
-        rate = torch.cat([self.layer_rate(z_top, mean, logvar, log_qz_top, log_pz_top)[:, None], rate], dim=-1)
+        rate = torch.cat([self.layer_rate(mean, logvar, log_qz_top, log_pz_top)[:, None], rate], dim=-1)
         terms = Terms(params, self.likelihood.log_prob(x_flat, params), log_pz_top + log_p, log_qz_top + log_q, rate)
         return Terms(*(t.unflatten(0, (*draws, len(x))) for t in terms)) if draws else terms

@@ -11,32 +11,34 @@ PRIORS = ("standard", "vamp")
 OBJECTIVES = ("elbo", "iwae")
 
 
-def _f(default, help: str):
-    """A field with its default and the help line its command-line flag shows."""
+def setting(default, help: str):
+    """A config field with its default and the help line its command-line flag shows (every
+    config dataclass, here and in vaekit/config.py, declares its fields with it)."""
     return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class ModelConfig:
-    family: str = _f("conv", "conv: the seed's architecture, generalised to any size; resnet: residual stages for "
-                     "32-64 px images; ladder: hierarchical, --stochastic-layers layers of z with a top-down path")
-    latent_dim: int = _f(50, "dimensions of z (the seed's 50); of each layer for the ladder family")
-    image_channels: int = _f(1, "1 = grey, 3 = RGB; training sets it from the data")
-    image_size: int = _f(28, "the side of the square images; the number of stride-2 stages follows from it")
-    tf_padding: bool = _f(False, "conv: TF's SAME cropping in the decoder, so the output grid matches the seed's "
-                          "pixel for pixel (slower); without it the grid is shifted by one pixel")
-    likelihood: str = _f("bernoulli", "bernoulli (binary data), gaussian, gaussian-fixed or logistic (8-bit)")
-    fixed_scale: float = _f(0.1, "gaussian-fixed: the scale of every pixel, on [0, 1]")
-    allow_continuous_bernoulli: bool = _f(False, "use bernoulli on grey levels anyway (not a likelihood of them)")
-    beta: float = _f(1.0, "beta-VAE weight of the rate in the training loss (reports stay at beta 1)")
-    objective: str = _f("elbo", "elbo: the seed's single-sample estimator; iwae: the IWAE bound with --iwae-k draws")
-    iwae_k: int = _f(5, "importance samples per image of the iwae objective")
-    conditional: bool = _f(False, "class-conditional: the one-hot label goes to encoder and decoder")
-    num_classes: int = _f(0, "of a conditional model; 0: the data's, written to config.json in training")
-    stochastic_layers: int = _f(0, "layers of z; 0: the family's own (conv, resnet: 1; ladder: 2)")
-    prior: str = _f("standard", "standard: N(0, I), the seed's; vamp: the VampPrior, a mixture of the posteriors "
-                    "of learned pseudo-inputs (Tomczak & Welling 2018)")
-    pseudo_inputs: int = _f(500, "vamp: the learned pseudo-inputs, one mixture component each")
+    family: str = setting("conv", "conv: the seed's architecture, generalised to any size; resnet: residual stages for "
+                          "32-64 px images; ladder: hierarchical, --stochastic-layers layers of z with a top-down path")
+    latent_dim: int = setting(50, "dimensions of z (the seed's 50); of each layer for the ladder family")
+    image_channels: int = setting(1, "1 = grey, 3 = RGB; training sets it from the data")
+    image_size: int = setting(28, "the side of the square images; the number of stride-2 stages follows from it")
+    tf_padding: bool = setting(False, "conv: TF's SAME cropping in the decoder, so the output grid matches the seed's "
+                               "pixel for pixel (slower); without it the grid is shifted by one pixel")
+    likelihood: str = setting("bernoulli", "bernoulli (binary data), gaussian, gaussian-fixed or logistic (8-bit)")
+    fixed_scale: float = setting(0.1, "gaussian-fixed: the scale of every pixel, on [0, 1]")
+    allow_continuous_bernoulli: bool = setting(False, "use bernoulli on grey levels anyway (not a likelihood of them)")
+    beta: float = setting(1.0, "beta-VAE weight of the rate in the training loss (reports stay at beta 1)")
+    objective: str = setting("elbo", "elbo: the seed's single-sample estimator; iwae: the IWAE bound with "
+                                     "--iwae-k draws")
+    iwae_k: int = setting(5, "importance samples per image of the iwae objective")
+    conditional: bool = setting(False, "class-conditional: the one-hot label goes to encoder and decoder")
+    num_classes: int = setting(0, "of a conditional model; 0: the data's, written to config.json in training")
+    stochastic_layers: int = setting(0, "layers of z; 0: the family's own (conv, resnet: 1; ladder: 2)")
+    prior: str = setting("standard", "standard: N(0, I), the seed's; vamp: the VampPrior, a mixture of the posteriors "
+                         "of learned pseudo-inputs (Tomczak & Welling 2018)")
+    pseudo_inputs: int = setting(500, "vamp: the learned pseudo-inputs, one mixture component each")
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("family", self.family, FAMILIES), ("likelihood", self.likelihood, LIKELIHOODS),

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..likelihoods import log_prob_of_draws
 from ..objectives import analytic_kl, log_normal_pdf
 from .model_config import ModelConfig
 
@@ -46,6 +47,10 @@ class Terms(NamedTuple):
 
 
 class VAE(nn.Module):
+    # The precision ("fp32" or "bf16") a copy made by models.inference.prepare_for_inference runs
+    # in by itself; None for the model as training builds it, which runs in its caller's autocast.
+    inference_precision: str | None = None
+
     def __init__(self, config: ModelConfig, encoder: nn.Module, decoder: nn.Module) -> None:
         super().__init__()
         if config.conditional and not config.num_classes:
@@ -151,7 +156,7 @@ class VAE(nn.Module):
             pick = torch.randint(m, (len(eps),), generator=generator, device=generator.device).to(eps.device)
         return self.reparameterize(mean[pick], logvar[pick], eps=eps)
 
-    def layer_rate(self, z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor, log_qz: torch.Tensor,
+    def layer_rate(self, mean: torch.Tensor, logvar: torch.Tensor, log_qz: torch.Tensor,
                    log_pz: torch.Tensor) -> torch.Tensor:
         """The rate of the layer the prior is for: analytic KL under N(0, I), else log q - log p."""
         return analytic_kl(mean, logvar).expand(log_qz.shape) if self.pseudo_inputs is None else log_qz - log_pz
@@ -179,17 +184,19 @@ class VAE(nn.Module):
         else:
             k = z.shape[0]
             params = self.decode(z.flatten(0, 1), None if y is None else y.repeat(k)).unflatten(0, (k, len(x)))
-            log_px = self.likelihood.log_prob(x.expand(k, *x.shape).flatten(0, 1), params.flatten(0, 1)).view(k, -1)
+            log_px = log_prob_of_draws(self.likelihood, x, params)
         log_pz, log_qz = self.log_prior(z), log_normal_pdf(z, mean, logvar)
-        return Terms(params, log_px, log_pz, log_qz, self.layer_rate(z, mean, logvar, log_qz, log_pz)[..., None])
+        return Terms(params, log_px, log_pz, log_qz, self.layer_rate(mean, logvar, log_qz, log_pz)[..., None])
 
 
 def mixture_log_pdf(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """log (1/M) sum_m N(z; mean_m, exp(logvar_m)) of codes z [..., D] under M diagonal Gaussians
     (mean, logvar [M,D]) -> [...]. Expanded into matrix products, (z-m)^2/v = z^2/v - 2 z m/v + m^2/v,
-    so memory is [N,M], not [N,M,D]."""
+    so memory is [N,M], not [N,M,D]; in fp32 under any autocast (the terms cancel: in bf16 they
+    would lose nats)."""
     shape, z = z.shape[:-1], z.reshape(-1, z.shape[-1])
     precision = torch.exp(-logvar)                                                   # [M,D]
-    quad = (z * z) @ precision.T - 2 * z @ (mean * precision).T + (mean * mean * precision).sum(1)   # [N,M]
+    with torch.autocast(z.device.type, enabled=False):
+        quad = (z * z) @ precision.T - 2 * z @ (mean * precision).T + (mean * mean * precision).sum(1)   # [N,M]
     log_n = -0.5 * (quad + logvar.sum(1) + z.shape[-1] * math.log(2 * math.pi))
     return (torch.logsumexp(log_n, dim=1) - math.log(len(mean))).view(shape)
