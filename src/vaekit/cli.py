@@ -18,19 +18,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import api
-from .config import DEVICES, FOLDER, FOLDER_SETTINGS, IDX_DATASETS, PRECISIONS, Config, DataConfig
+from .config import DEVICES, FOLDER, FOLDER_SETTINGS, IDX_DATASETS, PRECISIONS, Config, DataConfig, check_seed
 from .errors import ConfigError, VaekitError
 from .evaluate import eval_table
 from .launch import launch, launched_by_torchrun
 from .runs import Run, parse_run_name
 from .train import Interrupted
-
-
-# STAND-IN for h-models' config.check_seed (issue 24), until it lands: at merge, delete these three
-# lines and add check_seed to the `from .config import` above.
-def check_seed(seed: int, flag: str = "--seed") -> None:
-    if not 0 <= seed <= 2**31 - 1:
-        raise ConfigError(f"{flag} {seed} is out of range: give a seed in 0..{2**31 - 1}")
 
 
 # -- the flags several commands take, each declared once ------------------------------------------
@@ -49,7 +42,7 @@ def _seed(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     try:
-        check_seed(seed, flag="--seed")
+        check_seed(seed, flag="the seed")
     except ConfigError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return seed

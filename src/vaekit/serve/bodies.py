@@ -10,13 +10,13 @@ from fastapi import Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import ClientDisconnect
 
+from ..config import SEED_LIMIT
 from ..generate import INPAINT_METHODS, PATHS
 from .images import BadInput
 
 # What one request may ask for: enough to play with, little enough to answer in well under a second on a CPU.
 LIMITS = {"samples": 64, "interpolation_steps": 32, "dims": 16, "latent_value": 5.0, "map_value": 50.0,
           "inpaint_steps": 200, "chains": 8, "body_bytes": 2_000_000}
-SEED_LIMIT = 2**31 - 1   # STAND-IN for h-models' config.SEED_LIMIT (issue 24): at merge, import it from ..config
 Seed = Annotated[int, Field(ge=0, le=SEED_LIMIT)]
 Index = Annotated[int, Field(ge=0)]
 MapValue = Annotated[float, Field(ge=-LIMITS["map_value"], le=LIMITS["map_value"], allow_inf_nan=False)]
