@@ -193,3 +193,38 @@ def test_sigterm_to_the_launcher_stops_every_rank_after_one_step_with_a_checkpoi
     run_to_end(["-m", "vaekit", "train", "--nproc", "2", "--resume", run])
     resumed, uninterrupted = weights(run), weights(two_ranks / "run")
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped by its new parent, counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_kill_9_of_the_launcher_takes_its_ranks_with_it_and_the_run_resumes(two_ranks, tmp_path):
+    run = tmp_path / "run"
+    proc = start_nproc(run)
+    wait_for_step(proc, run, 5)
+    ranks = [rank_pid(proc.pid, r) for r in (0, 1)]
+    proc.kill()
+    proc.communicate()
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in ranks) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(pid) for pid in ranks), "a rank trains on without its launcher"
+    run_to_end(["-m", "vaekit", "train", "--nproc", "2", "--resume", run])   # the lock went with the ranks
+    resumed, uninterrupted = weights(run), weights(two_ranks / "run")
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def test_a_killed_rank_is_named_in_one_line_with_the_command_that_goes_on(tmp_path):
+    run = tmp_path / "run"
+    proc = start_nproc(run)
+    wait_for_step(proc, run, 5)
+    os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)
+    _, stderr = finish(proc)
+    assert proc.returncode == 128 + signal.SIGKILL, stderr[-3000:]
+    assert f"vaekit: rank 1 was killed by SIGKILL; go on with `vaekit train --nproc 2 --resume {run}`" in stderr
+    assert "Traceback" not in stderr, stderr[-3000:]
