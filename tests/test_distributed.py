@@ -1,7 +1,9 @@
 """Distributed training for real: 2 CPU processes (gloo) started by torchrun, as a user would."""
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -228,3 +230,48 @@ def test_a_killed_rank_is_named_in_one_line_with_the_command_that_goes_on(tmp_pa
     assert proc.returncode == 128 + signal.SIGKILL, stderr[-3000:]
     assert f"vaekit: rank 1 was killed by SIGKILL; go on with `vaekit train --nproc 2 --resume {run}`" in stderr
     assert "Traceback" not in stderr, stderr[-3000:]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_machines(run: Path, *extra) -> list[subprocess.Popen]:
+    """Two torchrun launchers as two machines would run them (--nnodes 2, one rank each, a c10d
+    rendezvous), here both on 127.0.0.1, writing one run directory."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "two-machines", *extra,
+               "-m", "vaekit", "train", *map(str, TRAIN), "--out", str(run)]
+    return [subprocess.Popen(command, env={**cli_env(), "OMP_NUM_THREADS": "1"}, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+
+
+def test_two_machines_train_the_run_of_one_machine_with_two_ranks(two_ranks, tmp_path):
+    run = tmp_path / "run"
+    machines = start_machines(run)
+    for machine in machines:
+        _, stderr = finish(machine)
+        assert machine.returncode == 0, stderr[-3000:]
+    two_machines, one_machine = weights(run), weights(two_ranks / "run")
+    assert all(torch.equal(two_machines[k], one_machine[k]) for k in one_machine)
+
+
+def test_a_rank_killed_on_one_machine_restarts_the_job_from_the_newest_checkpoint(two_ranks, tmp_path):
+    run = tmp_path / "run"
+    machines = start_machines(run, "--max-restarts", "1")
+    wait_for_step(machines[0], run, 10)
+    victim = next(pid for m in machines if (pid := rank_pid(m.pid, 1)) is not None)
+    os.kill(victim, signal.SIGKILL)
+    stdouts = []
+    for machine in machines:
+        stdout, stderr = finish(machine)
+        assert machine.returncode == 0, stderr[-3000:]
+        stdouts.append(stdout)
+    resumed_at = [int(m) for out in stdouts for m in re.findall(r"Resuming .* \(step (\d+):", out)]
+    assert resumed_at and min(resumed_at) >= 10, stdouts     # from the newest checkpoint, not the start
+    assert [m["epoch"] for m in Run(run).metrics()] == [1, 2]
+    restarted, uninterrupted = weights(run), weights(two_ranks / "run")
+    assert all(torch.equal(restarted[k], uninterrupted[k]) for k in uninterrupted)
