@@ -57,7 +57,7 @@ from tqdm import tqdm
 
 from ..errors import DataError
 from ..files import atomic_write_text, replacing
-from .sources import Log, cache_root, to_stderr
+from .sources import Log, cache_root, process_gone, to_stderr
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CONVERTIBLE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA")   # 8-bit modes with a meaning as grey or colour
@@ -349,19 +349,8 @@ def _read_cache(entry: Path, log: Log) -> FolderData | None:
 def _remove_stale_temps(entry: Path) -> None:
     """The temporary files (files.replacing's `.NAME.PID.RANDOM.tmp`) of a decode that was killed."""
     for tmp in entry.glob(".*.tmp"):
-        pid = tmp.name.rsplit(".", 3)[-3]
-        if pid.isdigit() and not _alive(int(pid)):
+        if process_gone(tmp.name.rsplit(".", 3)[-3]):
             tmp.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:   # another user's process, or no such check here (Windows): leave its file
-        return True
-    return True
 
 
 def _remove_older(entry: Path, settings: str) -> None:
