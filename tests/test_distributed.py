@@ -275,3 +275,15 @@ def test_a_rank_killed_on_one_machine_restarts_the_job_from_the_newest_checkpoin
     assert [m["epoch"] for m in Run(run).metrics()] == [1, 2]
     restarted, uninterrupted = weights(run), weights(two_ranks / "run")
     assert all(torch.equal(restarted[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def test_the_thread_count_of_the_ranks_leaves_the_launchers_environment_as_it_was(monkeypatch):
+    from vaekit.launch import _threads_per_process
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = dict(os.environ)
+    threads, said = _threads_per_process(2)
+    assert threads == max(1, len(os.sched_getaffinity(0)) // 2) and "cores shared out" in said
+    assert dict(os.environ) == before
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert _threads_per_process(2) == (None, "3 thread(s) each (OMP_NUM_THREADS as set)")

@@ -45,9 +45,9 @@ import shutil
 import sys
 import tempfile
 import warnings
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
-from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -252,12 +252,25 @@ def _decoded_chunks(folder: Path, files: list[tuple[str, int]], size: int, chann
             # spawn: a fork of a rank holding torch's threads and a process group is not safe
             pool = stack.enter_context(ProcessPoolExecutor(min(workers, len(chunks)),
                                                            mp_context=multiprocessing.get_context("spawn")))
-            results = pool.map(_decode_chunk, repeat(folder), chunks, repeat(size), repeat(channels))
+            results = _in_order(pool, [(folder, chunk, size, channels) for chunk in chunks], ahead=2 * workers)
         else:
             results = (_decode_chunk(folder, chunk, size, channels) for chunk in chunks)
         for chunk, result in zip(chunks, results):
             yield chunk, result
             bar.update(len(chunk))
+
+
+def _in_order(pool: ProcessPoolExecutor, jobs: list[tuple], ahead: int):
+    """_decode_chunk(*job) for each job, in order, with at most `ahead` chunks decoded or decoding
+    beyond the one awaited (pool.map would submit them all, and a slow chunk would leave the rest
+    of the data set piling up in memory)."""
+    pending = deque()
+    for job in jobs:
+        pending.append(pool.submit(_decode_chunk, *job))
+        if len(pending) > ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def _decode_into(entry: Path, folder: Path, files: list[tuple[str, int]], size: int, channels: int,
