@@ -65,14 +65,18 @@ def launch(nproc: int, args: list[str], max_restarts: int = 0) -> int:
 @contextlib.contextmanager
 def _quiet_agent():
     """The agent's own log lines (a failure's table, "Sending process closing signal") stay
-    unprinted: the launcher says what happened in one line."""
-    agent = logging.getLogger("torch.distributed.elastic")
-    level = agent.level
-    agent.setLevel(logging.CRITICAL)
+    unprinted: the launcher says what happened in one line. torch sets some of its loggers' levels
+    itself, so each is quietened, not only their parent."""
+    names = [name for name in logging.root.manager.loggerDict
+             if name.startswith(("torch.distributed.elastic", "torch.distributed.launcher"))]
+    levels = {name: logging.getLogger(name).level for name in names}
+    for name in names:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         yield
     finally:
-        agent.setLevel(level)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def _lost(rank: int, exitcode: int) -> str:
