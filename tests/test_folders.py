@@ -2,6 +2,10 @@
 sample, labels from subfolders, explicit mode conversion, resize and crop, a deterministic and
 stable split, bad files, the decoded-array cache; and `--binarization none`."""
 import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -9,11 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import SAMPLE, Log
+from conftest import SAMPLE, Log, cli_env
 from test_cli import vaekit
 from vaekit import Config, ConfigError, DataConfig
 from vaekit.errors import DataError
-from vaekit.data import cache_root, dataset_info, load_folder, preprocess, read_idx, splits_for
+from vaekit.data import (cache_root, dataset_info, fingerprint, hold_out, load_folder, preprocess, read_idx,
+                         splits_for)
 
 
 def sample_digits(n: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -221,7 +226,7 @@ def test_decoded_arrays_are_cached_and_a_changed_file_is_never_served_stale(tmp_
     assert log.has("decoding 60 images") and first.source.startswith("decoded")
     log = Log()
     cached = load_folder(folder, 28, 1, 0.2, 0, log=log)
-    assert log == [] and cached.source == f"cache {first.cache_file}"
+    assert log == [] and cached.source == f"cache {first.cache}"
     for name in ("train_images", "train_labels", "test_images", "test_labels"):
         np.testing.assert_array_equal(getattr(cached, name), getattr(first, name))
     assert cached.class_names == first.class_names
@@ -235,25 +240,27 @@ def test_decoded_arrays_are_cached_and_a_changed_file_is_never_served_stale(tmp_
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     log = Log()
     changed = load_folder(folder, 28, 1, 0.2, 0, log=log)
-    assert log.has("decoding 60 images") and changed.cache_file != first.cache_file
+    assert log.has("decoding 60 images") and changed.cache != first.cache
     everything = np.concatenate([changed.train_images, changed.test_images])[:, 0]
     assert any((image == inverted).all() for image in everything)
-    assert not first.cache_file.exists()                 # the stale entry is gone
-    assert [p.name for p in changed.cache_file.parent.iterdir()] == [changed.cache_file.name]
+    assert not first.cache.exists()                 # the stale entry is gone
+    assert [p.name for p in changed.cache.parent.iterdir()] == [changed.cache.name]
 
     load_folder(folder, 14, 1, 0.2, 0, log=Log())        # other settings: their own entry
-    assert len(list(changed.cache_file.parent.iterdir())) == 2
-    assert changed.cache_file.is_relative_to(cache_root())
+    assert len(list(changed.cache.parent.iterdir())) == 2
+    assert changed.cache.is_relative_to(cache_root())
 
 
 def test_a_damaged_cache_entry_is_decoded_again(tmp_path):
     write_digit_folder(tmp_path / "digits", n=30)
     first = load_folder(tmp_path / "digits", 28, 1, 0.2, 0, log=Log())
-    first.cache_file.write_bytes(first.cache_file.read_bytes()[:100])
+    decoded = np.array(first.train_images)     # a copy: the mapping of a file cut short faults (SIGBUS)
+    images = first.cache / "train_images.npy"
+    images.write_bytes(images.read_bytes()[:1000])
     log = Log()
     again = load_folder(tmp_path / "digits", 28, 1, 0.2, 0, log=log)
     assert log.has("unreadable") and log.has("decoding 30 images")
-    np.testing.assert_array_equal(again.train_images, first.train_images)
+    np.testing.assert_array_equal(again.train_images, decoded)
 
 
 def test_loose_images_beside_class_folders_are_left_out_with_a_warning(tmp_path):
@@ -271,7 +278,7 @@ def test_dataset_info_of_a_folder(tmp_path):
     assert info["name"] == "folder" and info["image_shape"] == [3, 14, 14]
     assert info["num_classes"] == 10 and info["class_names"] == list("0123456789")
     assert info["splits"]["train"] + info["splits"]["test"] == 50 and info["skipped"] == 0
-    assert Path(info["cache"]).is_file()
+    assert (Path(info["cache"]) / "manifest.json").is_file()
 
 
 def test_data_config_checks_folder_settings():
@@ -307,3 +314,59 @@ def test_cli_trains_on_an_image_folder_and_shows_its_info(tmp_path):
     assert config.data.dataset == "folder" and config.data.data_dir == str(tmp_path / "digits")
     assert (run / "images" / "image_at_epoch_0001.png").is_file()
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def hashed_afresh(splits) -> dict:
+    """data.fingerprint as it hashes the images themselves (no SHA-256 recorded by a cache)."""
+    return fingerprint(replace(splits, sha256=None))
+
+
+def test_parallel_decode_equals_one_process_and_the_recorded_fingerprint_is_the_hash_of_the_data(tmp_path,
+                                                                                                   monkeypatch):
+    write_digit_folder(tmp_path / "digits", n=600)    # 3 chunks of up to 256 images
+    parallel = load_folder(tmp_path / "digits", 28, 1, 0.2, 0, log=Log(), workers=2)
+    monkeypatch.setenv("VAEKIT_CACHE", str(tmp_path / "other-cache"))
+    serial = load_folder(tmp_path / "digits", 28, 1, 0.2, 0, log=Log(), workers=1)
+    for name in ("train_images", "train_labels", "test_images", "test_labels"):
+        np.testing.assert_array_equal(getattr(parallel, name), getattr(serial, name))
+    splits = splits_for(folder_config(tmp_path / "digits", test_fraction=0.2), log=Log())   # the 2nd entry
+    assert splits.sha256 == parallel.sha256
+    assert fingerprint(splits) == hashed_afresh(splits)
+
+
+def test_the_images_are_read_memory_mapped_from_the_cache_entry(tmp_path):
+    write_digit_folder(tmp_path / "digits", n=60)
+    splits_for(folder_config(tmp_path / "digits"), log=Log())              # decodes
+    splits = splits_for(folder_config(tmp_path / "digits"), log=Log())     # reads the entry
+    [entry] = [p for p in (cache_root() / "folders").glob("*/*") if p.is_dir()]
+    mapped = Path("/proc/self/maps").read_text()
+    assert str(entry / "train_images.npy") in mapped and str(entry / "test_images.npy") in mapped
+    hold, held_out = hold_out(splits.train, 10)          # views of the mapping: splits, validation
+    assert len(hold) + len(held_out) == len(splits.train) and torch.equal(held_out.images, splits.train.images[-10:])
+
+
+DECODE = """
+import sys
+from vaekit.data import load_folder
+load_folder(sys.argv[1], 28, 1, 0.2, 0, workers=1)
+"""
+
+
+def test_a_decode_killed_midway_leaves_no_entry_that_is_read_and_the_next_decode_finishes(tmp_path):
+    write_digit_folder(tmp_path / "digits", n=2000)
+    proc = subprocess.Popen([sys.executable, "-c", DECODE, str(tmp_path / "digits")], env=cli_env(),
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list((cache_root() / "folders").glob("*/*/.train_images.npy.*.tmp")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    [entry] = (cache_root() / "folders").glob("*/*")
+    assert not (entry / "manifest.json").exists()
+    log = Log()
+    data = load_folder(tmp_path / "digits", 28, 1, 0.2, 0, log=log, workers=1)
+    assert log.has("decoding 2000 images")
+    assert sorted(p.name for p in entry.iterdir()) == ["manifest.json", "skipped.txt", "test_images.npy",
+                                                       "test_labels.npy", "train_images.npy", "train_labels.npy"]
+    assert len(data.train_images) + len(data.test_images) == 2000

@@ -1,41 +1,132 @@
 """`vaekit train --nproc N`: the job started as N ranks on this machine through torchrun's own
-launcher, each rank running the same command (distributed.py sets each one up)."""
+launcher (its elastic agent, in this process), each rank running the same command (distributed.py
+sets each one up).
+
+Each rank runs `python -m vaekit.launch LAUNCHER_PID THREADS ARGS` (`_worker` below), which ties
+its life to the launcher's (a launcher killed by kill -9 takes its ranks with it, and with them the
+run's lock) and sets its thread count before running `vaekit ARGS`. A rank that loses a peer exits
+quietly; the launcher prints one line naming the rank lost and how to go on.
+"""
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import logging
 import os
+import signal
 import sys
+import uuid
+from pathlib import Path
+
+PEER_LOST = 75    # a rank's exit code when its communication with a lost rank failed
+_PR_SET_PDEATHSIG = 1   # linux/prctl.h
 
 
 def launched_by_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ
 
 
-def _threads_per_process(nproc: int) -> str:
-    """Sets OMP_NUM_THREADS for the ranks to this machine's cores shared out (torchrun would set
-    1 and print a banner about it), unless the user set it; says which, for the launch line."""
+def _threads_per_process(nproc: int) -> tuple[int | None, str]:
+    """(threads each rank sets, None where the user's OMP_NUM_THREADS reaches the ranks as it is;
+    the words for the launch line). This machine's cores are shared out (torchrun would set 1 and
+    print a banner about it). Nothing here writes this process's environment."""
     if "OMP_NUM_THREADS" in os.environ:
-        return f"{os.environ['OMP_NUM_THREADS']} thread(s) each (OMP_NUM_THREADS as set)"
+        return None, f"{os.environ['OMP_NUM_THREADS']} thread(s) each (OMP_NUM_THREADS as set)"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads = max(1, cores // nproc)
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    return (f"{threads} thread{'s' * (threads > 1)} each: {cores} cores shared out (set OMP_NUM_THREADS "
-            "to choose)")
+    return threads, (f"{threads} thread{'s' * (threads > 1)} each: {cores} cores shared out (set OMP_NUM_THREADS "
+                     "to choose)")
 
 
 def launch(nproc: int, args: list[str], max_restarts: int = 0) -> int:
-    """Runs `vaekit ARGS` as `nproc` ranks on this machine through torchrun's own launcher
-    (`torchrun --standalone`); returns the exit code to leave with (a worker's, when one fails)."""
+    """Runs `vaekit ARGS` as `nproc` ranks on this machine through torchrun's elastic agent (as
+    `torchrun --standalone` does); returns the exit code to leave with (a worker's, when one fails)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    print(f"vaekit: {nproc} processes, {_threads_per_process(nproc)}", file=sys.stderr, flush=True)
+    threads, said = _threads_per_process(nproc)
+    print(f"vaekit: {nproc} processes, {said}", file=sys.stderr, flush=True)
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=max_restarts)
+    worker = ["-u", "-m", "vaekit.launch", str(os.getpid()), str(threads or 0), *args]
     try:
-        run(parse_args(["--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
-                        "--module", "vaekit", *args]))
+        with _quiet_agent():
+            elastic_launch(config, entrypoint=sys.executable)(*worker)
     except ChildFailedError as e:
-        _, failure = e.get_first_failure()
+        rank, failure = e.get_first_failure()
+        print(f"vaekit: {_lost(rank, failure.exitcode)}; {_how_to_go_on(args, nproc)}", file=sys.stderr, flush=True)
         return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode   # -N: killed by signal N
     except SignalException as e:
         return 128 + e.sigval
     return 0
+
+
+@contextlib.contextmanager
+def _quiet_agent():
+    """The agent's own log lines (a failure's table, "Sending process closing signal") stay
+    unprinted: the launcher says what happened in one line. torch sets some of its loggers' levels
+    itself, so each is quietened, not only their parent."""
+    names = [name for name in logging.root.manager.loggerDict
+             if name.startswith(("torch.distributed.elastic", "torch.distributed.launcher"))]
+    levels = {name: logging.getLogger(name).level for name in names}
+    for name in names:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _lost(rank: int, exitcode: int) -> str:
+    if exitcode < 0:
+        return f"rank {rank} was killed by {signal.Signals(-exitcode).name}"
+    if exitcode == PEER_LOST:
+        return f"rank {rank} lost contact with the other ranks"
+    return f"rank {rank} stopped with exit code {exitcode}"
+
+
+def _how_to_go_on(args: list[str], nproc: int) -> str:
+    """The command that goes on from the run's newest checkpoint, or (no run yet) says to start again."""
+    for flag in ("--resume", "--out"):
+        if flag in args and Path(args[args.index(flag) + 1], "config.json").is_file():
+            run = args[args.index(flag) + 1]
+            return f"go on with `vaekit train --nproc {nproc} --resume {run}`"
+    return "no run directory was made: run the command again"
+
+
+def _die_with(launcher: int) -> None:
+    """Linux: this process gets SIGKILL when its parent, the launcher, dies (even by kill -9), so
+    no rank trains on, re-parented to init, holding the run's lock. If the launcher died before
+    this was set, the parent is no longer it: leave now."""
+    if sys.platform != "linux":
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return   # not allowed here (a sandbox): the ranks outlive a killed launcher, as without this
+    if os.getppid() != launcher:
+        os._exit(128 + signal.SIGKILL)
+
+
+def _worker(argv: list[str]) -> int:
+    """One rank: `LAUNCHER_PID THREADS ARGS` (THREADS 0: leave the thread count as the environment sets it)."""
+    launcher, threads, *args = argv
+    _die_with(int(launcher))
+    import torch
+    import torch.distributed as dist
+
+    from .cli import main
+
+    if int(threads):
+        torch.set_num_threads(int(threads))
+    try:
+        return main(args)
+    except dist.DistError:
+        # a peer died mid-collective (gloo: "Connection reset by peer"): the launcher names the
+        # rank lost; a traceback from every survivor would bury that line
+        return PEER_LOST
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1:]))

@@ -1,7 +1,9 @@
-"""In-memory datasets and batch preprocessing.
+"""Datasets as uint8 tensors, and batch preprocessing.
 
-A split is held as uint8 tensors (60,000 MNIST images are 47 MB); batches are moved to
-the device as uint8 and binarised (or scaled) there by `preprocess`.
+A split is held as uint8 tensors: an IDX dataset in memory (60,000 MNIST images are 47 MB), an
+image folder memory-mapped from its cache entry (folders.py), which the ranks of a machine share
+through the page cache. Batches are moved to the device as uint8 and binarised (or scaled) there
+by `preprocess`.
 
 `splits_for(DataConfig)` is the one entry point of training and the commands: it reads an IDX
 dataset through the fetch chain (sources.py) or an image folder (folders.py).
@@ -46,6 +48,7 @@ class Splits:
     train: ImageData
     test: ImageData
     class_names: tuple[str, ...]   # label i is class_names[i]
+    sha256: str | None = None      # fingerprint's SHA-256 of both splits, where a cache recorded it
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -63,9 +66,10 @@ def splits_for(data: DataConfig, data_dir: str | Path | None = None, *, log: Log
     data = data_config(data, data_dir)
     if data.dataset == FOLDER:
         folder = _load_folder(data, log)
+        # the images stay memory-mapped: torch.from_numpy shares the mapping, no copy
         return Splits(ImageData(torch.from_numpy(folder.train_images), torch.from_numpy(folder.train_labels)),
                       ImageData(torch.from_numpy(folder.test_images), torch.from_numpy(folder.test_labels)),
-                      folder.class_names)
+                      folder.class_names, folder.sha256)
     return load_splits(data.dataset, data.data_dir, log=log)
 
 
@@ -112,12 +116,16 @@ def hold_out(split: ImageData, n: int) -> tuple[ImageData, ImageData]:
 def fingerprint(splits: Splits) -> dict:
     """What identifies a dataset in memory: the split sizes and one SHA-256 over both splits'
     images and labels. A run records it (data.json) and a resume checks the data it is given
-    against it, so a --data-dir given again can only be the same data."""
+    against it, so a --data-dir given again can only be the same data. An image folder's cache
+    entry recorded the SHA-256 when it was decoded: then no image is read to hash it here."""
+    sizes = {"train": len(splits.train), "test": len(splits.test)}
+    if splits.sha256 is not None:
+        return {**sizes, "sha256": splits.sha256}
     digest = hashlib.sha256()
     for split in (splits.train, splits.test):
         for tensor in (split.images, split.labels):
             digest.update(memoryview(tensor.contiguous().numpy()).cast("B"))
-    return {"train": len(splits.train), "test": len(splits.test), "sha256": digest.hexdigest()}
+    return {**sizes, "sha256": digest.hexdigest()}
 
 
 def fetch(dataset: str | DataConfig, data_dir: str | Path | None = None, *, log: Log = to_stderr) -> Path:
@@ -125,7 +133,7 @@ def fetch(dataset: str | DataConfig, data_dir: str | Path | None = None, *, log:
     files, or for an image folder the cache file of its decoded images."""
     data = data_config(dataset, data_dir)
     if data.dataset == FOLDER:
-        return _load_folder(data, log).cache_file
+        return _load_folder(data, log).cache
     return fetch_idx(data.dataset, data.data_dir, log=log)
 
 
@@ -140,7 +148,7 @@ def dataset_info(dataset: str | DataConfig, data_dir: str | Path | None = None, 
         "name": FOLDER,
         "path": str(Path(data.data_dir).expanduser()),
         "source": folder.source,
-        "cache": str(folder.cache_file),
+        "cache": str(folder.cache),
         "splits": {"train": len(folder.train_images), "test": len(folder.test_images)},
         "image_shape": list(folder.train_images.shape[1:]),
         "num_classes": len(folder.class_names),

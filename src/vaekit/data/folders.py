@@ -1,4 +1,5 @@
-"""Any folder of PNG/JPEG images as a dataset, decoded once into uint8 arrays and cached.
+"""Any folder of PNG/JPEG images as a dataset, decoded once (in parallel processes) into a cache
+of uint8 arrays that every process reads memory-mapped.
 
 Labels: each immediate subfolder holding images is a class (sorted names -> 0..n-1), and every
 image anywhere below it has its label; images lying loose beside class subfolders are left out
@@ -12,7 +13,7 @@ square kept. Only 8-bit modes are converted (1, L, LA, P, PA, RGB, RGBA); CMYK, 
 images are skipped as a wrong mode (Pillow would convert CMYK without its colour profile and clip
 16-bit values), as are unreadable and truncated files and images of more pixels than Pillow's guard
 against decompression bombs admits: one warning line counts them and names them with the reason
-for each (beyond a few, the full list goes to a file beside the cache entry, which the line names);
+for each (beyond a few, the full list is in the cache entry's skipped.txt, which the line names);
 no usable image at all is a DataError. File names need not be valid UTF-8 (they are hashed as the
 bytes they are, and shown with backslash escapes).
 
@@ -20,36 +21,57 @@ Split: a file is a test image when a hash of (split seed, its path relative to t
 below `test_fraction`, so the split is deterministic and adding or removing files never moves
 another file between the splits.
 
-Cache: cache_root()/folders/<folder>-<hash of its absolute path>/<settings>-<content>.npz, where
-the content key hashes every image file's relative path and bytes with the decoder's version:
-a changed, added or removed file is a miss, never stale data. Writing a new entry removes the
-older ones of the same settings. The file is read with allow_pickle=False.
+Cache: an entry is the folder cache_root()/folders/<folder>-<hash of its absolute path>/
+<settings>-<content>/, where the content key hashes every image file's relative path and bytes with
+the decoder's version: a changed, added or removed file is a miss, never stale data. It holds
+{train,test}_images.npy (uint8 [N, C, size, size], streamed to disk as the images are decoded, so
+the decode never holds the data set in memory), {train,test}_labels.npy (int64 [N]), skipped.txt
+and, written last, manifest.json (class names, split sizes, and data.fingerprint's SHA-256 taken
+once at decode). Each file is written whole or not at all (files.replacing), and an entry without
+its manifest is unfinished and decoded again. The images are opened with numpy's mmap (copy on
+write), so the ranks of one machine share one copy through the page cache and each touches only
+the pages of its batches. Writing a new entry removes the older ones of the same settings.
+Files are read with allow_pickle=False.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
+import json
+import multiprocessing
 import os
+import shutil
+import sys
+import tempfile
 import warnings
-from dataclasses import dataclass
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import PIL
 from PIL import Image, ImageOps
+from tqdm import tqdm
 
 from ..errors import DataError
-from ..files import replacing
-from .sources import Log, cache_root, to_stderr
+from ..files import atomic_write_text, replacing
+from .sources import Log, cache_root, process_gone, to_stderr
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CONVERTIBLE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA")   # 8-bit modes with a meaning as grey or colour
 DECODER = f"vaekit-folder-1 pillow-{PIL.__version__}"   # in the cache key: a new decoder re-decodes
 NAMED_SKIPS = 5   # skipped files named in the warning itself; more go to a list in a file
+CHUNK = 256       # images a decoding process takes at a time
+NPY_HEADER = 128  # bytes: numpy's .npy header of a 4-d uint8 array (aligned to 64, as numpy writes it)
+MANIFEST = "manifest.json"   # written last: a cache entry without it is unfinished
 
 
 @dataclass(frozen=True)
 class FolderData:
-    """A decoded image folder: images uint8 [N, C, size, size], labels int64 [N] per split."""
+    """A decoded image folder: images uint8 [N, C, size, size] (memory-mapped from the cache entry),
+    labels int64 [N] per split."""
 
     train_images: np.ndarray
     train_labels: np.ndarray
@@ -57,13 +79,15 @@ class FolderData:
     test_labels: np.ndarray
     class_names: tuple[str, ...]
     skipped: tuple[str, ...]   # "relative/path (why)" for each file left out
-    cache_file: Path
+    cache: Path                # the cache entry, a folder (see the module docstring)
     source: str
+    sha256: str                # data.fingerprint's SHA-256 of these splits, taken at decode
 
 
 def load_folder(folder: str | Path, size: int, channels: int, test_fraction: float, split_seed: int, *,
-                log: Log = to_stderr) -> FolderData:
-    """Decode (or read from the cache) the images under `folder`; see the module docstring."""
+                log: Log = to_stderr, workers: int | None = None) -> FolderData:
+    """Decode (or read from the cache) the images under `folder`; see the module docstring.
+    `workers`: the processes that decode (default: one per core)."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder; pass --data-dir a folder of PNG/JPEG images")
@@ -72,12 +96,21 @@ def load_folder(folder: str | Path, size: int, channels: int, test_fraction: flo
         raise DataError(f"{folder}: no {'/'.join(IMAGE_SUFFIXES)} images in it or its subfolders; "
                         "pass --data-dir a folder of images (one subfolder per class, or all in one)")
     settings = f"{size}px-{'grey' if channels == 1 else 'rgb'}-test{test_fraction}-seed{split_seed}"
-    cache_file = _cache_dir(folder) / f"{settings}-{_content_key(folder, files)}.npz"
-    data = _read_cache(cache_file, log)
+    entry = _cache_dir(folder) / f"{settings}-{_content_key(folder, files)}"
+    data = _read_cache(entry, log)
     if data is None:
-        log(f"decoding {len(files)} images from {folder} (once: they are cached in {cache_file})")
-        data = _decode_all(folder, files, size, channels, test_fraction, split_seed, class_names, cache_file)
-        _write_cache(data, settings, log)
+        log(f"decoding {len(files)} images from {folder} (once: they are cached in {entry})")
+        decode = (folder, files, size, channels, test_fraction, split_seed, class_names, workers or _cores())
+        try:
+            _decode_into(entry, *decode)
+        except OSError as e:   # no cache to write to costs only speed: the next run decodes again
+            log(f"warning: could not cache the decoded images in {entry} ({e}); the next run decodes them again")
+            with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as scratch:
+                _decode_into(Path(scratch), *decode)
+                data = _just_decoded(Path(scratch), folder, log)
+        else:
+            _remove_older(entry, settings)
+            data = _just_decoded(entry, folder, log)
     usable = len(files) - len(data.skipped)
     if usable == 0:
         raise DataError(f"{folder}: none of its {len(files)} images can be used ({_named(data)}); "
@@ -92,17 +125,26 @@ def load_folder(folder: str | Path, size: int, channels: int, test_fraction: flo
     return data
 
 
+def _just_decoded(entry: Path, folder: Path, log: Log) -> FolderData:
+    data = _read_cache(entry, log)
+    if data is None:
+        raise DataError(f"{entry}: the images just decoded from {folder} cannot be read back; "
+                        "check the disk of the cache ($VAEKIT_CACHE)")
+    return replace(data, source=f"decoded from {folder}")
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _named(data: FolderData) -> str:
     """The skipped files, each with why: all of them, or beyond NAMED_SKIPS the first few and the
-    file (beside the cache entry) that lists them all, one a line."""
+    file in the cache entry that lists them all, one a line."""
     skipped = data.skipped
     if len(skipped) <= NAMED_SKIPS:
         return "; ".join(skipped)
-    listing = data.cache_file.with_suffix(".skipped.txt")
-    try:
-        listing.parent.mkdir(parents=True, exist_ok=True)
-        listing.write_text("".join(line + "\n" for line in skipped))
-    except OSError:   # no cache to write to: the line itself names them all
+    listing = data.cache / "skipped.txt"
+    if not listing.is_file():   # no cache to keep it in: the line itself names them all
         return "; ".join(skipped)
     return f"{'; '.join(skipped[:NAMED_SKIPS])}; all {len(skipped)}, each with why, are listed in {listing}"
 
@@ -186,59 +228,147 @@ def decode_image(path: Path, size: int, channels: int) -> np.ndarray:
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
 
 
-def _decode_all(folder: Path, files: list[tuple[str, int]], size: int, channels: int, test_fraction: float,
-                split_seed: int, class_names: tuple[str, ...], cache_file: Path) -> FolderData:
-    splits = {"train": ([], []), "test": ([], [])}
-    skipped = []
-    for rel, label in files:
+def _decode_chunk(folder: Path, rels: list[str], size: int, channels: int) -> tuple[np.ndarray, list[str | None]]:
+    """A worker's share: (the usable images uint8 [k, C, size, size] in order, for each file None
+    when used or why it was skipped)."""
+    images, why = [], []
+    for rel in rels:
         try:
-            image = decode_image(folder / rel, size, channels)
+            images.append(decode_image(folder / rel, size, channels))
+            why.append(None)
         except ValueError as e:
-            skipped.append(f"{_shown(rel)} ({' '.join(str(e).split())})")
-            continue
-        images, labels = splits["test" if is_test(rel, test_fraction, split_seed) else "train"]
-        images.append(image)
-        labels.append(label)
-
-    def stack(split: str) -> tuple[np.ndarray, np.ndarray]:
-        images, labels = splits[split]
-        empty = np.zeros((0, channels, size, size), np.uint8)
-        return (np.stack(images) if images else empty), np.array(labels, dtype=np.int64)
-
-    (train_images, train_labels), (test_images, test_labels) = stack("train"), stack("test")
-    return FolderData(train_images, train_labels, test_images, test_labels, class_names, tuple(skipped),
-                      cache_file, f"decoded from {folder}")
+            why.append(" ".join(str(e).split()))
+    return (np.stack(images) if images else np.zeros((0, channels, size, size), np.uint8)), why
 
 
-def _read_cache(cache_file: Path, log: Log) -> FolderData | None:
-    if not cache_file.is_file():
+def _decoded_chunks(folder: Path, files: list[tuple[str, int]], size: int, channels: int, workers: int):
+    """_decode_chunk's results over `files` in order, from `workers` processes (in this one for
+    a folder of one chunk), with a progress bar and its ETA on a terminal."""
+    rels = [rel for rel, _ in files]
+    chunks = [rels[i:i + CHUNK] for i in range(0, len(rels), CHUNK)]
+    bar = tqdm(total=len(rels), unit="img", desc="decoding", disable=None, file=sys.stderr)
+    with bar, contextlib.ExitStack() as stack:
+        if workers > 1 and len(chunks) > 1:
+            # spawn: a fork of a rank holding torch's threads and a process group is not safe
+            pool = stack.enter_context(ProcessPoolExecutor(min(workers, len(chunks)),
+                                                           mp_context=multiprocessing.get_context("spawn")))
+            results = _in_order(pool, [(folder, chunk, size, channels) for chunk in chunks], ahead=2 * workers)
+        else:
+            results = (_decode_chunk(folder, chunk, size, channels) for chunk in chunks)
+        for chunk, result in zip(chunks, results):
+            yield chunk, result
+            bar.update(len(chunk))
+
+
+def _in_order(pool: ProcessPoolExecutor, jobs: list[tuple], ahead: int):
+    """_decode_chunk(*job) for each job, in order, with at most `ahead` chunks decoded or decoding
+    beyond the one awaited (pool.map would submit them all, and a slow chunk would leave the rest
+    of the data set piling up in memory)."""
+    pending = deque()
+    for job in jobs:
+        pending.append(pool.submit(_decode_chunk, *job))
+        if len(pending) > ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _decode_into(entry: Path, folder: Path, files: list[tuple[str, int]], size: int, channels: int,
+                 test_fraction: float, split_seed: int, class_names: tuple[str, ...], workers: int) -> None:
+    """Decodes the folder into cache entry `entry`: each split's images streamed into its .npy as
+    they come (never all in memory), then its labels, then manifest.json, written last: an entry
+    without one was never finished and is not read."""
+    entry.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(entry)
+    label_of = dict(files)
+    labels = {"train": [], "test": []}
+    skipped = []
+    with contextlib.ExitStack() as stack:
+        out = {}
+        for split in ("train", "test"):
+            out[split] = stack.enter_context(open(stack.enter_context(replacing(entry / f"{split}_images.npy")), "wb"))
+            out[split].seek(NPY_HEADER)                   # the header, once the count is known
+        for rels, (images, why) in _decoded_chunks(folder, files, size, channels, workers):
+            used = iter(images)
+            for rel, problem in zip(rels, why):
+                if problem is not None:
+                    skipped.append(f"{_shown(rel)} ({problem})")
+                    continue
+                split = "test" if is_test(rel, test_fraction, split_seed) else "train"
+                out[split].write(next(used).tobytes())   # [C, size, size] in C order
+                labels[split].append(label_of[rel])
+        for split, f in out.items():
+            f.seek(0)
+            f.write(_npy_header((len(labels[split]), channels, size, size)))
+    arrays = {}
+    for split in ("train", "test"):
+        arrays[f"{split}_labels"] = np.array(labels[split], dtype=np.int64)
+        with replacing(entry / f"{split}_labels.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, arrays[f"{split}_labels"])
+        arrays[f"{split}_images"] = np.load(entry / f"{split}_images.npy", mmap_mode="r")
+    atomic_write_text(entry / "skipped.txt", "".join(line + "\n" for line in skipped))
+    manifest = {"decoder": DECODER, "class_names": list(class_names), "skipped": len(skipped),
+                "splits": {split: len(labels[split]) for split in labels},
+                "sha256": _fingerprint_sha256(arrays)}
+    atomic_write_text(entry / MANIFEST, json.dumps(manifest, indent=1))
+
+
+def _npy_header(shape: tuple[int, ...]) -> bytes:
+    """numpy's own .npy header of a uint8 array of `shape`, which is NPY_HEADER bytes long."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    if header.tell() != NPY_HEADER:
+        raise DataError(f"cannot cache images of shape {shape}; decode fewer or smaller images")
+    return header.getvalue()
+
+
+def _fingerprint_sha256(arrays: dict[str, np.ndarray]) -> str:
+    """data.fingerprint's SHA-256 of the splits (train images, train labels, test images, test
+    labels), taken here once, so that a rank reading the entry need not read every image to hash it."""
+    digest = hashlib.sha256()
+    for name in ("train_images", "train_labels", "test_images", "test_labels"):
+        array = arrays[name]
+        for start in range(0, len(array), CHUNK):
+            digest.update(memoryview(np.ascontiguousarray(array[start:start + CHUNK])).cast("B"))
+    return digest.hexdigest()
+
+
+def _read_cache(entry: Path, log: Log) -> FolderData | None:
+    """The entry's arrays, its images memory-mapped (copy on write: pages shared with every other
+    process reading the entry through the page cache); None if there is no finished entry."""
+    manifest = entry / MANIFEST
+    if not manifest.is_file():
         return None
     try:
-        with np.load(cache_file, allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in npz.files}
-        return FolderData(
-            arrays["train_images"], arrays["train_labels"], arrays["test_images"], arrays["test_labels"],
-            tuple(arrays["class_names"].tolist()), tuple(arrays["skipped"].tolist()), cache_file,
-            f"cache {cache_file}")
+        about = json.loads(manifest.read_text())
+        arrays = {}
+        for split in ("train", "test"):
+            arrays[f"{split}_images"] = np.load(entry / f"{split}_images.npy", mmap_mode="c", allow_pickle=False)
+            arrays[f"{split}_labels"] = np.load(entry / f"{split}_labels.npy", allow_pickle=False)
+            n = about["splits"][split]
+            if arrays[f"{split}_images"].shape[0] != n or arrays[f"{split}_labels"].shape != (n,):
+                raise ValueError(f"the {split} split is not the {n} images its manifest records")
+        skipped = tuple((entry / "skipped.txt").read_text().splitlines())
+        if len(skipped) != about["skipped"]:
+            raise ValueError("skipped.txt is not the list its manifest records")
+        return FolderData(**arrays, class_names=tuple(about["class_names"]), skipped=skipped, cache=entry,
+                          source=f"cache {entry}", sha256=about["sha256"])
     except Exception as e:   # a damaged entry is decoded again, never trusted
-        log(f"{cache_file}: unreadable ({type(e).__name__}: {e}); decoding the folder again")
-        cache_file.unlink(missing_ok=True)
+        log(f"{entry}: unreadable ({type(e).__name__}: {e}); decoding the folder again")
+        manifest.unlink(missing_ok=True)
         return None
 
 
-def _write_cache(data: FolderData, settings: str, log: Log) -> None:
-    """Write atomically (temp file, then rename); remove the older entries of the same settings.
-    A cache that cannot be written costs only speed: the next run decodes again."""
-    directory = data.cache_file.parent
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with replacing(data.cache_file) as tmp, open(tmp, "wb") as f:
-            np.savez(f, train_images=data.train_images, train_labels=data.train_labels,
-                     test_images=data.test_images, test_labels=data.test_labels,
-                     class_names=np.array(data.class_names, dtype=str), skipped=np.array(data.skipped, dtype=str))
-    except OSError as e:
-        log(f"warning: could not cache the decoded images in {directory} ({e}); the next run decodes them again")
-        return
-    for old in directory.glob(f"{settings}-*.npz"):
-        if old != data.cache_file:
-            old.unlink(missing_ok=True)
+def _remove_stale_temps(entry: Path) -> None:
+    """The temporary files (files.replacing's `.NAME.PID.RANDOM.tmp`) of a decode that was killed."""
+    for tmp in entry.glob(".*.tmp"):
+        if process_gone(tmp.name.rsplit(".", 3)[-3]):
+            tmp.unlink(missing_ok=True)
+
+
+def _remove_older(entry: Path, settings: str) -> None:
+    """The entries of the same settings other than `entry` (a process still reading one keeps its
+    pages: on Unix a removed file lives on while it is mapped)."""
+    for old in entry.parent.glob(f"{settings}-*"):
+        if old != entry:
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)

