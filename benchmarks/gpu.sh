@@ -36,7 +36,7 @@ trap 'rm -rf "$tmp"' EXIT
 # 1. the entry points on CUDA (each bounded, so one hang cannot eat the 8 minutes)
 check() {   # check NAME COMMAND...: one JSON line, pass or the last line of the error
     local name=$1; shift
-    if out=$(timeout 120 "$@" 2>&1); then
+    if out=$(timeout 60 "$@" 2>&1); then
         echo "{\"benchmark\": \"cuda_check\", \"check\": \"$name\", \"result\": \"pass\"}"
     else
         echo "{\"benchmark\": \"cuda_check\", \"check\": \"$name\", \"result\": \"fail\", \"last_line\": $("$PYTHON" -c 'import json, sys; print(json.dumps(sys.argv[1].strip().splitlines()[-1:]))' "$out")}"
@@ -47,10 +47,16 @@ check "vaekit train --device cuda --precision bf16" \
 check "vaekit eval --device cuda --k 50" "$PYTHON" -m vaekit eval "$tmp/run" --k 50 --device cuda
 
 cd benchmarks
-# 2. the peaks; 3. training (seed: 2 fresh one-epoch runs, best: 1); 4. evaluation
-timeout 60 "$PYTHON" peak.py --device cuda --no-layers | grep peak_gflops
-timeout 150 "$PYTHON" train_throughput.py --device cuda --precision bf16 --repeats 2 --data-dir "$MNIST_DIR"
-timeout 120 "$PYTHON" train_throughput.py --device cuda --precision bf16 --repeats 1 --model best --data-dir "$MNIST_DIR"
+bench() {   # bench SECONDS SCRIPT ARGS...: its JSON lines, or one line saying it failed (the rest still runs)
+    local seconds=$1 script=$2; shift 2
+    timeout "$seconds" "$PYTHON" "$script" "$@" | grep '^{' ||
+        echo "{\"benchmark\": \"$script\", \"args\": \"$*\", \"error\": \"failed or ran past ${seconds} s\"}"
+}
+# 2. the peaks; 3. training (seed: 2 fresh one-epoch runs, best: 1); 4. evaluation. Worst case,
+# every timeout reached: 2 x 60 + 45 + 120 + 90 + 2 x 45 = 465 s.
+bench 45 peak.py --device cuda --no-layers
+bench 120 train_throughput.py --device cuda --precision bf16 --repeats 2 --data-dir "$MNIST_DIR"
+bench 90 train_throughput.py --device cuda --precision bf16 --repeats 1 --model best --data-dir "$MNIST_DIR"
 for model in seed best; do
-    timeout 60 "$PYTHON" eval_throughput.py --device cuda --precision bf16 --model "$model" --k 1000 --images 40
+    bench 45 eval_throughput.py --device cuda --precision bf16 --model "$model" --k 1000 --images 40
 done
