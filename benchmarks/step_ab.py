@@ -45,7 +45,7 @@ class _SubpixelTraining(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, padding = conv_transpose_as_conv(self.layer.weight, self.layer.padding[0])
-        weight, bias = subpixel_conv(weight, self.layer.bias, padding, self.stride)
+        weight, bias = subpixel_conv(weight, self.layer.bias, self.stride)
         y = F.conv2d(x, weight.contiguous(memory_format=torch.channels_last), bias, stride=self.stride, padding=padding)
         return F.pixel_shuffle(y, self.stride)
 
