@@ -1,10 +1,10 @@
 """The training loop: short, explicit, resumable; the same code on one process or N torchrun ranks.
 
-Read it top to bottom: `train` opens the run; `_start` reads the data, builds the model and
-restores a TrainState (everything training changes, in the open); `_train_loop` is the one loop
-over epochs and batches, calling `train_step` for each optimisation step, checkpointing when
-due, stopping on a signal, and at each epoch's end scoring the held-out data, drawing the grid
-and writing the metrics line and the checkpoint.
+Read it top to bottom: `train` opens the run; `_train` runs `_start`, which reads the data,
+builds the model and restores a TrainState (everything training changes, in the open), then
+`_train_loop`, the one loop over epochs and batches: it calls `train_step` for each optimisation
+step, checkpoints when due, stops on a signal, and at each epoch's end scores the held-out data,
+draws the grid and writes the metrics line and the checkpoint.
 
 Where training stands is a Progress (epochs done, batches of the next epoch done, steps). A
 checkpoint holds it with the epoch-order generator's state at the start of that epoch, so a
@@ -112,10 +112,8 @@ def train(config: Config | None = None, out: str | Path | None = None, resume: s
                 run.check_new()    # at once, before the data is read; the folder is made later
             else:
                 run.lock()
-        log = log if rt.is_main else _silent
-        started = _start(run, config, rt, resuming=resume is not None, fall_back=fall_back, log=log)
-        if started is not None:
-            _train_loop(run, config, rt, log, *started)
+        _train(run, config, rt, resuming=resume is not None, fall_back=fall_back,
+               log=log if rt.is_main else _silent)
         rt.barrier()   # no rank leaves the process group while rank 0 still writes: gloo may abort the leaver
         finished = True
     except Interrupted as e:
@@ -145,8 +143,9 @@ class TrainState:
     noise_gen: torch.Generator      # reparameterization and dynamic binarization noise (on the device)
     at: Progress
     epoch_order: torch.Tensor       # order_gen's state at the start of the epoch `at` is in: a resume redraws its order
-    step_losses: torch.Tensor       # [batches of the epoch] float64 on the device: each step's loss summed over
-    #                                 the global batch; the first at.batch are filled
+    step_losses: torch.Tensor       # [batches of the epoch] float64 on the device, the first at.batch filled: each
+    #                                 step's loss summed over the global batch (over this rank's rows until the loop
+    #                                 sums them over ranks, before each checkpoint)
 
     def checkpoint(self) -> Checkpoint:
         """A checkpoint of where training stands, for an exact resume."""
@@ -210,6 +209,16 @@ def train_step(state: TrainState, images: torch.Tensor, labels: torch.Tensor | N
     if not skipped:
         state.optimizer.step()
     return Step(loss_per_example.detach().sum().double(), len(x), skipped)
+
+
+def _train(run: Run, config: Config, rt: Runtime, resuming: bool, fall_back: bool, log) -> None:
+    """This rank's share of `train`: the setup, then the loop. The TrainState lives in this frame
+    alone, so its DDP wrapper is gone before `train` closes the process group (a wrapper freed at
+    interpreter exit can abort the rank)."""
+    started = _start(run, config, rt, resuming, fall_back, log)
+    if started is not None:
+        state, data, fixed_z, board, unsaved_config = started
+        _train_loop(run, config, rt, log, state, data, fixed_z, board, unsaved_config)
 
 
 def _start(run: Run, config: Config, rt: Runtime, resuming: bool, fall_back: bool, log
