@@ -137,7 +137,7 @@ class TrainState:
     state): this rank's model, optimizer and generators, where training stands, and the epoch's
     step losses so far."""
     model: torch.nn.Module          # the plain model: checkpoints, evaluation and the grid use it
-    ddp_model: torch.nn.Module      # what the steps run: DistributedDataParallel around `model` across ranks, else `model`
+    ddp_model: torch.nn.Module      # what steps run: DistributedDataParallel around `model` across ranks, else `model`
     optimizer: torch.optim.Optimizer
     order_gen: torch.Generator      # draws each epoch's permutation (CPU)
     noise_gen: torch.Generator      # reparameterization and dynamic binarization noise (on the device)
@@ -294,8 +294,8 @@ def _train_loop(run: Run, config: Config, rt: Runtime, log, state: TrainState, d
             f"{stopping.best:.2f} at epoch {stopping.best_epoch}); its weights: {run.path}{BEST_SUFFIX}")
         return
     processes = f"{rt.world_size} processes on {rt.device.type}" if rt.world_size > 1 else rt.device.type
-    held_out = f"{len(data.val_split)} validation / " if len(data.val_split) else ""
-    log(f"Training {run.path} on {processes} ({rt.precision}): {len(data.train_images)} train / {held_out}"
+    validation = f"{len(data.val_split)} validation / " if len(data.val_split) else ""
+    log(f"Training {run.path} on {processes} ({rt.precision}): {len(data.train_images)} train / {validation}"
         f"{len(data.test_images)} test images, epochs {state.at.epoch + 1}..{tc.epochs}")
 
     def save_checkpoint() -> None:    # rank 0; config.json first, when a resume changed it
@@ -312,7 +312,8 @@ def _train_loop(run: Run, config: Config, rt: Runtime, log, state: TrainState, d
             if state.at.batch > len(batches):
                 raise RunError(f"the checkpoint is at batch {state.at.batch} of an epoch that now has {len(batches)}; "
                                "the training data changed since")
-            state.step_losses = torch.cat([state.step_losses, state.step_losses.new_zeros(len(batches) - state.at.batch)])
+            to_do = len(batches) - state.at.batch
+            state.step_losses = torch.cat([state.step_losses, state.step_losses.new_zeros(to_do)])
             first_batch, summed, skipped, start_time = state.at.batch, state.at.batch, 0, time.perf_counter()
             with _progress_bar(log, f"epoch {epoch}/{tc.epochs}", len(batches), state.at.batch, tc.batch_size,
                                rt) as bar:
