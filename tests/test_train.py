@@ -1,5 +1,7 @@
 """Real training runs on the shipped MNIST sample, through the library's own entry point."""
+import copy
 import json
+import math
 
 import pytest
 import torch
@@ -7,7 +9,8 @@ from safetensors.torch import load_file
 
 from conftest import sample_config
 from vaekit import Run, train
-from vaekit.errors import RunError
+from vaekit.errors import ConfigError, RunError
+from vaekit.runs import BEST_SUFFIX
 from vaekit.viz import seed_gif_frames
 
 
@@ -26,6 +29,10 @@ def test_short_run_improves_test_elbo_and_writes_everything(tmp_path):
     elbos = [m["test_elbo"] for m in metrics]
     assert elbos[0] < elbos[1] < elbos[2], elbos
     assert elbos[-1] > -250          # an untrained model sits near -540 nats
+    timing = {"epoch_seconds", "eval_seconds", "images_per_second"}
+    assert all(set(m) == {"epoch", "step", "train_loss", "lr", "test_elbo", "test_distortion", "test_rate", *timing}
+               for m in metrics), metrics    # the names docs/files.md, plot and TensorBoard read
+    assert [m["step"] for m in metrics] == [20, 40, 60]     # 2,000 images in batches of 100
     for m in metrics:   # the seed's estimator and the analytic parts describe the same bound
         assert m["test_rate"] > 0 and m["test_distortion"] > 0
         assert abs(m["test_elbo"] + m["test_distortion"] + m["test_rate"]) < 10
@@ -97,3 +104,36 @@ def test_a_restored_optimizer_state_takes_its_parameters_memory_layout(tmp_path)
     for p in model.parameters():
         for key in ("exp_avg", "exp_avg_sq"):
             assert optimizer.state[p][key].stride() == p.stride(), key
+
+
+def test_train_leaves_the_callers_config_as_it_was(tmp_path):
+    config = sample_config(epochs=1, batch_size=250)
+    config.model.conditional = True          # num_classes 0: the run learns 10 from the data
+    before = copy.deepcopy(config)
+    run = train(config, out=tmp_path / "run", log=quiet)
+    assert config == before
+    assert run.config().model.num_classes == 10
+    train(resume=run.path, epochs=2, log=quiet)
+    assert config == before and run.config().train.epochs == 2
+
+
+def test_the_largest_seed_trains_and_scores_an_epoch_with_every_held_out_number(tmp_path):
+    config = sample_config(epochs=1, batch_size=250, seed=2 ** 63 - 1, skip_grad=1e6)
+    config.data.validation = 200
+    config.data.binarization = "dynamic"
+    config.model.objective = "iwae"
+    config.model.iwae_k = 2
+    run = train(config, out=tmp_path / "run", log=quiet)
+    [m] = run.metrics()
+    assert set(m) == {"epoch", "step", "train_loss", "lr", "epoch_seconds", "eval_seconds", "images_per_second",
+                      "test_elbo", "test_distortion", "test_rate", "test_iwae_bound_k2",
+                      "val_elbo", "val_distortion", "val_rate", "skipped_updates"}
+    assert (m["epoch"], m["step"], m["skipped_updates"]) == (1, 8, 0)      # 1,800 images in batches of 250
+    assert all(math.isfinite(m[key]) for key in m)
+    assert m["test_iwae_bound_k2"] >= m["test_elbo"] - 5       # a K=2 bound sits at or above the ELBO, up to noise
+    assert (run.checkpoints.path / "latest").read_text().strip() == "epoch_0001"
+
+
+def test_resume_of_run_at_best_names_the_run_to_resume(tmp_path):
+    with pytest.raises(ConfigError, match=f"pass {tmp_path / 'run'} without {BEST_SUFFIX}"):
+        train(resume=f"{tmp_path / 'run'}{BEST_SUFFIX}", log=quiet)

@@ -1,5 +1,11 @@
 """The training loop: short, explicit, resumable; the same code on one process or N torchrun ranks.
 
+Read it top to bottom: `train` opens the run; `_train` runs `_start`, which reads the data,
+builds the model and restores a TrainState (everything training changes, in the open), then
+`_train_loop`, the one loop over epochs and batches: it calls `train_step` for each optimisation
+step, checkpoints when due, stops on a signal, and at each epoch's end scores the held-out data,
+draws the grid and writes the metrics line and the checkpoint.
+
 Where training stands is a Progress (epochs done, batches of the next epoch done, steps). A
 checkpoint holds it with the epoch-order generator's state at the start of that epoch, so a
 resume draws the same permutation, skips the batches done and goes on with the same noise:
@@ -11,6 +17,8 @@ does not depend on the number of ranks (up to float rounding in the gradient all
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import importlib.util
 import math
 import signal
@@ -19,21 +27,22 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
+from . import runs
 from .checkpoints import Checkpoint, Progress
 from .config import Config
 from .data import ImageData, Splits, check_data_fits, fingerprint, hold_out, preprocess, splits_for
-from .data.sources import to_stderr
 from .distributed import Runtime, restarted, setup
-from .evaluate import elbo_report, epoch_test_record
+from .errors import ConfigError, DataError, RunError
+from .evaluate import IMAGE_STREAMS, elbo_report, iwae_bounds
 from .models import ModelConfig, build_model
 from .objectives import training_loss
-from .errors import ConfigError, DataError, RunError
 from .runs import BEST_SUFFIX, Run
 from .schedule import EarlyStop, Schedule
 from .viz import gif_from_pngs, save_grid
@@ -41,12 +50,18 @@ from .viz import gif_from_pngs, save_grid
 NUM_EXAMPLES_TO_GENERATE = 16   # the seed's 4x4 progress grid
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 PROGRESS_SECONDS = 60           # without a progress bar (stderr not a terminal): a plain line this often
+SEED_MODULUS = 2 ** 63          # seeds derived from --seed stay below it: torch takes seeds below 2**64
 
 
 def say(message: str) -> None:
     """train's default log: stdout, flushed, so `vaekit train > log` or `| tee log` shows each line
     when it is written rather than when the run ends."""
     print(message, flush=True)
+
+
+def warn(message: str) -> None:
+    """train's warnings (the data's, a damaged checkpoint set aside): stderr, leaving stdout to the log."""
+    print(message, file=sys.stderr, flush=True)
 
 
 class Interrupted(Exception):
@@ -59,12 +74,12 @@ class Interrupted(Exception):
 
 def train(config: Config | None = None, out: str | Path | None = None, resume: str | Path | None = None,
           epochs: int | None = None, log=say, data_dir: str | Path | None = None, fall_back: bool = False) -> Run:
-    """Trains a new run in `out` with `config`, or goes on with the run in `resume` from its
-    newest checkpoint (`epochs` may extend it; `data_dir` names where its data is now, which must
-    be the data it was trained on; `fall_back`: from the newest intact checkpoint when newer
-    ones are damaged, moving those to checkpoints/set-aside/). Returns the run. The run
-    directory of a new run is made once its data and model are known good, and removed again
-    when training fails before its first checkpoint.
+    """Trains a new run in `out` with `config` (which is copied, never changed), or goes on with
+    the run in `resume` from its newest checkpoint (`epochs` may extend it; `data_dir` names where
+    its data is now, which must be the data it was trained on; `fall_back`: from the newest intact
+    checkpoint when newer ones are damaged, moving those to checkpoints/set-aside/). Returns the
+    run. The run directory of a new run is made once its data and model are known good, and
+    removed again when training fails before its first checkpoint.
 
     Under torchrun every rank calls this; rank 0 alone writes the run directory. When torchrun
     restarts the ranks after a failure (--max-restarts), `out` holding a run of this very config
@@ -72,12 +87,12 @@ def train(config: Config | None = None, out: str | Path | None = None, resume: s
     message, and Interrupted after a stop signal (a checkpoint is written first)."""
     if (resume is None) == (out is None):
         raise ValueError("train() needs exactly one of out= (a new run) or resume= (an existing run)")
-    config = config or Config()
+    config = copy.deepcopy(config) if config is not None else Config()
     if out is not None and restarted() and Run(out).config_path.is_file() and _same_config(Run(out).config(), config):
         resume, out = out, None
     if resume is not None:
-        if str(resume).endswith(BEST_SUFFIX):
-            raise ConfigError(f"--resume goes on from a run's newest checkpoint: pass {str(resume)[:-len(BEST_SUFFIX)]} "
+        if runs.is_best(resume):
+            raise ConfigError(f"--resume goes on from a run's newest checkpoint: pass {runs.resolve(resume)} "
                               f"without {BEST_SUFFIX}")
         run = Run.open(resume)
         config = run.config()
@@ -102,7 +117,7 @@ def train(config: Config | None = None, out: str | Path | None = None, resume: s
         rt.barrier()   # no rank leaves the process group while rank 0 still writes: gloo may abort the leaver
         finished = True
     except Interrupted as e:
-        # its traceback holds _train's frames, and so DDP's reducer: without them, rt.close()
+        # its traceback holds the loop's frames, and so DDP's reducer: without them, rt.close()
         # collects the reducer while the interpreter lives (else a rank can abort at exit, 134)
         raise e.with_traceback(None)
     except OSError as e:   # a full disk or a run directory made read-only while training
@@ -114,6 +129,293 @@ def train(config: Config | None = None, out: str | Path | None = None, resume: s
             run.remove_unstarted()    # a new run that failed before its first checkpoint: a retry may reuse --out
         rt.close()
     return run
+
+
+@dataclass
+class TrainState:
+    """Everything training changes, and all a checkpoint holds (with the global torch generator's
+    state): this rank's model, optimizer and generators, where training stands, and the epoch's
+    step losses so far."""
+    model: torch.nn.Module          # the plain model: checkpoints, evaluation and the grid use it
+    ddp_model: torch.nn.Module      # what steps run: DistributedDataParallel around `model` across ranks, else `model`
+    optimizer: torch.optim.Optimizer
+    order_gen: torch.Generator      # draws each epoch's permutation (CPU)
+    noise_gen: torch.Generator      # reparameterization and dynamic binarization noise (on the device)
+    at: Progress
+    epoch_order: torch.Tensor       # order_gen's state at the start of the epoch `at` is in: a resume redraws its order
+    step_losses: torch.Tensor       # [batches of the epoch] float64 on the device, the first at.batch filled: each
+    #                                 step's loss summed over the global batch (over this rank's rows until the loop
+    #                                 sums them over ranks, before each checkpoint)
+
+    def checkpoint(self) -> Checkpoint:
+        """A checkpoint of where training stands, for an exact resume."""
+        rng = {"torch": torch.get_rng_state(), "order": self.epoch_order, "noise": self.noise_gen.get_state()}
+        return Checkpoint(replace(self.at), self.model.state_dict(), self.optimizer.state_dict(), rng,
+                          self.step_losses[:self.at.batch].tolist())
+
+
+@dataclass
+class _TrainingData:
+    """What training reads: the images it trains on, uint8 on the CPU (a batch at a time goes to
+    the device), the test images on the device (with their labels for a class-conditional model,
+    else None), and the validation split held out of the training set (on the CPU)."""
+    train_images: torch.Tensor      # [N,C,H,W] uint8, CPU (possibly a memory map)
+    train_labels: torch.Tensor | None
+    test_images: torch.Tensor       # [M,C,H,W] uint8, on the device
+    test_labels: torch.Tensor | None
+    val_split: ImageData
+
+
+class Step(NamedTuple):
+    """What one optimisation step produced on this rank."""
+    loss_sum: torch.Tensor   # 0-d float64 on the device: the loss summed over this rank's rows of the batch
+    images: int              # this rank's rows of the global batch
+    skipped: bool            # --skip-grad skipped the update (its gradient norm was too large, or not finite)
+
+
+def train_step(state: TrainState, images: torch.Tensor, labels: torch.Tensor | None, config: Config, rt: Runtime,
+               schedule: Schedule) -> Step:
+    """One optimisation step of `state` on a global batch: `images` uint8 [B,C,H,W] on the device
+    (and `labels` [B] for a conditional model). The step's learning rate and KL weight are the
+    schedule's at state.at.step; the caller advances state.at.
+
+    Each rank trains on its rows of the global batch, but binarization and reparameterization
+    noise are drawn for the whole global batch on every rank: each example gets the same draws
+    whatever the number of ranks."""
+    tc, mc = config.train, config.model
+    rows = rt.shard(len(images))
+    x = preprocess(images, config.data.binarization, state.noise_gen)[rows]          # [b,C,H,W], b = len(rows)
+    y = None if labels is None else labels[rows]
+    draws = (mc.iwae_k,) if mc.objective == "iwae" else ()
+    # [b,latent], or [K,b,latent] for the iwae objective
+    eps = torch.randn(*draws, len(images), state.model.noise_dim, generator=state.noise_gen,
+                      device=images.device)[..., rows, :]
+    with rt.autocast():
+        terms = state.ddp_model(x, eps=eps, y=y)
+    loss_per_example = training_loss(terms, mc.objective, mc.beta * schedule.kl_weight(state.at.step), tc.kl,
+                                     tc.free_bits)                                                   # [b]
+    # DDP averages gradients over ranks: scaled so, each rank's sum gives the global batch mean's gradient
+    loss = loss_per_example.sum() * (rt.world_size / len(images))
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if schedule.varies_lr:
+        for group in state.optimizer.param_groups:
+            group["lr"] = schedule.lr(state.at.step)
+    skipped = False
+    if tc.clip_grad or tc.skip_grad:
+        parameters = [p for p in state.model.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(parameters, tc.clip_grad or math.inf)
+        skipped = bool(tc.skip_grad and not norm <= tc.skip_grad)     # a NaN norm is skipped too
+    if not skipped:
+        state.optimizer.step()
+    return Step(loss_per_example.detach().sum().double(), len(x), skipped)
+
+
+def _train(run: Run, config: Config, rt: Runtime, resuming: bool, fall_back: bool, log) -> None:
+    """This rank's share of `train`: the setup, then the loop. The TrainState lives in this frame
+    alone, so its DDP wrapper is gone before `train` closes the process group (a wrapper freed at
+    interpreter exit can abort the rank)."""
+    started = _start(run, config, rt, resuming, fall_back, log)
+    if started is not None:
+        state, data, fixed_z, board, unsaved_config = started
+        _train_loop(run, config, rt, log, state, data, fixed_z, board, unsaved_config)
+
+
+def _start(run: Run, config: Config, rt: Runtime, resuming: bool, fall_back: bool, log
+           ) -> tuple[TrainState, _TrainingData, torch.Tensor | None, object, bool] | None:
+    """This rank's setup: the data and the model (restored from the run's checkpoint when
+    `resuming`), the run directory (rank 0), the grid's codes. Returns what _train_loop takes
+    after (run, config, rt, log), or None when the run has done its epochs."""
+    tc = config.train
+    with rt.local_main_first():    # one download per machine; the other ranks then read the cache
+        splits = splits_for(config.data, log=warn if rt.is_main else _silent)
+    if config.model.conditional and not config.model.num_classes:
+        config.model.num_classes = splits.num_classes     # saved in config.json below
+    check_data_fits(config.model, splits, config.data.data_dir or config.data.dataset)
+    torch.manual_seed(tc.seed)
+    # channels_last: the layout oneDNN's and cuDNN's fast convolution kernels want (CPU: +30%)
+    model = build_model(config.model).to(rt.device, memory_format=torch.channels_last)
+    # fused: one kernel for all parameters instead of ~10 per tensor (CPU: 0.7 -> 0.3 ms a step)
+    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, eps=tc.adam_eps, fused=True)
+    order_gen = torch.Generator().manual_seed(tc.seed)
+    noise_gen = rt.generator(tc.seed + 1)
+    generators = {"torch": torch.default_generator, "order": order_gen, "noise": noise_gen}
+    at, step_losses, latest, damaged = (_restore(run, model, optimizer, generators, tc.epochs, fall_back) if resuming
+                                        else (Progress(), [], None, []))
+    if latest is not None:
+        if tc.epochs == at.epoch:
+            log(f"Nothing to do: {run.path} has done its {at.epoch} epochs; `vaekit train --resume {run.path} "
+                "--epochs N` trains on to epoch N")
+            return None
+        log(f"Resuming {run.path} from {latest.name} (step {at.step}: epoch {at.epoch + 1}, batch {at.batch})")
+    data = _training_data(splits, config, rt)
+    data_fingerprint = fingerprint(splits)
+    if resuming:
+        _check_same_data(run, config, data_fingerprint)
+    fixed_z = None
+    if rt.is_main:
+        if not resuming:
+            run.make(config, data_fingerprint)   # the data and the model are known good: now the run directory
+            run.lock()
+        for path in damaged:                     # --fall-back: the damaged checkpoints go out of the way, kept
+            warn(f"warning: set {path.name} aside as {run.checkpoints.set_aside(path)} (damaged); "
+                 f"going on from {latest.name}")
+        run.truncate_metrics(at.epoch)
+        if latest is None:
+            fixed_z = torch.randn(NUM_EXAMPLES_TO_GENERATE, model.noise_dim,
+                                  generator=torch.Generator().manual_seed(tc.seed + 2))
+            run.save_fixed_z(fixed_z)
+            save_grid(model.decode_prior(fixed_z.to(rt.device), y=_grid_labels(config.model, rt.device)).detach(),
+                      run.image_path(0))
+        fixed_z = run.fixed_z().to(rt.device)
+    board = _open_board(run, at.epoch) if rt.is_main and tc.tensorboard else None
+    if board and latest is None:
+        _log_board(board, 0, {}, run.image_path(0))
+    state = TrainState(model, rt.wrap(model), optimizer, order_gen, noise_gen, at, order_gen.get_state(),
+                       torch.tensor(step_losses, dtype=torch.float64, device=rt.device))
+    # a resume's changed settings (--epochs, --data-dir) reach config.json with its first
+    # checkpoint: a resume that fails before it leaves config.json as it was
+    unsaved_config = resuming and config != run.config()
+    return state, data, fixed_z, board, unsaved_config
+
+
+def _train_loop(run: Run, config: Config, rt: Runtime, log, state: TrainState, data: _TrainingData,
+                fixed_z: torch.Tensor | None, board, unsaved_config: bool) -> None:
+    """Trains the epochs still to train from where `state` stands. Every `checkpoint_every` steps
+    and after a stop signal rank 0 checkpoints (then Interrupted is raised on every rank); after
+    each epoch rank 0 scores the held-out data, draws the grid of `fixed_z` and writes the
+    metrics line (to `board` too, with --tensorboard), the best checkpoint and the epoch's
+    checkpoint. `unsaved_config`: config.json is written with the first checkpoint."""
+    tc = config.train
+    schedule = Schedule(tc, steps_per_epoch=-(-len(data.train_images) // tc.batch_size))
+    stopping = EarlyStop(tc.early_stop, run.metrics() if rt.is_main else [])
+    if rt.max_all(int(rt.is_main and stopping.due())):
+        log(f"Nothing to do: {run.path} stopped early after epoch {stopping.last_epoch} (best validation ELBO "
+            f"{stopping.best:.2f} at epoch {stopping.best_epoch}); its weights: {run.path}{BEST_SUFFIX}")
+        return
+    processes = f"{rt.world_size} processes on {rt.device.type}" if rt.world_size > 1 else rt.device.type
+    validation = f"{len(data.val_split)} validation / " if len(data.val_split) else ""
+    log(f"Training {run.path} on {processes} ({rt.precision}): {len(data.train_images)} train / {validation}"
+        f"{len(data.test_images)} test images, epochs {state.at.epoch + 1}..{tc.epochs}")
+
+    def save_checkpoint() -> None:    # rank 0; config.json first, when a resume changed it
+        nonlocal unsaved_config
+        if unsaved_config:
+            run.save_config(config)
+            unsaved_config = False
+        run.checkpoints.save(state.checkpoint(), keep=tc.keep_checkpoints)
+
+    with _StopSignals(rt) as stop:
+        for epoch in range(state.at.epoch + 1, tc.epochs + 1):
+            state.epoch_order = state.order_gen.get_state()
+            batches = torch.randperm(len(data.train_images), generator=state.order_gen).split(tc.batch_size)  # CPU
+            if state.at.batch > len(batches):
+                raise RunError(f"the checkpoint is at batch {state.at.batch} of an epoch that now has {len(batches)}; "
+                               "the training data changed since")
+            to_do = len(batches) - state.at.batch
+            state.step_losses = torch.cat([state.step_losses, state.step_losses.new_zeros(to_do)])
+            first_batch, summed, skipped, start_time = state.at.batch, state.at.batch, 0, time.perf_counter()
+            with _progress_bar(log, f"epoch {epoch}/{tc.epochs}", len(batches), state.at.batch, tc.batch_size,
+                               rt) as bar:
+                for idx in batches[state.at.batch:]:                   # [B] indices of a global batch
+                    labels = None if data.train_labels is None else data.train_labels[idx].to(rt.device)
+                    step = train_step(state, data.train_images[idx].to(rt.device, non_blocking=True), labels,
+                                      config, rt, schedule)
+                    state.step_losses[state.at.batch] = step.loss_sum
+                    skipped += step.skipped
+                    state.at.batch += 1
+                    state.at.step += 1
+                    bar.update()
+                    if not bar.disable and state.at.batch % 25 == 0:
+                        bar.set_postfix(loss=f"{step.loss_sum.item() / step.images:.2f}", refresh=False)
+                    # every rank asks every step (a collective): all stop after the same one
+                    if not (stop.agreed() or (tc.checkpoint_every and state.at.step % tc.checkpoint_every == 0)
+                            or state.at.batch == len(batches)):
+                        continue
+                    rt.sum_all(state.step_losses[summed:state.at.batch])   # this rank's sums -> the global batches'
+                    _check_finite(state.step_losses, summed, state.at, run)
+                    summed = state.at.batch
+                    if rt.is_main and (stop.signum or state.at.batch < len(batches)):
+                        save_checkpoint()
+                    if stop.signum:
+                        rt.barrier()   # a rank that exits makes torchrun stop the others: not before rank 0 saved
+                        message = (f"Stopped by {signal.Signals(stop.signum).name} after step {state.at.step} "
+                                   f"(checkpoint {state.at.checkpoint_name}); go on with "
+                                   f"`vaekit train --resume {run.path}`")
+                        log(message)
+                        raise Interrupted(stop.signum, message)
+            seconds = time.perf_counter() - start_time
+            train_loss = state.step_losses.sum().item() / len(data.train_images)
+            trained_images = sum(len(idx) for idx in batches[first_batch:])
+            state.at, state.epoch_order = Progress(epoch, 0, state.at.step), state.order_gen.get_state()
+            state.step_losses = state.step_losses.new_zeros(0)
+            if rt.is_main:
+                start = time.perf_counter()
+                # the test set is small: rank 0 evaluates all of it, with the single-process noise
+                held_out = held_out_record(state.model, config, rt, epoch, data.test_images, data.test_labels,
+                                           data.val_split)
+                eval_seconds = time.perf_counter() - start
+                log("============================")
+                log(f"Epoch: {epoch}, Test set ELBO: {held_out['test_elbo']:.2f}, time elapse for current epoch "
+                    f"{seconds:.1f}")
+                with torch.inference_mode():
+                    save_grid(state.model.decode_prior(fixed_z, y=_grid_labels(config.model, rt.device)),
+                              run.image_path(epoch))
+                record = {
+                    "epoch": epoch, "step": state.at.step, "train_loss": train_loss, **held_out,
+                    "epoch_seconds": round(seconds, 3), "eval_seconds": round(eval_seconds, 3),
+                    "images_per_second": round(trained_images / seconds, 1), "lr": schedule.lr(state.at.step - 1),
+                    **({"skipped_updates": skipped} if tc.skip_grad else {}),
+                }
+                run.append_metrics(record)
+                if stopping.record(record):
+                    run.checkpoints.save_best(state.model.state_dict(), epoch, record["val_elbo"])
+                if board:
+                    _log_board(board, epoch, record, run.image_path(epoch))
+                save_checkpoint()
+            if rt.max_all(int(rt.is_main and stopping.due())):    # rank 0 decides; every rank stops with it
+                log(f"Early stop after epoch {epoch}: no better validation ELBO for {tc.early_stop} epochs (best "
+                    f"{stopping.best:.2f} at epoch {stopping.best_epoch}; its weights: {run.path}{BEST_SUFFIX})")
+                break
+    if board:
+        board.close()
+    if rt.is_main:
+        gif_from_pngs(sorted(run.images.glob("image_at_epoch_*.png")), run.gif_path)
+        log(f"Done: {run.path} (grid images in {run.images}, animation {run.gif_path})")
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of epoch `epoch`'s held-out scoring, from --seed: below SEED_MODULUS for any seed,
+    and seed * 1_000_003 + epoch itself for seeds below about 9e12."""
+    return (seed * 1_000_003 + epoch) % SEED_MODULUS
+
+
+def held_out_record(model, config: Config, rt: Runtime, epoch: int, test_images: torch.Tensor,
+                    test_labels: torch.Tensor | None, val_split: ImageData) -> dict:
+    """The end of an epoch's numbers on the data it did not train on: the test set's ELBO (at beta
+    1, whatever the training objective), distortion and rate, bits per dimension for grey levels,
+    the IWAE bound the iwae objective trains (with its K draws), and with a validation split its
+    val_elbo, val_distortion and val_rate. `test_images` uint8 [M,C,H,W] on the device (and their
+    labels for a conditional model). The held-out sets are binarised afresh each epoch from a
+    seed of the epoch, whose generator then draws z."""
+    binarization, batch_size = config.data.binarization, config.train.eval_batch_size
+    seed = epoch_seed(config.train.seed, epoch)
+    gen = rt.generator(seed)
+    x = preprocess(test_images, binarization, gen)                                 # [M,C,H,W]
+    test = elbo_report(model, x, binarization, rt, gen, batch_size, test_labels)
+    record = {f"test_{key}": test[key] for key in ("elbo", "distortion", "rate", "bits_per_dim") if key in test}
+    if config.model.objective == "iwae":
+        k = config.model.iwae_k
+        # iwae_bounds seeds image i's draws with seed * IMAGE_STREAMS + i: its seed stays below IMAGE_STREAMS
+        bounds = iwae_bounds(model, x, k, (seed + 1) % IMAGE_STREAMS, batch_size, test_labels)   # [M]
+        record[f"test_iwae_bound_k{k}"] = bounds.double().mean().item()
+    if len(val_split):
+        gen = rt.generator(seed + 1)
+        x = preprocess(val_split.images.to(rt.device), binarization, gen)
+        val_labels = val_split.labels.to(rt.device) if config.model.conditional else None
+        val = elbo_report(model, x, binarization, rt, gen, batch_size, val_labels)
+        record.update({f"val_{key}": val[key] for key in ("elbo", "distortion", "rate")})
+    return record
 
 
 def _restore(run: Run, model, optimizer, generators: dict[str, torch.Generator], epochs: int,
@@ -132,24 +434,6 @@ def _restore(run: Run, model, optimizer, generators: dict[str, torch.Generator],
     return ckpt.progress, ckpt.step_losses, latest, damaged
 
 
-def _held_out_record(model, config: Config, rt: Runtime, epoch: int, test_images: torch.Tensor,
-                     test_labels: torch.Tensor | None, val_split) -> dict:
-    """The end of an epoch's numbers on the data it did not train on: epoch_test_record's test
-    numbers, and with a validation split its val_elbo, val_distortion and val_rate. The test set
-    is binarised afresh each epoch from a seed of the epoch, whose generator then draws z."""
-    seed = config.train.seed * 1_000_003 + epoch
-    gen = rt.generator(seed)
-    x = preprocess(test_images, config.data.binarization, gen)
-    record = epoch_test_record(model, x, gen, test_labels, config, rt, seed)
-    if len(val_split):
-        gen = rt.generator(seed + 1)
-        x = preprocess(val_split.images.to(rt.device), config.data.binarization, gen)
-        val_labels = val_split.labels.to(rt.device) if config.model.conditional else None
-        val = elbo_report(model, x, config.data.binarization, rt, gen, config.train.eval_batch_size, val_labels)
-        record.update({f"val_{key}": val[key] for key in ("elbo", "distortion", "rate")})
-    return record
-
-
 def _same_config(saved: Config, config: Config) -> bool:
     """Whether a run's config.json holds `config`, counting the classes a conditional run's file
     learned from the data as given."""
@@ -162,23 +446,11 @@ def _silent(*_) -> None:
     """The log of ranks other than 0: one process speaks for the job."""
 
 
-@dataclass
-class _TrainingData:
-    """What training reads, on the device: the images it trains on and the test images (with their
-    labels for a class-conditional model, else None), and the validation split held out of the
-    training set (ImageData, on the CPU)."""
-    train_images: torch.Tensor
-    train_labels: torch.Tensor | None
-    test_images: torch.Tensor
-    test_labels: torch.Tensor | None
-    val_split: ImageData
-
-
 def _training_data(splits: Splits, config: Config, rt: Runtime) -> _TrainingData:
     """The splits as training reads them; RunError or ConfigError when the batch does not fit them."""
     train_split, val_split = hold_out(splits.train, config.data.validation)
     conditional, batch_size = config.model.conditional, config.train.batch_size
-    data = _TrainingData(train_split.images.to(rt.device), train_split.labels.to(rt.device) if conditional else None,
+    data = _TrainingData(train_split.images, train_split.labels if conditional else None,
                          splits.test.images.to(rt.device), splits.test.labels.to(rt.device) if conditional else None,
                          val_split)
     if batch_size > len(data.train_images):
@@ -198,173 +470,6 @@ def _check_same_data(run: Run, config: Config, data: dict) -> None:
                         f"trained on ({data['train']}/{data['test']} train/test images of SHA-256 "
                         f"{data['sha256'][:12]}, not {recorded['train']}/{recorded['test']} of "
                         f"{recorded['sha256'][:12]}); pass --data-dir the folder it was trained on")
-
-
-def _train(run: Run, config: Config, rt: Runtime, resuming: bool, fall_back: bool, log) -> None:
-    """This rank's share of `train`: the data and the model (restored from the run's checkpoint
-    when `resuming`), the run directory (rank 0), then the epochs still to train (see _Epochs)."""
-    tc = config.train
-    with rt.local_main_first():    # one download per machine; the other ranks then read the cache
-        splits = splits_for(config.data, log=to_stderr if rt.is_main else _silent)   # warnings: stderr
-    if config.model.conditional and not config.model.num_classes:
-        config.model.num_classes = splits.num_classes     # saved in config.json below
-    check_data_fits(config.model, splits, config.data.data_dir or config.data.dataset)
-    torch.manual_seed(tc.seed)
-    # channels_last: the layout oneDNN's and cuDNN's fast convolution kernels want (CPU: +30%)
-    model = build_model(config.model).to(rt.device, memory_format=torch.channels_last)
-    # fused: one kernel for all parameters instead of ~10 per tensor (CPU: 0.7 -> 0.3 ms a step)
-    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, eps=tc.adam_eps, fused=True)
-    order_gen = torch.Generator().manual_seed(tc.seed)          # epoch permutations (CPU)
-    noise_gen = rt.generator(tc.seed + 1)                       # reparameterization, dynamic binarization
-
-    generators = {"torch": torch.default_generator, "order": order_gen, "noise": noise_gen}
-    at, step_losses, latest, damaged = (_restore(run, model, optimizer, generators, tc.epochs, fall_back) if resuming
-                                        else (Progress(), [], None, []))
-    if latest is not None:
-        if tc.epochs == at.epoch:
-            log(f"Nothing to do: {run.path} has done its {at.epoch} epochs; `vaekit train --resume {run.path} "
-                "--epochs N` trains on to epoch N")
-            return
-        log(f"Resuming {run.path} from {latest.name} (step {at.step}: epoch {at.epoch + 1}, batch {at.batch})")
-    data = _training_data(splits, config, rt)
-    dataset = fingerprint(splits)
-    if resuming:
-        _check_same_data(run, config, dataset)
-    fixed_z = None
-    if rt.is_main:
-        if not resuming:
-            run.make(config, dataset)   # the data and the model are known good: now the run directory
-            run.lock()
-        for path in damaged:            # --fall-back: the damaged checkpoints go out of the way, kept
-            to_stderr(f"warning: set {path.name} aside as {run.checkpoints.set_aside(path)} (damaged); "
-                      f"going on from {latest.name}")
-        run.truncate_metrics(at.epoch)
-        if latest is None:
-            fixed_z = torch.randn(NUM_EXAMPLES_TO_GENERATE, model.noise_dim,
-                                  generator=torch.Generator().manual_seed(tc.seed + 2))
-            run.save_fixed_z(fixed_z)
-            save_grid(model.decode_prior(fixed_z.to(rt.device), y=grid_labels(config.model, rt.device)).detach(),
-                      run.image_path(0))
-        fixed_z = run.fixed_z().to(rt.device)
-    board = _open_board(run, at.epoch) if rt.is_main and tc.tensorboard else None
-    if board and latest is None:
-        _log_board(board, 0, {}, run.image_path(0))
-    processes = f"{rt.world_size} processes on {rt.device.type}" if rt.world_size > 1 else rt.device.type
-    held_out = f"{len(data.val_split)} validation / " if len(data.val_split) else ""
-    log(f"Training {run.path} on {processes} ({rt.precision}): {len(data.train_images)} train / {held_out}"
-        f"{len(data.test_images)} test images, epochs {at.epoch + 1}..{tc.epochs}")
-    loop = _Epochs(run, config, rt, log, model, optimizer, order_gen, noise_gen, data, at, step_losses, fixed_z, board,
-                   # a resume's changed settings (--epochs, --data-dir) reach config.json with its first
-                   # checkpoint: a resume that fails before it leaves config.json as it was
-                   unsaved_config=resuming and config != run.config())
-    if rt.max_all(int(rt.is_main and loop.stopping.due())):
-        log(f"Nothing to do: {run.path} stopped early after epoch {loop.stopping.last_epoch} (best validation ELBO "
-            f"{loop.stopping.best:.2f} at epoch {loop.stopping.best_epoch}); its weights: {run.path}{BEST_SUFFIX}")
-        return
-    with _StopSignals(rt) as stop:
-        for epoch in range(at.epoch + 1, tc.epochs + 1):
-            loop.train_epoch(epoch, stop)
-            if rt.max_all(int(rt.is_main and loop.stopping.due())):    # rank 0 decides; every rank stops with it
-                log(f"Early stop after epoch {epoch}: no better validation ELBO for {tc.early_stop} epochs (best "
-                    f"{loop.stopping.best:.2f} at epoch {loop.stopping.best_epoch}; its weights: {run.path}{BEST_SUFFIX})")
-                break
-    if board:
-        board.close()
-    if rt.is_main:
-        gif_from_pngs(sorted(run.images.glob("image_at_epoch_*.png")), run.gif_path)
-        log(f"Done: {run.path} (grid images in {run.images}, animation {run.gif_path})")
-
-
-class _Epochs:
-    """The epochs of a training job on this rank, from where `at` stands: each one's steps with the
-    checkpoints due in it (and a stop signal's), then on rank 0 its held-out numbers, progress
-    grid, metrics line and checkpoint. `fixed_z` (the grid's codes) and `board` on rank 0 only."""
-
-    def __init__(self, run: Run, config: Config, rt: Runtime, log, model, optimizer, order_gen: torch.Generator,
-                 noise_gen: torch.Generator, data: _TrainingData, at: Progress, step_losses: list[float],
-                 fixed_z: torch.Tensor | None, board, unsaved_config: bool) -> None:
-        self.run, self.config, self.rt, self.log = run, config, rt, log
-        self.model, self.trained, self.optimizer = model, rt.wrap(model), optimizer
-        self.order_gen, self.noise_gen, self.data = order_gen, noise_gen, data
-        self.at, self.step_losses, self.fixed_z, self.board = at, step_losses, fixed_z, board
-        self.unsaved_config = unsaved_config
-        self.schedule = Schedule(config.train, steps_per_epoch=-(-len(data.train_images) // config.train.batch_size))
-        self.stopping = EarlyStop(config.train.early_stop, run.metrics() if rt.is_main else [])
-
-    def checkpoint(self, order_state: torch.Tensor, losses: torch.Tensor) -> None:
-        """Rank 0: a checkpoint where `at` stands (and config.json first, when a resume changed it)."""
-        if self.unsaved_config:
-            self.run.save_config(self.config)
-            self.unsaved_config = False
-        _save(self.run, self.at, self.model, self.optimizer, order_state, self.noise_gen, losses,
-              self.config.train.keep_checkpoints)
-
-    def train_epoch(self, epoch: int, stop: "_StopSignals") -> None:
-        """Trains epoch `epoch` (from batch `at.batch` on); raises Interrupted after a stop signal,
-        once rank 0 has checkpointed."""
-        tc, rt, run = self.config.train, self.rt, self.run
-        epoch_order = self.order_gen.get_state()    # what a mid-epoch checkpoint saves: a resume redraws this order
-        batches = torch.randperm(len(self.data.train_images), generator=self.order_gen).to(rt.device).split(
-            tc.batch_size)
-        if self.at.batch > len(batches):
-            raise RunError(f"the checkpoint is at batch {self.at.batch} of an epoch that now has {len(batches)}; "
-                           "the training data changed since")
-        losses = torch.zeros(len(batches), dtype=torch.float64, device=rt.device)  # each step's summed loss
-        losses[:self.at.batch] = torch.tensor(self.step_losses, dtype=torch.float64)
-        first_batch, start_time, skipped = self.at.batch, time.perf_counter(), [0]
-        # counts batches, shown as images (and images/s) by scaling with the batch size
-        with tqdm(total=len(batches), initial=self.at.batch, desc=f"epoch {epoch}/{tc.epochs}", unit="img",
-                  unit_scale=tc.batch_size, leave=False, disable=None if rt.is_main else True,
-                  dynamic_ncols=True) as bar:
-            if bar.disable:    # stderr is no terminal (a log file, a pipe, a batch job): plain lines
-                bar = _PlainProgress(self.log, f"epoch {epoch}/{tc.epochs}", len(batches), self.at.batch,
-                                     tc.batch_size)
-            while self.at.batch < len(batches):
-                first = self.at.batch
-                train_steps(self.trained, self.optimizer, self.data.train_images, self.data.train_labels, batches,
-                            self.at, losses, self.config, rt, self.noise_gen, stop, bar, self.schedule, skipped)
-                rt.sum_all(losses[first:self.at.batch])     # this rank's sums -> the global batches'
-                _check_finite(losses, first, self.at, run)
-                if rt.is_main and (stop.signum or self.at.batch < len(batches)):
-                    self.checkpoint(epoch_order, losses)
-                if stop.signum:
-                    rt.barrier()   # a rank that exits makes torchrun stop the others: not before rank 0 saved
-                    message = (f"Stopped by {signal.Signals(stop.signum).name} after step {self.at.step} "
-                               f"(checkpoint {self.at.checkpoint_name}); go on with `vaekit train --resume {run.path}`")
-                    self.log(message)
-                    raise Interrupted(stop.signum, message)
-        end_time = time.perf_counter()
-        self.at, self.step_losses = Progress(epoch, 0, self.at.step), []
-        if rt.is_main:
-            trained_images = sum(len(idx) for idx in batches[first_batch:])
-            self._end_epoch(epoch, losses, trained_images, end_time - start_time, skipped[0])
-
-    def _end_epoch(self, epoch: int, losses: torch.Tensor, trained_images: int, seconds: float, skipped: int) -> None:
-        """Rank 0, after epoch `epoch`'s steps (`trained_images` of them in `seconds` in this process;
-        `losses` its steps' summed losses): its numbers, grid, metrics line and checkpoint."""
-        config, rt, run = self.config, self.rt, self.run
-        start = time.perf_counter()
-        # the test set is small: rank 0 evaluates all of it, with the single-process noise
-        test = _held_out_record(self.model, config, rt, epoch, self.data.test_images, self.data.test_labels,
-                                self.data.val_split)
-        eval_seconds = time.perf_counter() - start
-        self.log("============================")
-        self.log(f"Epoch: {epoch}, Test set ELBO: {test['test_elbo']:.2f}, time elapse for current epoch {seconds:.1f}")
-        with torch.inference_mode():
-            save_grid(self.model.decode_prior(self.fixed_z, y=grid_labels(config.model, rt.device)),
-                      run.image_path(epoch))
-        record = {
-            "epoch": epoch, "step": self.at.step, "train_loss": losses.sum().item() / len(self.data.train_images),
-            **test, "epoch_seconds": round(seconds, 3), "eval_seconds": round(eval_seconds, 3),
-            "images_per_second": round(trained_images / seconds, 1), "lr": self.schedule.lr(self.at.step - 1),
-            **({"skipped_updates": skipped} if config.train.skip_grad else {}),
-        }
-        run.append_metrics(record)
-        if self.stopping.record(record):
-            run.checkpoints.save_best(self.model.state_dict(), epoch, record["val_elbo"])
-        if self.board:
-            _log_board(self.board, epoch, record, run.image_path(epoch))
-        self.checkpoint(self.order_gen.get_state(), losses)
 
 
 def _open_board(run: Run, epochs_done: int):
@@ -387,62 +492,11 @@ def _log_board(board, epoch: int, record: dict, grid: Path) -> None:
     board.flush()
 
 
-def grid_labels(config: ModelConfig, device: torch.device) -> torch.Tensor | None:
+def _grid_labels(config: ModelConfig, device: torch.device) -> torch.Tensor | None:
     """The labels of the progress grid's images: classes in turn for a conditional model, else None."""
     if not config.conditional:
         return None
     return torch.arange(NUM_EXAMPLES_TO_GENERATE, device=device) % config.num_classes
-
-
-def train_steps(model, optimizer, images: torch.Tensor, labels: torch.Tensor | None, batches: tuple[torch.Tensor, ...],
-                at: Progress, losses: torch.Tensor, config: Config, rt: Runtime, noise_gen: torch.Generator,
-                stop, bar, schedule: Schedule, skipped: list[int]) -> None:
-    """Trains on the epoch's `batches` (global batches of indices into `images`, uint8 on the
-    device, and `labels` for a conditional model) from batch `at.batch` on, advancing `at`, until
-    the epoch ends, a checkpoint is due (every `checkpoint_every` steps) or every rank knows of a
-    stop signal. losses[i] receives batch i's loss summed over this rank's rows.
-
-    Each rank trains on its rows of every global batch, but binarization and reparameterization
-    noise are drawn for the whole global batch on every rank: each example gets the same draws
-    whatever the number of ranks. `schedule` gives each step's learning rate and KL weight;
-    skipped[0] counts the updates --skip-grad skipped."""
-    tc, mc = config.train, config.model
-    every, draws = tc.checkpoint_every, (mc.iwae_k,) if mc.objective == "iwae" else ()
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    noise_dim = (model.module if hasattr(model, "module") else model).noise_dim    # DDP wraps the model
-    for idx in batches[at.batch:]:
-        rows = rt.shard(len(idx))
-        x = preprocess(images[idx], config.data.binarization, noise_gen)[rows]          # [b,C,H,W], b = len(rows)
-        y = None if labels is None else labels[idx][rows]
-        # [b,latent], or [K,b,latent] for the iwae objective
-        eps = torch.randn(*draws, len(idx), noise_dim, generator=noise_gen, device=images.device)[..., rows, :]
-        with rt.autocast():
-            terms = model(x, eps=eps, y=y)
-        loss_per_example = training_loss(terms, mc.objective, mc.beta * schedule.kl_weight(at.step), tc.kl,
-                                         tc.free_bits)                                              # [b]
-        # DDP averages gradients over ranks: scaled so, each rank's sum gives the global batch mean's gradient
-        loss = loss_per_example.sum() * (rt.world_size / len(idx))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if schedule.varies_lr:
-            for group in optimizer.param_groups:
-                group["lr"] = schedule.lr(at.step)
-        if tc.clip_grad or tc.skip_grad:
-            norm = torch.nn.utils.clip_grad_norm_(parameters, tc.clip_grad or math.inf)
-            if tc.skip_grad and not norm <= tc.skip_grad:     # a NaN norm is skipped too
-                skipped[0] += 1
-            else:
-                optimizer.step()
-        else:
-            optimizer.step()
-        losses[at.batch] = loss_per_example.detach().sum()
-        at.batch += 1
-        at.step += 1
-        bar.update()
-        if not bar.disable and at.batch % 25 == 0:
-            bar.set_postfix(loss=f"{loss_per_example.detach().mean().item():.2f}", refresh=False)
-        if stop.agreed() or (every and at.step % every == 0):
-            return
 
 
 def _check_finite(losses: torch.Tensor, first: int, at: Progress, run: Run) -> None:
@@ -458,18 +512,19 @@ def _check_finite(losses: torch.Tensor, first: int, at: Progress, run: Run) -> N
                        "start again with a lower --lr or with --precision fp32")
 
 
-def _save(run: Run, at: Progress, model, optimizer, order_state: torch.Tensor, noise_gen: torch.Generator,
-          losses: torch.Tensor, keep: int) -> None:
-    """Checkpoints the unwrapped model at `at`; `order_state` is the order generator's state at the
-    start of the epoch `at` is in."""
-    run.checkpoints.save(Checkpoint(replace(at), model.state_dict(), optimizer.state_dict(), {
-        "torch": torch.get_rng_state(), "order": order_state, "noise": noise_gen.get_state(),
-    }, losses[:at.batch].tolist()), keep=keep)
+@contextlib.contextmanager
+def _progress_bar(log, what: str, total: int, done: int, batch_size: int, rt: Runtime):
+    """The epoch's progress on rank 0: tqdm's bar where stderr is a terminal, else (a log file, a
+    pipe, a batch job) a plain line through `log` every PROGRESS_SECONDS. It counts batches, shown
+    as images (and images/s) by scaling with the batch size."""
+    with tqdm(total=total, initial=done, desc=what, unit="img", unit_scale=batch_size, leave=False,
+              disable=None if rt.is_main else True, dynamic_ncols=True) as bar:
+        yield _PlainProgress(log, what, total, done, batch_size) if bar.disable else bar
 
 
 class _PlainProgress:
     """The progress bar's stand-in where the bar is off: a plain line through `log` every
-    PROGRESS_SECONDS (train_steps calls update() after each batch)."""
+    PROGRESS_SECONDS (the loop calls update() after each batch)."""
     disable = True
 
     def __init__(self, log, what: str, total: int, done: int, batch_size: int) -> None:
