@@ -8,7 +8,7 @@ instead of inside the transposed convolution), `per_tensor_adam` (Adam without f
 `autograd_last_layer` (the stride-1 output layer through vaekit's transposed-conv backward
 instead of autograd's), `subpixel_last_layer` (that layer in the subpixel form evaluation uses,
 models/inference.py, its weights rebuilt from the parameter every step). Each round runs every variant for --steps steps of
-`vaekit.train.train_steps` in turn (order alternating), in one process: two processes on a shared
+`vaekit.train.train_step` in turn (order alternating), in one process: two processes on a shared
 machine differ by more than these levers do. Prints one JSON line per variant: the median ms/step over rounds.
 """
 from __future__ import annotations
@@ -21,7 +21,6 @@ import time
 import torch
 import torch.nn.functional as F
 from common import emit, machine
-from tqdm import tqdm
 
 import vaekit
 from vaekit.data import splits_for
@@ -30,7 +29,7 @@ from vaekit.models import build_model, layers
 from vaekit.models.inference import conv_transpose_as_conv, subpixel_conv
 from vaekit.checkpoints import Progress
 from vaekit.schedule import Schedule
-from vaekit.train import train_steps
+from vaekit.train import TrainState, train_step
 
 
 VARIANTS = ["vaekit", "unfused_relu", "per_tensor_adam", "autograd_last_layer", "subpixel_last_layer"]
@@ -48,11 +47,6 @@ class _SubpixelTraining(torch.nn.Module):
         weight, bias = subpixel_conv(weight, self.layer.bias, self.stride)
         y = F.conv2d(x, weight.contiguous(memory_format=torch.channels_last), bias, stride=self.stride, padding=padding)
         return F.pixel_shuffle(y, self.stride)
-
-
-class _NeverStop:
-    def agreed(self) -> bool:
-        return False
 
 
 @contextlib.contextmanager
@@ -98,11 +92,14 @@ def main() -> None:
         batches = torch.randperm(len(images), generator=order)[:args.steps * 100].split(100)
         for name in names if r % 2 else names[::-1]:
             model, optimizer, noise, context = variants[name]
-            losses = torch.zeros(len(batches), dtype=torch.float64)
-            with context(), tqdm(disable=True) as bar:
+            state = TrainState(model, model, optimizer, order, noise, Progress(), order.get_state(),
+                               torch.zeros(len(batches), dtype=torch.float64))
+            schedule = Schedule(config.train, len(batches))
+            with context():
                 start = time.perf_counter()
-                train_steps(model, optimizer, images, None, batches, Progress(), losses, config, rt, noise,
-                            _NeverStop(), bar, Schedule(config.train, len(batches)), [0])
+                for idx in batches:
+                    train_step(state, images[idx], None, config, rt, schedule)
+                    state.at.step += 1
                 if r:
                     times[name].append(1000 * (time.perf_counter() - start) / len(batches))
     for name in names:

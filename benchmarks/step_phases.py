@@ -3,7 +3,7 @@
     python benchmarks/step_phases.py --batch-size 1      # the fixed cost of a step
     python benchmarks/step_phases.py --batch-size 100    # the seed's step
 
-The step is `vaekit.train.train_steps`'s, written out (static binarization, bf16 autocast by
+The step is `vaekit.train.train_step`'s, written out (static binarization, bf16 autocast by
 default, fused Adam) and cut into its phases with a clock between them; prints one JSON line: the
 median ms of each phase over --steps steps after a warm-up. At batch 1 the arithmetic is
 negligible, so what remains is the per-step cost of Python, the dispatcher, autograd and oneDNN's

@@ -28,11 +28,11 @@ import gc, importlib, json, os, sys
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 loop = importlib.import_module("vaekit.train")
-trained, real = [], loop.train_steps
-def train_steps(model, *args, **kwargs):
-    trained.append(model.module)   # the replica, not the DDP wrapper: that must not outlive the group
-    return real(model, *args, **kwargs)
-loop.train_steps = train_steps
+trained, real = [], loop.train_step
+def train_step(state, *args, **kwargs):
+    trained.append(state.model)    # the replica, not the DDP wrapper: that must not outlive the group
+    return real(state, *args, **kwargs)
+loop.train_step = train_step
 distributed, closed = importlib.import_module("vaekit.distributed"), {}
 real_close = distributed.Runtime.close
 def close(self):

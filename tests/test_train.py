@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from conftest import sample_config
 from vaekit import Run, train
+from vaekit.config import SEED_LIMIT
 from vaekit.errors import ConfigError, RunError
 from vaekit.runs import BEST_SUFFIX
 from vaekit.viz import seed_gif_frames
@@ -118,7 +119,7 @@ def test_train_leaves_the_callers_config_as_it_was(tmp_path):
 
 
 def test_the_largest_seed_trains_and_scores_an_epoch_with_every_held_out_number(tmp_path):
-    config = sample_config(epochs=1, batch_size=250, seed=2 ** 63 - 1, skip_grad=1e6)
+    config = sample_config(epochs=1, batch_size=250, seed=SEED_LIMIT, skip_grad=1e6)
     config.data.validation = 200
     config.data.binarization = "dynamic"
     config.model.objective = "iwae"
@@ -137,3 +138,10 @@ def test_the_largest_seed_trains_and_scores_an_epoch_with_every_held_out_number(
 def test_resume_of_run_at_best_names_the_run_to_resume(tmp_path):
     with pytest.raises(ConfigError, match=f"pass {tmp_path / 'run'} without {BEST_SUFFIX}"):
         train(resume=f"{tmp_path / 'run'}{BEST_SUFFIX}", log=quiet)
+
+
+def test_a_setting_made_by_hand_is_checked_as_a_config_file_is(tmp_path):
+    config = sample_config(epochs=1, seed=SEED_LIMIT + 1)     # set on the dataclass, past its own check
+    with pytest.raises(ConfigError, match=f"--seed must be an integer from 0 to {SEED_LIMIT}"):
+        train(config, out=tmp_path / "run", log=quiet)
+    assert not (tmp_path / "run").exists() and config.train.seed == SEED_LIMIT + 1

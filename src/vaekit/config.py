@@ -4,6 +4,7 @@ The command line builds its flags from these fields (see cli.py), so a setting i
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -146,6 +147,12 @@ class Config:
             raise ConfigError("the bernoulli likelihood is for binary data, and binarization none keeps grey "
                               "levels: pass --likelihood logistic (or gaussian), a binarization, or "
                               "--allow-continuous-bernoulli")
+
+    def checked_copy(self) -> "Config":
+        """A deep copy whose parts run their checks again: a field set by hand (config.train.seed = ...)
+        skips the checks a dataclass runs when it is made."""
+        parts = copy.deepcopy(self)
+        return Config(*(dataclasses.replace(part) for part in (parts.data, parts.model, parts.train)))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -18,7 +18,6 @@ does not depend on the number of ranks (up to float rounding in the gradient all
 from __future__ import annotations
 
 import contextlib
-import copy
 import importlib.util
 import math
 import signal
@@ -34,23 +33,21 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from . import runs
 from .checkpoints import Checkpoint, Progress
 from .config import Config
 from .data import ImageData, Splits, check_data_fits, fingerprint, hold_out, preprocess, splits_for
 from .distributed import Runtime, restarted, setup
 from .errors import ConfigError, DataError, RunError
-from .evaluate import IMAGE_STREAMS, elbo_report, iwae_bounds
+from .evaluate import elbo_report, iwae_bounds
 from .models import ModelConfig, build_model
 from .objectives import training_loss
-from .runs import BEST_SUFFIX, Run
+from .runs import BEST_SUFFIX, Run, parse_run_name
 from .schedule import EarlyStop, Schedule
 from .viz import gif_from_pngs, save_grid
 
 NUM_EXAMPLES_TO_GENERATE = 16   # the seed's 4x4 progress grid
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 PROGRESS_SECONDS = 60           # without a progress bar (stderr not a terminal): a plain line this often
-SEED_MODULUS = 2 ** 63          # seeds derived from --seed stay below it: torch takes seeds below 2**64
 
 
 def say(message: str) -> None:
@@ -87,13 +84,13 @@ def train(config: Config | None = None, out: str | Path | None = None, resume: s
     message, and Interrupted after a stop signal (a checkpoint is written first)."""
     if (resume is None) == (out is None):
         raise ValueError("train() needs exactly one of out= (a new run) or resume= (an existing run)")
-    config = copy.deepcopy(config) if config is not None else Config()
+    config = config.checked_copy() if config is not None else Config()     # the caller's is left as it was
     if out is not None and restarted() and Run(out).config_path.is_file() and _same_config(Run(out).config(), config):
         resume, out = out, None
     if resume is not None:
-        if runs.is_best(resume):
-            raise ConfigError(f"--resume goes on from a run's newest checkpoint: pass {runs.resolve(resume)} "
-                              f"without {BEST_SUFFIX}")
+        name = parse_run_name(resume)
+        if name.best:
+            raise ConfigError(f"--resume goes on from a run's newest checkpoint: pass {name.path} without {BEST_SUFFIX}")
         run = Run.open(resume)
         config = run.config()
         if epochs is not None:
@@ -385,9 +382,9 @@ def _train_loop(run: Run, config: Config, rt: Runtime, log, state: TrainState, d
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
-    """The seed of epoch `epoch`'s held-out scoring, from --seed: below SEED_MODULUS for any seed,
-    and seed * 1_000_003 + epoch itself for seeds below about 9e12."""
-    return (seed * 1_000_003 + epoch) % SEED_MODULUS
+    """The seed of epoch `epoch`'s held-out scoring, from --seed (at most config.SEED_LIMIT, so
+    this stays far below the 2**64 torch takes)."""
+    return seed * 1_000_003 + epoch
 
 
 def held_out_record(model, config: Config, rt: Runtime, epoch: int, test_images: torch.Tensor,
@@ -406,8 +403,7 @@ def held_out_record(model, config: Config, rt: Runtime, epoch: int, test_images:
     record = {f"test_{key}": test[key] for key in ("elbo", "distortion", "rate", "bits_per_dim") if key in test}
     if config.model.objective == "iwae":
         k = config.model.iwae_k
-        # iwae_bounds seeds image i's draws with seed * IMAGE_STREAMS + i: its seed stays below IMAGE_STREAMS
-        bounds = iwae_bounds(model, x, k, (seed + 1) % IMAGE_STREAMS, batch_size, test_labels)   # [M]
+        bounds = iwae_bounds(model, x, k, seed + 1, batch_size, test_labels)   # [M]
         record[f"test_iwae_bound_k{k}"] = bounds.double().mean().item()
     if len(val_split):
         gen = rt.generator(seed + 1)
