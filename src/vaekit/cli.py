@@ -206,10 +206,7 @@ def _train(args) -> int | None:
         if launched_by_torchrun():
             raise ConfigError("--nproc starts torchrun itself; under torchrun, leave it out")
         # said here, once, rather than by every rank torchrun would start
-        batch_size = (Run.open(args.resume).config() if args.resume else config).train.batch_size
-        if batch_size < args.nproc:
-            raise ConfigError(f"batch_size {batch_size} (the global batch) is smaller than the {args.nproc} "
-                              "processes; raise --batch-size")
+        (Run.open(args.resume).config() if args.resume else config).train.check_processes(args.nproc)
         where = ["--resume", str(args.resume)] if args.resume else ["--out", str(out)]
         where += ["--fall-back"] if args.fall_back else []
         where += ["--config", str(args.config)] if args.config else []

@@ -132,6 +132,13 @@ class TrainConfig:
         if self.free_bits and self.kl != "analytic":
             raise ConfigError("--free-bits works on each layer's closed-form rate: pass --kl analytic with it")
 
+    def check_processes(self, processes: int) -> None:
+        """The global batch is shared out over the processes: a one-line ConfigError when it has
+        fewer images than there are processes."""
+        if self.batch_size < processes:
+            raise ConfigError(f"batch_size {self.batch_size} (the global batch) is smaller than the {processes} "
+                              "processes; raise --batch-size")
+
 
 @dataclass
 class Config:

@@ -452,9 +452,7 @@ def _training_data(splits: Splits, config: Config, rt: Runtime) -> _TrainingData
     if batch_size > len(data.train_images):
         raise RunError(f"batch_size {batch_size} is larger than the {len(data.train_images)} training images; "
                        "lower --batch-size")
-    if batch_size < rt.world_size:
-        raise ConfigError(f"batch_size {batch_size} (the global batch) is smaller than the {rt.world_size} "
-                          "processes; raise --batch-size")
+    config.train.check_processes(rt.world_size)
     return data
 
 
