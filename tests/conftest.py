@@ -44,3 +44,28 @@ def cli_env() -> dict:
     env = dict(os.environ)
     env.pop("COLUMNS", None)
     return env
+
+
+@pytest.fixture(autouse=True)
+def no_child_outlives_its_test():
+    """Kills what a test started through real_runs.start and left running."""
+    from real_runs import CHILDREN
+    yield
+    while CHILDREN:
+        child = CHILDREN.pop()
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """An uninterrupted run (real_runs.TRAIN): what every interrupted and resumed run must equal, bit for
+    bit. Tests copy it (real_runs.run_copy) rather than change it."""
+    from real_runs import STEPS, TRAIN, latest_step, vaekit
+
+    run = tmp_path_factory.mktemp("reference") / "run"
+    result = vaekit("train", *TRAIN, "--out", run)
+    assert result.returncode == 0, result.stderr
+    assert latest_step(run) == STEPS
+    return run

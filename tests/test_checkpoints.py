@@ -12,8 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from test_reliability import (TRAIN, assert_one_line_error, assert_same_run, no_child_outlives_its_test,  # noqa: F401
-                              reference, run_copy, start, vaekit, wait_for_step)
+from real_runs import TRAIN, assert_one_line_error, assert_same_run, run_copy, start, vaekit, wait_for_step
 from vaekit import Run
 from vaekit.checkpoints import CHECKPOINT_FILES
 from vaekit.cli import main

@@ -66,7 +66,7 @@ def test_resume_via_cli_extends_the_run(trained_run, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["sample", "{tmp}"], "not a vaekit run directory"),
-    (["train", "--out", "{run}", "--epochs", "1"], "already exists"),
+    (["train", "--out", "{run}", "--epochs", "1"], "already holds a run"),
     (["train", "--latent-dim", "0", "--out", "{tmp}/x"], "latent_dim"),
     (["train", "--epochs", "-1", "--out", "{tmp}/x"], "epochs"),
     (["train", "--binarization", "fuzzy", "--out", "{tmp}/x"], "binarization"),

@@ -104,9 +104,10 @@ def test_eval_json_holds_each_protocol_and_dynamic_is_reproducible(run):
     timing = {"seconds", "decodes_per_second"}
     assert {k: v for k, v in dynamic.items() if k not in timing} == {k: v for k, v in again.items() if k not in timing}
     saved = json.loads((run / "eval.json").read_text())
-    assert set(saved) == {"static_k4_n500", "dynamic_k4_n500"}
-    assert saved["static_k4_n500"]["elbo"] == static["elbo"] and "the seed" in saved["static_k4_n500"]["protocol"]
-    assert "seed 3" in saved["dynamic_k4_n500"]["protocol"]
+    assert set(saved) == {"static_k4_n500_seed0", "dynamic_k4_n500_seed3"}
+    assert saved["static_k4_n500_seed0"]["elbo"] == static["elbo"]
+    assert "the seed" in saved["static_k4_n500_seed0"]["protocol"]
+    assert "seed 3" in saved["dynamic_k4_n500_seed3"]["protocol"]
     for r in (static, dynamic):
         assert r["n"] == 500                                    # the whole sample test set
         assert r["iwae_bound"] >= r["elbo_analytic_kl"] - 1
@@ -124,11 +125,12 @@ def test_eval_json_keeps_each_k_beside_the_others_and_rekeys_an_older_vaekits_en
     path.write_text(json.dumps({"static_n50": k3, "by hand": {"note": 1}}))   # keys of a vaekit before K was one
     k2 = eval_to_json(run, k=2, n=50, device="cpu", precision="fp32")
     saved = json.loads(path.read_text())
-    assert saved == {"static_k3_n50": k3, "by hand": {"note": 1}, "static_k2_n50": k2}   # another K: beside it
+    assert saved == {"static_k3_n50_seed0": k3, "by hand": {"note": 1}, "static_k2_n50_seed0": k2}   # another K: beside it
     again = eval_to_json(run, k=3, n=50, device="cpu", precision="fp32")      # the same protocol: replaced
     saved = json.loads(path.read_text())
-    assert set(saved) == {"static_k3_n50", "by hand", "static_k2_n50"} and saved["static_k3_n50"] == again
-    assert measured(again) == measured(k3) and saved["static_k2_n50"] == k2
+    assert set(saved) == {"static_k3_n50_seed0", "by hand", "static_k2_n50_seed0"}
+    assert saved["static_k3_n50_seed0"] == again
+    assert measured(again) == measured(k3) and saved["static_k2_n50_seed0"] == k2
     assert not [p.name for p in run.iterdir() if p.name.startswith(".eval.json")]   # no temporary file left
 
 
@@ -166,7 +168,7 @@ def test_a_quick_estimate_states_its_standard_error_and_keeps_the_full_result(ru
         assert 0 < se < 10 and full[f"{name}_stderr"] < se     # five times the images, a smaller error
         assert abs(quick[name] - full[name]) < 6 * se, name     # the quick estimate is near the full one
     saved = json.loads((run / "eval.json").read_text())
-    assert saved["static_k5_n500"]["n"] == 500 and saved["static_k5_n100"]["n"] == 100
+    assert saved["static_k5_n500_seed0"]["n"] == 500 and saved["static_k5_n100_seed0"]["n"] == 100
     for record in (quick, full):
         assert record["precision"] == "fp32" and record["decodes"] == record["n"] * 6
         assert record["decodes_per_second"] > 0 and record["seconds"] >= 0 and record["decode_batch"] >= 1

@@ -10,7 +10,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import SAMPLE
-from test_reliability import (assert_one_line_error, assert_same_run, reference, run_copy, vaekit)  # noqa: F401
+from real_runs import assert_one_line_error, assert_same_run, run_copy, vaekit
 from vaekit import Run, RunError, eval_to_json, sample_to_png
 from vaekit.runs import parse_run_name
 from vaekit.cli import main

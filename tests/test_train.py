@@ -70,7 +70,7 @@ def test_resume_drops_metrics_written_after_the_checkpoint(tmp_path):
 def test_existing_run_directory_is_never_overwritten(tmp_path):
     run = train(sample_config(epochs=1), out=tmp_path / "run", log=quiet)
     before = run.metrics_path.read_bytes()
-    with pytest.raises(RunError, match="already exists"):
+    with pytest.raises(RunError, match="already holds a run"):
         train(sample_config(epochs=1), out=run.path, log=quiet)
     assert run.metrics_path.read_bytes() == before
 

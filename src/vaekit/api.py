@@ -140,6 +140,7 @@ def eval_to_json(run: str | Path, k: int = 5000, binarization: str | None = None
     x = preprocess(test.images[:n].to(rt.device), binarization, gen)    # gen goes on to draw the ELBO's z
     result = likelihood_report(model, x, binarization, rt, gen, k, decode_batch, seed,
                                None if labels is None else labels[:n])
+    result["data"] = opened.data_fingerprint
     if report:
         report(result)
     opened.run.save_eval(result)

@@ -11,7 +11,7 @@ from .checkpoints import load_weights_into
 from .config import Config
 from .data import Splits, check_data_fits, fingerprint, splits_for
 from .distributed import Runtime, setup
-from .errors import ConfigError, DataError
+from .errors import ConfigError
 from .files import load_tensors
 from .models import build_model
 from .models.inference import prepare_for_inference
@@ -28,24 +28,20 @@ class OpenRun:
     config: Config
     runtime: Runtime
     weights: Path
+    data_fingerprint: dict | None = None   # of the data `data()` read last: what an evaluation scored
 
     def data(self, data_dir: str | Path | None = None) -> Splits:
         """The run's dataset in memory, read from `data_dir` (default: where it was trained), checked
         to hold images of the size and channels the model takes and to be the data the run was
         trained on (its data.json, as a resume checks it): DataError otherwise, so that no command
-        scores other data under the run's name. Its fingerprint is kept on the run (run.scored_data),
-        so that an evaluation's entry in eval.json says which data it scored."""
+        scores other data under the run's name. Its fingerprint is kept (data_fingerprint), so that
+        an evaluation's entry in eval.json says which data it scored."""
         data = self.config.data
         where = str(data_dir or data.data_dir or data.dataset)
         splits = splits_for(data, data_dir)
         check_data_fits(self.config.model, splits, where)
-        scored, trained = fingerprint(splits), self.run.data_fingerprint()
-        if trained is not None and scored != trained:
-            raise DataError(f"{where} does not hold the data {self.run.path} was trained on ({scored['train']}/"
-                            f"{scored['test']} train/test images of SHA-256 {scored['sha256'][:12]}, not "
-                            f"{trained['train']}/{trained['test']} of {trained['sha256'][:12]}); pass --data-dir "
-                            "the folder it was trained on")
-        self.run.scored_data = scored
+        self.data_fingerprint = fingerprint(splits)
+        self.run.check_data(self.data_fingerprint, where)
         return splits
 
 

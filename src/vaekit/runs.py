@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 from . import pretrained
 from .checkpoints import CheckpointStore
 from .config import Config
-from .errors import ConfigError, RunError
+from .errors import ConfigError, DataError, RunError
 from .files import atomic_write_text, load_tensors, replacing
 
 BEST_SUFFIX = "@best"              # RUN@best: the run's best validation epoch
@@ -103,7 +103,6 @@ class Run:
         self.gif_path = self.path / "training.gif"
         self.data_path = self.path / "data.json"
         self.created = False     # whether this object made the run directory (see remove_unstarted)
-        self.scored_data = None  # the fingerprint of the data a command scored (loading.OpenRun.data), for save_eval
         self._lock = None        # the FileLock held while training (see lock)
         self._lock_pid = self.path / ".lock.pid"
 
@@ -169,6 +168,17 @@ class Run:
             return None
         except (OSError, ValueError) as e:
             raise RunError(f"{self.data_path} is damaged ({e}); the run directory was altered") from None
+
+    def check_data(self, found: dict, where: str) -> None:
+        """DataError unless `found` (data.fingerprint of the data in `where`) is the data the run was
+        trained on, as data.json recorded it: a resume, an evaluation or a generation command on
+        other data would mix or mislabel results."""
+        trained = self.data_fingerprint()
+        if trained is not None and found != trained:
+            raise DataError(f"{where} does not hold the data {self.path} was trained on ({found['train']}/"
+                            f"{found['test']} train/test images of SHA-256 {found['sha256'][:12]}, not "
+                            f"{trained['train']}/{trained['test']} of {trained['sha256'][:12]}); pass --data-dir "
+                            "the folder it was trained on")
 
     @classmethod
     def open(cls, run: str | Path | RunName) -> "Run":
@@ -274,18 +284,17 @@ class Run:
             raise RunError(f"cannot write {path}: {e.strerror}; fix the permissions of {path.parent}") from None
 
     def save_eval(self, record: dict) -> Path:
-        """Keeps `record` (a likelihood_report() result) in eval.json under its protocol's key (eval_key),
-        beside the other protocols' entries, replacing that protocol's older one, with the fingerprint
-        of the data it scored (`scored_data`, set by loading.OpenRun.data) as "data". The file is read,
+        """Keeps `record` (what `vaekit eval` measured, with the fingerprint of the data it scored as
+        "data") in eval.json under its protocol's key (eval_key), beside the other protocols' entries,
+        replacing that protocol's older one. The file is read,
         merged and replaced whole (atomic) under a lock of its own (.eval.lock), so evaluations
         saving at once keep every entry. A damaged file is kept beside it as eval.json.unreadable,
         never overwritten; entries an older vaekit keyed otherwise take their key."""
         path = self.eval_path
-        entry = record if self.scored_data is None else {**record, "data": self.scored_data}
         try:
             with FileLock(path.with_name(EVAL_LOCK), timeout=EVAL_LOCK_SECONDS):
                 entries = self._eval_entries()
-                entries[eval_key(entry)] = entry
+                entries[eval_key(record)] = record
                 atomic_write_text(path, json.dumps(entries, indent=1) + "\n")
         except Timeout:
             raise RunError(f"cannot write {path}: another process held its lock for {EVAL_LOCK_SECONDS} s; "

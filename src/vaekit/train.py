@@ -37,7 +37,7 @@ from .checkpoints import Checkpoint, Progress
 from .config import Config
 from .data import ImageData, Splits, check_data_fits, fingerprint, hold_out, preprocess, splits_for
 from .distributed import Runtime, restarted, setup
-from .errors import ConfigError, DataError, RunError
+from .errors import ConfigError, RunError
 from .evaluate import elbo_report, iwae_bounds
 from .models import ModelConfig, build_model
 from .objectives import training_loss
@@ -248,7 +248,7 @@ def _start(run: Run, config: Config, rt: Runtime, resuming: bool, fall_back: boo
     data = _training_data(splits, config, rt)
     data_fingerprint = fingerprint(splits)
     if resuming:
-        _check_same_data(run, config, data_fingerprint)
+        run.check_data(data_fingerprint, config.data.data_dir or config.data.dataset)
     fixed_z = None
     if rt.is_main:
         if not resuming:
@@ -454,16 +454,6 @@ def _training_data(splits: Splits, config: Config, rt: Runtime) -> _TrainingData
                        "lower --batch-size")
     config.train.check_processes(rt.world_size)
     return data
-
-
-def _check_same_data(run: Run, config: Config, data: dict) -> None:
-    """DataError when a resumed run's data is not what it was trained on (`data`: its fingerprint now)."""
-    recorded = run.data_fingerprint()
-    if recorded is not None and recorded != data:
-        raise DataError(f"{config.data.data_dir or config.data.dataset} does not hold the data {run.path} was "
-                        f"trained on ({data['train']}/{data['test']} train/test images of SHA-256 "
-                        f"{data['sha256'][:12]}, not {recorded['train']}/{recorded['test']} of "
-                        f"{recorded['sha256'][:12]}); pass --data-dir the folder it was trained on")
 
 
 def _open_board(run: Run, epochs_done: int):
