@@ -3,6 +3,7 @@ matrix-multiply peaks of this machine measured in the same process.
 
     python benchmarks/eval_throughput.py                       # precision auto, decode batch tuned
     python benchmarks/eval_throughput.py --precision fp32 --decode-batch 2000 --training-form
+    python benchmarks/eval_throughput.py --compile            # the prepared model under torch.compile
 
 The seed's model or `--model best` (speed does not depend on the weights) scores the shipped MNIST sample's test
 images, K draws each. `--training-form` times the model as training runs it (no weights laid out
@@ -25,6 +26,7 @@ from common import emit, machine, peak_memory_mb
 from peak import models, peaks
 from torch.utils.flop_counter import FlopCounterMode
 
+from vaekit.compiling import for_inference
 from vaekit.data import load_splits, preprocess
 from vaekit.distributed import setup
 from vaekit.evaluate import decode_batch_for, iwae_bounds
@@ -60,6 +62,9 @@ def main() -> None:
     p.add_argument("--model", default="seed", choices=["seed", "best"],
                    help="the seed's model, or pretrained:mnist-best's architecture (ladder, VampPrior)")
     p.add_argument("--training-form", action="store_true", help="time the model as training runs it")
+    p.add_argument("--compile", action="store_true",
+                   help="the prepared model's networks under torch.compile, as --compile on runs them (the "
+                        "warm-up repeat compiles)")
     args = p.parse_args()
 
     rt = setup(args.device, args.precision)
@@ -67,7 +72,9 @@ def main() -> None:
     if args.training_form:
         evaluated, context = model, rt.autocast
     else:
-        evaluated, context = prepare_for_inference(model, rt), torch.inference_mode
+        prepared = prepare_for_inference(model, rt)
+        evaluated = for_inference(prepared, "on" if args.compile else "off", rt.device)
+        context = torch.inference_mode
     x = preprocess(load_splits("mnist", SAMPLE).test.images[:args.images].to(rt.device), "static")
     flops = flops_per_draw(model, x[:1])
     decode_batch = args.decode_batch or decode_batch_for(evaluated, rt.device, 10 ** 9)
@@ -83,7 +90,7 @@ def main() -> None:
     rate = statistics.median(rates)
     peak = peaks(rt.device)                      # the best square product up to 4096, this process
     emit({"benchmark": "eval_throughput", "model": args.model, "form": "training" if args.training_form
-          else "inference", "device": rt.device.type, "precision": rt.precision, "decode_batch": decode_batch,
+          else "inference", "compiled": args.compile, "device": rt.device.type, "precision": rt.precision, "decode_batch": decode_batch,
           "k": args.k, "decodes_per_s": round(rate), "mflop_per_draw": round(flops / 1e6, 2),
           "gflops": round(rate * flops / 1e9, 1), "fp32_peak_gflops": round(peak["fp32"] / 1e9, 1),
           "bf16_peak_gflops": round(peak["bf16"] / 1e9, 1),

@@ -7,7 +7,8 @@ Variants: `vaekit` (as training runs), `unfused_relu` (the decoder's ReLU as a s
 instead of inside the transposed convolution), `per_tensor_adam` (Adam without fused=True),
 `autograd_last_layer` (the stride-1 output layer through vaekit's transposed-conv backward
 instead of autograd's), `subpixel_last_layer` (that layer in the subpixel form evaluation uses,
-models/inference.py, its weights rebuilt from the parameter every step). Each round runs every variant for --steps steps of
+models/inference.py, its weights rebuilt from the parameter every step), `compiled` (the model under
+torch.compile as `--compile on` runs it; round 0, the warm-up, compiles). Each round runs every variant for --steps steps of
 `vaekit.train.train_step` in turn (order alternating), in one process: two processes on a shared
 machine differ by more than these levers do. Prints one JSON line per variant: the median ms/step over rounds.
 """
@@ -28,11 +29,12 @@ from vaekit.distributed import setup
 from vaekit.models import build_model, layers
 from vaekit.models.inference import conv_transpose_as_conv, subpixel_conv
 from vaekit.checkpoints import Progress
+from vaekit.compiling import for_training
 from vaekit.schedule import Schedule
 from vaekit.train import TrainState, train_step
 
 
-VARIANTS = ["vaekit", "unfused_relu", "per_tensor_adam", "autograd_last_layer", "subpixel_last_layer"]
+VARIANTS = ["vaekit", "unfused_relu", "per_tensor_adam", "autograd_last_layer", "subpixel_last_layer", "compiled"]
 
 
 class _SubpixelTraining(torch.nn.Module):
@@ -69,7 +71,8 @@ def _variant(name: str, config: vaekit.Config, rt):
         model.decoder[-1] = _SubpixelTraining(model.decoder[-1])
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr, fused=name != "per_tensor_adam")
     context = _unfused_relu if name == "unfused_relu" else contextlib.nullcontext
-    return model, optimizer, rt.generator(1), context
+    stepped = for_training(model, "on", rt, print) if name == "compiled" else model
+    return model, stepped, optimizer, rt.generator(1), context
 
 
 def main() -> None:
@@ -91,8 +94,8 @@ def main() -> None:
     for r in range(args.rounds + 1):           # round 0 warms up (oneDNN builds its kernels)
         batches = torch.randperm(len(images), generator=order)[:args.steps * 100].split(100)
         for name in names if r % 2 else names[::-1]:
-            model, optimizer, noise, context = variants[name]
-            state = TrainState(model, model, optimizer, order, noise, Progress(), order.get_state(),
+            model, stepped, optimizer, noise, context = variants[name]
+            state = TrainState(model, stepped, optimizer, order, noise, Progress(), order.get_state(),
                                torch.zeros(len(batches), dtype=torch.float64))
             schedule = Schedule(config.train, len(batches))
             with context():

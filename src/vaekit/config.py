@@ -22,6 +22,7 @@ PRECISIONS = ("auto", "fp32", "bf16")   # what --precision takes; distributed.se
 LR_SCHEDULES = ("constant", "cosine")
 KL_ESTIMATORS = ("sample", "analytic")
 DEVICES = ("auto", "cpu", "cuda")       # what --device takes; distributed.setup turns it into the device
+COMPILE_MODES = ("auto", "on", "off")    # what --compile takes; vaekit/compiling.py decides what auto means
 # The largest seed: every stream vaekit derives from a seed (evaluation's (seed + 1) * 2**32 + image,
 # training's seed * 1_000_003 + epoch) then stays below 2**64, what torch.Generator.manual_seed takes.
 SEED_LIMIT = 2**31 - 1
@@ -104,6 +105,9 @@ class TrainConfig:
     precision: str = setting("auto", "auto: bf16 where the hardware runs it fast (AVX512-BF16, AMX, Ampere+), "
                                      "else fp32")
     device: str = setting("auto", "auto: cuda if available, else cpu")
+    compile: str = setting("auto", "torch.compile the model for training, and a prepared model for eval and sample: "
+                                   "on, off, or auto: on for CUDA, off on CPU (measured no faster there, see "
+                                   "docs/benchmarks.md)")
     eval_batch_size: int = setting(500, "images per pass of the per-epoch test ELBO (no gradients; 500 keeps "
                                    "activations under the mmap threshold, see allocator.py)")
     keep_checkpoints: int = setting(2, "epoch checkpoints kept on disk (the newest ones)")
@@ -116,6 +120,7 @@ class TrainConfig:
         check_seed(self.seed)
         _choice("precision", self.precision, PRECISIONS)
         _choice("device", self.device, DEVICES)
+        _choice("compile", self.compile, COMPILE_MODES)
         _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _choice("kl", self.kl, KL_ESTIMATORS)
         for name in ("epochs", "batch_size", "eval_batch_size", "keep_checkpoints", "checkpoint_every", "early_stop"):

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .checkpoints import load_weights_into
+from .compiling import for_inference
 from .config import Config
 from .data import Splits, check_data_fits, fingerprint, splits_for
 from .distributed import Runtime, setup
@@ -63,7 +64,7 @@ def open_for_inference(run: str | Path, device: str = "auto", precision: str = "
     weights = opened.checkpoints.weights_file(best=opened.best, fall_back=fall_back)
     load_weights_into(model, load_tensors(weights), opened.path)
     if prepared:
-        model = prepare_for_inference(model, runtime)
+        model = for_inference(prepare_for_inference(model, runtime), config.train.compile, runtime.device)
     else:
         model = model.to(runtime.device, memory_format=torch.channels_last).eval()
     return OpenRun(opened, model, config, runtime, weights)

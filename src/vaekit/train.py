@@ -34,6 +34,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .checkpoints import Checkpoint, Progress
+from .compiling import for_training
 from .config import Config
 from .data import ImageData, Splits, check_data_fits, fingerprint, hold_out, preprocess, splits_for
 from .distributed import Runtime, restarted, setup
@@ -268,7 +269,8 @@ def _start(run: Run, config: Config, rt: Runtime, resuming: bool, fall_back: boo
     board = _open_board(run, at.epoch) if rt.is_main and tc.tensorboard else None
     if board and latest is None:
         _log_board(board, 0, {}, run.image_path(0))
-    state = TrainState(model, rt.wrap(model), optimizer, order_gen, noise_gen, at, order_gen.get_state(),
+    stepped = for_training(model, tc.compile, rt, log)   # --compile: DDP wraps the compiled module
+    state = TrainState(model, rt.wrap(stepped), optimizer, order_gen, noise_gen, at, order_gen.get_state(),
                        torch.tensor(step_losses, dtype=torch.float64, device=rt.device))
     # a resume's changed settings (--epochs, --data-dir) reach config.json with its first
     # checkpoint: a resume that fails before it leaves config.json as it was

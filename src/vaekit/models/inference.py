@@ -58,7 +58,10 @@ class PackedConv(nn.Module):
     followed by a ReLU and a pixel shuffle. Inputs are cast to `dtype`; outputs stay in it.
 
     On CPU (oneDNN) the weights are reordered into the kernel's blocked layout here, once; on
-    other devices they are only cast, as cuDNN keeps no such layout."""
+    other devices they are only cast, as cuDNN keeps no such layout. Under torch.compile the
+    layer runs as plain aten operators on the unpacked weights (`plain_weight`): the fake
+    kernels of oneDNN's ops disagree with the real ones on output strides (a one-channel input,
+    a transposed weight not yet packed), and inductor lays out and fuses plain convolutions itself."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, padding: int,
                  output_padding: int = 0, transposed: bool = False, relu: bool = False, shuffle: int = 1,
@@ -68,6 +71,7 @@ class PackedConv(nn.Module):
         self.transposed, self.relu, self.shuffle, self.dtype = transposed, relu, shuffle, dtype
         weight = weight.detach().to(dtype).contiguous(memory_format=torch.channels_last)
         self.bias = None if bias is None else bias.detach().to(dtype)
+        self.plain_weight = weight                     # [out, in, k, k] (transposed: [in, out, k, k])
         self.onednn = onednn_runs(weight)
         if self.onednn:
             pads, strides, ones = [padding] * 2, [stride] * 2, [1, 1]
@@ -81,7 +85,7 @@ class PackedConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
         s, p, op = self.geometry["stride"], self.geometry["padding"], self.geometry["output_padding"]
-        if self.onednn:
+        if self.onednn and not torch.compiler.is_compiling():
             post = "relu" if self.relu else "none"
             if self.transposed:
                 y = torch.ops.mkldnn._convolution_transpose_pointwise(
@@ -90,8 +94,8 @@ class PackedConv(nn.Module):
                 y = torch.ops.mkldnn._convolution_pointwise(x, self.weight, self.bias, [p] * 2, [s] * 2, [1, 1], 1,
                                                             post, [None], "")
         else:
-            y = (F.conv_transpose2d(x, self.weight, self.bias, s, p, op) if self.transposed
-                 else F.conv2d(x, self.weight, self.bias, s, p))
+            y = (F.conv_transpose2d(x, self.plain_weight, self.bias, s, p, op) if self.transposed
+                 else F.conv2d(x, self.plain_weight, self.bias, s, p))
             y = torch.relu(y) if self.relu else y
         return F.pixel_shuffle(y, self.shuffle) if self.shuffle > 1 else y
 

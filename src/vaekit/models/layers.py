@@ -37,7 +37,7 @@ class _ConvTranspose2dFunction(torch.autograd.Function):
         if weight.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)   # one layout for both kernels
         with torch.autocast(x.device.type, enabled=False):
-            if relu and onednn_runs(x):
+            if relu and onednn_runs(x) and not torch.compiler.is_compiling():   # its fake kernel takes packed weights only
                 y = torch.ops.mkldnn._convolution_transpose_pointwise.default(
                     x, weight, bias, [padding] * 2, [output_padding] * 2, [stride] * 2, [1, 1], 1, "relu", [None], "")
             else:
