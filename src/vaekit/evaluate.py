@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from .distributed import Runtime
 from .likelihoods import bits_per_dim
+from .models.code_prior import vq_log_likelihood
 from .objectives import iwae_bound, mean_and_stderr, rate_per_dim
 
 ACTIVE_UNIT_THRESHOLD = 0.01   # Burda et al. 2016: a unit is active when Cov_x(E_q[z_u]) > 0.01
@@ -290,3 +291,17 @@ def eval_table(result: dict) -> str:
     lines += [f"{name:40}{value:>12}  {stderr:<10}  {b}" for name, value, stderr in rows]
     return "\n".join(lines)
 
+
+def vq_report(model, x: torch.Tensor, binarization: str, batch_size: int, prior=None) -> dict:
+    """A vq model's numbers on preprocessed images x [M,C,H,W]: "elbo", the two-stage bound
+    log p(x|c(x)) + log p(c(x)) (models/code_prior.py), under `prior` or, before one exists, the
+    first stage's uniform prior over codes; "distortion" -log p(x|c(x)); "rate" -log p(c(x)), all
+    means in nats per image (and bits per dimension for grey levels)."""
+    bound = vq_log_likelihood(model, prior, x, batch_size)                                  # [M] float64
+    with torch.inference_mode():
+        distortion = torch.cat([model(x[i:i + batch_size]).distortion.double() for i in range(0, len(x), batch_size)])
+    record = {"elbo": bound.mean().item(), "distortion": distortion.mean().item(),
+              "rate": (-bound - distortion).mean().item()}
+    if reports_bits(model, binarization):
+        record["bits_per_dim"] = _bits_per_dim(model, -record["elbo"])
+    return record

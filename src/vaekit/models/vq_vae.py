@@ -189,6 +189,12 @@ class VQVAE(nn.Module):
         distortion = -self.likelihood.log_prob(x, params)
         return VQTerms(params, distortion, quantized.commitment, quantized.indices, z_e)
 
+    @torch.inference_mode()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Preprocessed images x [B,C,H,W] -> their reconstructions [B,C,H,W] in [0,1]: the decode
+        of their codes (deterministic)."""
+        return self.decode(self.quantize(self.encode(x)).z_q, as_image=True)
+
     @torch.no_grad()
     def codes(self, x: torch.Tensor, batch_size: int = 2000) -> torch.Tensor:
         """The codes [N,h,w] of preprocessed images x [N,C,H,W], a batch at a time: the prior's
