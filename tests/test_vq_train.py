@@ -57,3 +57,29 @@ def test_vq_resume_equals_uninterrupted_bit_for_bit(tmp_path):
     a = load_file(str(straight.checkpoints.latest() / "model.safetensors"))
     b = load_file(str(resumed.checkpoints.latest() / "model.safetensors"))
     assert "codebook.embedding" in a and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def vq_run(tmp_path_factory):
+    """A vq run trained for 1 epoch (shared by the tests that only read it)."""
+    return train(vq_config(epochs=1), out=tmp_path_factory.mktemp("vq") / "run", log=quiet)
+
+
+def test_prior_resume_equals_uninterrupted_bit_for_bit(vq_run, tmp_path):
+    import shutil
+    from vaekit import train_prior
+
+    other = tmp_path / "other"
+    shutil.copytree(vq_run.path, other)
+    straight = train_prior(vq_run.path, epochs=2, log=quiet)
+    train_prior(other, epochs=1, log=quiet)
+    resumed = train_prior(other, log=quiet, epochs=2)
+    assert [m["epoch"] for m in straight.metrics()] == [1, 2]
+    assert straight.metrics()[1]["test_prior_nll"] < 49 * torch.log(torch.tensor(32.0)).item()   # below uniform
+    drop = ("epoch_seconds",)
+    assert [{k: v for k, v in m.items() if k not in drop} for m in straight.metrics()] == \
+           [{k: v for k, v in m.items() if k not in drop} for m in resumed.metrics()]
+    a = load_file(str(straight.checkpoints.latest() / "model.safetensors"))
+    b = load_file(str(resumed.checkpoints.latest() / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in straight.images.iterdir()) == ["image_at_epoch_0001.png", "image_at_epoch_0002.png"]

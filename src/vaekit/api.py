@@ -18,9 +18,10 @@ from .loading import open_for_inference
 from .plot import plot_runs
 from .runs import Run
 from .train import train
+from .train_prior import train_prior
 from .viz import gif_from_pngs, grid_image, save_gif, save_grid, save_image, scatter_image
 
-__all__ = ["train", "fetch", "dataset_info", "sample_to_png", "reconstruct_to_png", "make_gif", "eval_to_json",
+__all__ = ["train", "train_prior", "fetch", "dataset_info", "sample_to_png", "reconstruct_to_png", "make_gif", "eval_to_json",
            "interpolate_to_png", "traverse_to_png", "attribute_to_png", "inpaint_to_png", "latent_map_to_png",
            "plot_runs", "export_run"]
 

@@ -222,6 +222,16 @@ def _train(args) -> int | None:
     return None
 
 
+def _train_prior_flags(p: argparse.ArgumentParser) -> None:
+    _add_run(p, help="a run directory made by `vaekit train --family vq`")
+    p.add_argument("--epochs", type=int, help="train the prior up to this many epochs (default: as it was started, "
+                   "else the run's --epochs); run again to go on from its newest checkpoint")
+
+
+def _train_prior(args) -> None:
+    api.train_prior(args.run, epochs=args.epochs)
+
+
 def _data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["fetch", "info"])
     p.add_argument("name", help=f"{', '.join(IDX_DATASETS)}, or {FOLDER} (the images under --data-dir)")
@@ -442,6 +452,8 @@ class Command:
 
 COMMANDS = (
     Command("train", "train a model into a run directory (or resume one)", _train_flags, _train),
+    Command("train-prior", "vq runs: fit the code prior to the frozen first stage's codes, in RUN/prior (resumable)",
+            _train_prior_flags, _train_prior),
     Command("data", "fetch a dataset or show where it is", _data_flags, _data),
     Command("sample", "decode new codes drawn from the prior into a grid", _sample_flags, _sample, True),
     Command("reconstruct", "test images beside their decodes (codes drawn from q(z|x))", _reconstruct_flags,
