@@ -372,8 +372,9 @@ def _inpaint(args) -> None:
                                 method=args.method, score_n=args.score_n, seed=args.seed, out=args.out,
                                 data_dir=args.data_dir, device=args.device, precision=args.precision)
     print(png)
+    chains = f", {s['chains']} chains x {s['steps']} steps" if "chains" in s else ""
     print(f"log p(true masked pixels), nats/image over {s['n']} test images, {s['masked_pixels']} masked pixels "
-          f"each ({s['protocol']}; {s['method']}, {s['chains']} chains x {s['steps']} steps; +- one standard error): "
+          f"each ({s['protocol']}; {s['method']}{chains}; +- one standard error): "
           + ", ".join(f"{label} {s[key]:.2f} +- {s[key + '_stderr'] or float('nan'):.2f}" for label, key in
                       (("inpainting", "inpainting"), ("mean-image baseline", "mean_image_baseline"), ("gain", "gain"))))
 

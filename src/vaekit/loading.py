@@ -52,19 +52,25 @@ class OpenRun:
 
 
 def open_for_inference(run: str | Path, device: str = "auto", precision: str = "auto", fall_back: bool = False,
-                       prepared: bool = True, unconditional_task: str | None = None) -> OpenRun:
+                       prepared: bool = True, unconditional_task: str | None = None,
+                       continuous_task: str | None = None) -> OpenRun:
     """The run RUN (its newest weights; with `fall_back`, the newest intact ones when newer ones
     are damaged), RUN@best (its best validation epoch's weights) or pretrained:NAME, ready for
     inference on `device` in `precision` (auto: bf16 where the hardware runs it natively, as in
     training; see models/inference.py). With `prepared=False`, the model as training builds it
     (plain parameters, e.g. to export it). A vq model runs as trained, in fp32, whatever
     `precision` says: its codes are nearest neighbours, which bf16 would move. `unconditional_task`: the command asking, when it is
-    one for unconditional models only (a class-conditional run is refused)."""
+    one for unconditional models only (a class-conditional run is refused); `continuous_task`:
+    the command asking, when it works on a continuous z (a vq run, whose codes are discrete, is
+    refused)."""
     opened = Run.open(run)
     config = opened.config()
     if unconditional_task and config.model.conditional:
         raise ConfigError(f"`vaekit {unconditional_task}` is for unconditional models and {run} is "
                           "class-conditional: use `vaekit sample --label` or `vaekit reconstruct`")
+    if continuous_task and config.model.family == "vq":
+        raise ConfigError(f"`vaekit {continuous_task}` works on a continuous z, and {run} is a vq model, whose codes "
+                          "are discrete: use `vaekit sample`, `reconstruct`, `interpolate` or `inpaint`")
     runtime = setup(device, "fp32" if config.model.family == "vq" else precision)
     model = build_model(config.model)
     weights = opened.checkpoints.weights_file(best=opened.best, fall_back=fall_back)
