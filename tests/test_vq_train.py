@@ -83,3 +83,48 @@ def test_prior_resume_equals_uninterrupted_bit_for_bit(vq_run, tmp_path):
     b = load_file(str(resumed.checkpoints.latest() / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert sorted(p.name for p in straight.images.iterdir()) == ["image_at_epoch_0001.png", "image_at_epoch_0002.png"]
+
+
+def vaekit(*args, check=True):
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+    result = subprocess.run([sys.executable, "-m", "vaekit", *map(str, args)], capture_output=True, text=True,
+                            env=cli_env(), timeout=300)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_the_recipe_end_to_end_on_the_sample(tmp_path):
+    """configs/mnist-vq.json (its sizes made tiny, one epoch each) through the command line:
+    train, the refusals before and without a prior, train-prior, sample, eval, export."""
+    import json
+    from pathlib import Path
+
+    from conftest import SAMPLE
+    recipe = Path(__file__).parents[1] / "configs" / "mnist-vq.json"
+    run = tmp_path / "run"
+    tiny = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k != "family"]
+    vaekit("train", "--config", recipe, "--data-dir", SAMPLE, "--out", run, "--epochs", 1, "--validation", 500,
+           "--device", "cpu", *tiny)
+    refused = vaekit("sample", run, check=False)
+    assert refused.returncode == 2 and "train its prior first: vaekit train-prior" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    for command in ("traverse", "latent"):
+        refused = vaekit(command, run, check=False)
+        assert refused.returncode == 2 and "vq model, whose codes are discrete" in refused.stderr
+    vaekit("train-prior", run, "--epochs", 1)
+    prior_metrics = [json.loads(line) for line in (run / "prior" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in prior_metrics] == [1]
+    assert vaekit("sample", run, "--n", 4).stdout.strip().endswith("prior_n4_seed0.png")
+    out = vaekit("eval", run, "--n", 100).stdout
+    assert "two-stage bound" in out and "K=1" in out
+    entry = json.loads((run / "eval.json").read_text())["dynamic_k1_n100_seed0"]
+    assert entry["prior"] == "learned" and entry["elbo"] == pytest.approx(-entry["distortion"] - entry["rate"])
+    assert entry["rate"] < 49 * torch.log(torch.tensor(32.0)).item()
+    exported = vaekit("export", run).stdout
+    assert "codes differing" in exported
+    manifest = json.loads((run / "onnx" / "manifest.json").read_text())
+    assert manifest["max_abs_diff"] < 1e-4 and manifest["codes_differing"] <= 2   # of 5 x 49: near ties only

@@ -429,7 +429,9 @@ def _export_flags(p: argparse.ArgumentParser) -> None:
 def _export(args) -> None:
     result = api.export_run(args.run, args.format, args.out)
     print(*result["files"], sep="\n")
-    print(f"checked with onnxruntime against torch: largest difference {result['max_abs_diff']:.1e}")
+    codes = "" if "codes_differing" not in result else f"; codes differing: {result['codes_differing']}" + (
+        " (near ties: distances rounded in another order)" if result["codes_differing"] else "")
+    print(f"checked with onnxruntime against torch: largest difference {result['max_abs_diff']:.1e}{codes}")
 
 
 def _gif_flags(p: argparse.ArgumentParser) -> None:
