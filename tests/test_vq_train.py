@@ -5,6 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import sample_config
+from test_cli import vaekit
 from vaekit import train
 
 TINY = {"family": "vq", "codebook_size": 32, "code_dim": 8, "hidden_channels": 16, "res_blocks": 1, "dead_after": 10,
@@ -83,18 +84,6 @@ def test_prior_resume_equals_uninterrupted_bit_for_bit(vq_run, tmp_path):
     b = load_file(str(resumed.checkpoints.latest() / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert sorted(p.name for p in straight.images.iterdir()) == ["image_at_epoch_0001.png", "image_at_epoch_0002.png"]
-
-
-def vaekit(*args, check=True):
-    import subprocess
-    import sys
-
-    from conftest import cli_env
-    result = subprocess.run([sys.executable, "-m", "vaekit", *map(str, args)], capture_output=True, text=True,
-                            env=cli_env(), timeout=300)
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
 
 
 def test_the_recipe_end_to_end_on_the_sample(tmp_path):
