@@ -117,3 +117,29 @@ def test_the_recipe_end_to_end_on_the_sample(tmp_path):
     assert "codes differing" in exported
     manifest = json.loads((run / "onnx" / "manifest.json").read_text())
     assert manifest["max_abs_diff"] < 1e-4 and manifest["codes_differing"] <= 2   # of 5 x 49: near ties only
+
+
+def test_vq_resume_after_a_stop_mid_epoch_equals_uninterrupted(tmp_path):
+    """A stop at step 10 or later, mid epoch 1 (the codebook's usage counts of the epoch so far
+    and the restarts of step 10 in the checkpoint), then a resume: the run of an uninterrupted one."""
+    import signal
+
+    from conftest import SAMPLE
+    from test_reliability import latest_step, start, wait_for_step
+
+    straight = train(vq_config(epochs=2), out=tmp_path / "straight", log=quiet)
+    run = tmp_path / "stopped"
+    tiny = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    proc = start("train", "--data-dir", SAMPLE, "--device", "cpu", "--epochs", 2, "--lr", 1e-3,
+                 "--checkpoint-every", 1, "--out", run, *tiny)
+    wait_for_step(proc, run, 10)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and 10 <= latest_step(run) < 20
+    resumed = train(resume=run, log=quiet)
+    drop = ("epoch_seconds", "eval_seconds", "images_per_second")
+    assert [{k: v for k, v in m.items() if k not in drop} for m in straight.metrics()] == \
+           [{k: v for k, v in m.items() if k not in drop} for m in resumed.metrics()]
+    a = load_file(str(straight.checkpoints.latest() / "model.safetensors"))
+    b = load_file(str(resumed.checkpoints.latest() / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
