@@ -206,7 +206,11 @@ def _train(args) -> int | None:
         if launched_by_torchrun():
             raise ConfigError("--nproc starts torchrun itself; under torchrun, leave it out")
         # said here, once, rather than by every rank torchrun would start
-        batch_size = (Run.open(args.resume).config() if args.resume else config).train.batch_size
+        run_config = Run.open(args.resume).config() if args.resume else config
+        if run_config.model.family == "vq":
+            raise ConfigError("the vq family trains on one process (its codebook's statistics are not yet summed "
+                              "over ranks): leave --nproc out")
+        batch_size = run_config.train.batch_size
         if batch_size < args.nproc:
             raise ConfigError(f"batch_size {batch_size} (the global batch) is smaller than the {args.nproc} "
                               "processes; raise --batch-size")
