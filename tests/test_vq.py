@@ -12,7 +12,8 @@ from conftest import SAMPLE
 from vaekit.data import load_splits, preprocess
 from vaekit.errors import ConfigError
 from vaekit.models.code_prior import CodePrior, PriorConfig, inpaint_codes, prior_train_step, vq_log_likelihood
-from vaekit.models.vq_vae import EMA_EPSILON, VQVAE, VQConfig, codebook_usage, perplexity, vq_train_step
+from vaekit.models import ModelConfig
+from vaekit.models.vq_vae import EMA_EPSILON, VQVAE, codebook_usage, perplexity, vq_train_step
 
 TINY = {"codebook_size": 16, "code_dim": 4, "hidden_channels": 8, "res_blocks": 1}
 TINY_PRIOR = {"width": 16, "layers": 2, "heads": 2}
@@ -20,7 +21,7 @@ TINY_PRIOR = {"width": 16, "layers": 2, "heads": 2}
 
 def tiny_vq(seed: int = 0, **changes) -> VQVAE:
     torch.manual_seed(seed)
-    return VQVAE(VQConfig(**{**TINY, **changes}))
+    return VQVAE(ModelConfig(family="vq", **{**TINY, **changes}))
 
 
 def tiny_prior(vq: VQVAE, seed: int = 0) -> CodePrior:
@@ -53,7 +54,7 @@ def test_shapes_and_config_errors(images):
     assert vq.decode_indices(terms.indices, as_image=True).shape == (5, 1, 28, 28)
     assert torch.equal(vq.codes(images[:5], batch_size=2), terms.indices)
     with pytest.raises(ConfigError, match="multiple of 4"):
-        VQConfig(image_size=30)
+        ModelConfig(family="vq", image_size=30)
     with pytest.raises(ConfigError, match="divide"):
         PriorConfig(width=10, heads=3)
 
@@ -307,7 +308,7 @@ def test_inpainting_keeps_the_codes_the_hole_does_not_reach(images):
 def test_short_training_lowers_distortion_and_uses_codes(images):
     """100 first-stage steps on the MNIST sample, then 40 prior steps on the frozen codes."""
     torch.manual_seed(0)
-    vq = VQVAE(VQConfig(codebook_size=32, code_dim=8, hidden_channels=16, res_blocks=1, dead_after=20))
+    vq = VQVAE(ModelConfig(family="vq", codebook_size=32, code_dim=8, hidden_channels=16, res_blocks=1, dead_after=20))
     optimizer = torch.optim.Adam(vq.parameters(), 3e-3)
     generator = torch.Generator().manual_seed(0)
     order = torch.Generator().manual_seed(0)
@@ -331,3 +332,11 @@ def test_short_training_lowers_distortion_and_uses_codes(images):
     prior.eval()
     held = -vq_log_likelihood(vq, prior, images[:128]).mean().item()
     assert nll < 0.7 * uniform and held > after      # measured: 100 against 170 nats, (nll, uniform, held)
+
+
+def test_vq_config_refuses_the_gaussian_families_settings():
+    with pytest.raises(ConfigError, match="drop --conditional, --prior vamp"):
+        ModelConfig(family="vq", conditional=True, prior="vamp")
+    with pytest.raises(ConfigError, match="drop --beta"):
+        ModelConfig(family="vq", beta=2.0)
+    assert ModelConfig(family="vq").grid_size == 7

@@ -9,18 +9,23 @@ from PIL import Image, UnidentifiedImageError
 from .config import BINARIZATIONS
 from .data import dataset_info, fetch, preprocess
 from .errors import ConfigError
-from .evaluate import decode_batch_for, likelihood_report, protocol
+from .evaluate import decode_batch_for, likelihood_report, protocol, vq_eval_report
 from .export import export_run
 from .generate import (INPAINT_METHODS, MASKS, PATHS, LatentPlane, apply_attribute, attribute_vector, check_index,
-                       inpaint, inpaint_refusal, inpainting_log_likelihood, inpainting_mask, interleave, interpolate,
-                       manifold, mean_image, most_active_dims, prior_samples, reconstruct, traverse)
-from .loading import open_for_inference
+                       code_prior_samples, inpaint, inpaint_refusal, inpainting_log_likelihood, inpainting_mask,
+                       interleave, interpolate, interpolate_codes, manifold, mean_image, most_active_dims,
+                       prior_samples, reconstruct, traverse)
+from .likelihoods import Bernoulli
+from .loading import load_prior, open_for_inference
+from .models.code_prior import inpaint_codes
+from .objectives import mean_and_stderr
 from .plot import plot_runs
 from .runs import Run
 from .train import train
+from .train_prior import train_prior
 from .viz import gif_from_pngs, grid_image, save_gif, save_grid, save_image, scatter_image
 
-__all__ = ["train", "fetch", "dataset_info", "sample_to_png", "reconstruct_to_png", "make_gif", "eval_to_json",
+__all__ = ["train", "train_prior", "fetch", "dataset_info", "sample_to_png", "reconstruct_to_png", "make_gif", "eval_to_json",
            "interpolate_to_png", "traverse_to_png", "attribute_to_png", "inpaint_to_png", "latent_map_to_png",
            "plot_runs", "export_run"]
 
@@ -70,7 +75,10 @@ def sample_to_png(run: str | Path, n: int = 100, seed: int = 0, out: str | Path 
         raise ConfigError(f"--label {label} is not a class of {run}: its classes are 0..{classes - 1}")
     if label is None and config.model.conditional:
         raise ConfigError(f"{run} is a class-conditional model: pass --label 0..{classes - 1}")
-    images = prior_samples(model, n, rt.generator(seed), label)
+    if config.model.family == "vq":
+        images = code_prior_samples(model, load_prior(opened, required_by="sample"), n, rt.generator(seed))
+    else:
+        images = prior_samples(model, n, rt.generator(seed), label)
     name = f"prior_n{n}_seed{seed}" + ("" if label is None else f"_label{label}")
     return save_grid(images, out or opened.run.samples_path(f"{name}.png"))
 
@@ -114,7 +122,9 @@ def eval_to_json(run: str | Path, k: int = 5000, binarization: str | None = None
     `precision`. `decode_batch` decodes at once (default: the fastest measured on this device, within
     `max_memory_mb`; see models/inference.py). The record is also kept in RUN/eval.json, one entry
     per protocol (BINARIZATION_kK_nN; see Run.save_eval); returns it. `report(result)` is called
-    before the file is written (the CLI prints its table), so a failed write loses nothing."""
+    before the file is written (the CLI prints its table), so a failed write loses nothing.
+    A vq run reports its two-stage bound instead (evaluate.vq_eval_report), with K = 1 whatever
+    `k` says: its posterior is one-hot, so importance sampling cannot tighten the bound."""
     _positive("k", k)
     for flag, value, most in (("n", n, None), ("decode-batch", decode_batch, MAX_DECODE_BATCH)):
         if value is not None:
@@ -134,6 +144,13 @@ def eval_to_json(run: str | Path, k: int = 5000, binarization: str | None = None
     if n is not None and n > len(test):
         raise ConfigError(f"--n {n} is more than the {len(test)} test images")
     n = n or len(test)
+    if mc.family == "vq":
+        x = preprocess(test.images[:n].to(rt.device), binarization, rt.generator(seed))
+        result = vq_eval_report(model, load_prior(opened), x, binarization, seed)
+        if report:
+            report(result)
+        opened.run.save_eval(result)
+        return result
     labels = _labels(config, test, rt)
     decode_batch = decode_batch or decode_batch_for(model, rt.device, n * (k + 1), max_memory_mb)
     gen = rt.generator(seed)
@@ -151,7 +168,9 @@ def interpolate_to_png(run: str | Path, index: tuple[int, int] = (0, 1), steps: 
                        seed: int = 0, out: str | Path | None = None, data_dir: str | Path | None = None,
                        device: str = "auto", precision: str = "auto") -> list[Path]:
     """Two rows, the linear and the spherical path between test images index[0] and index[1], each
-    framed by the two binary originals; with `gif`, an animation of both paths beside the PNG."""
+    framed by the two binary originals; with `gif`, an animation of both paths beside the PNG. A vq
+    model has one path, linear in its continuous encoder output z_e, each point quantised to codes
+    and decoded (piecewise constant: the codes jump), so labelled."""
     _positive("steps", steps)
     _grid_of(2 * (steps + 2), f"--steps {steps} (two paths, framed by their ends)")
     opened = open_for_inference(run, device, precision, unconditional_task="interpolate")
@@ -159,10 +178,13 @@ def interpolate_to_png(run: str | Path, index: tuple[int, int] = (0, 1), steps: 
     for i in index:
         check_index("--index", i, len(splits.test))
     ends = preprocess(splits.test.images[list(index)].to(rt.device), config.data.binarization, rt.generator(seed))
-    paths = [interpolate(model, ends, steps, p) for p in PATHS]
+    if config.model.family == "vq":   # one path: linear in the encoder's output z_e, quantised at each point
+        names, paths = ["linear in z_e, quantised"], [interpolate_codes(model, ends, steps)]
+    else:
+        names, paths = list(PATHS), [interpolate(model, ends, steps, p) for p in PATHS]
     rows = torch.cat([torch.cat([ends[:1], path, ends[1:]]) for path in paths])
     png = save_grid(rows, out or opened.run.samples_path(f"interpolate_{index[0]}_{index[1]}.png"), nrow=steps + 2,
-                    row_labels=list(PATHS), col_labels=[f"test {index[0]}", *(f"t={t:.2g}" for t in
+                    row_labels=names, col_labels=[f"test {index[0]}", *(f"t={t:.2g}" for t in
                                                         torch.linspace(0, 1, steps).tolist()), f"test {index[1]}"])
     if not gif:
         return [png]
@@ -179,7 +201,7 @@ def traverse_to_png(run: str | Path, index: int = 0, dims: int = 8, steps: int =
     _positive("dims", dims)
     _positive("steps", steps)
     _grid_of(dims * steps, f"--dims {dims} x --steps {steps}")
-    opened = open_for_inference(run, device, precision, unconditional_task="traverse")
+    opened = open_for_inference(run, device, precision, unconditional_task="traverse", continuous_task="traverse")
     model, config, rt, splits = opened.model, opened.config, opened.runtime, opened.data(data_dir)
     check_index("--index", index, len(splits.test))
     if dims > model.latent_dim:
@@ -204,7 +226,7 @@ def attribute_to_png(run: str | Path, to: int, from_: int | None = None, n: int 
     _positive("n", n)
     _positive("steps", steps)
     _grid_of(n * (steps + 1), f"--n {n} x (--steps {steps} + the original)")
-    opened = open_for_inference(run, device, precision, unconditional_task="attribute")
+    opened = open_for_inference(run, device, precision, unconditional_task="attribute", continuous_task="attribute")
     model, config, rt, splits = opened.model, opened.config, opened.runtime, opened.data(data_dir)
     labels = set(splits.train.labels.tolist())
     for flag, label in (("--to", to), ("--from", from_)):
@@ -256,6 +278,8 @@ def inpaint_to_png(run: str | Path, mask: str = "centre", n: int = 8, steps: int
         raise ConfigError(f"--method must be one of {', '.join(INPAINT_METHODS)}; got {method!r}")
     opened = open_for_inference(run, device, precision, unconditional_task="inpaint")
     model, config, rt, splits = opened.model, opened.config, opened.runtime, opened.data(data_dir)
+    if config.model.family == "vq":
+        return _inpaint_vq(opened, mask, n, chains, score_n, seed, out, splits)
     refusal = inpaint_refusal(config.model, method)
     if refusal:
         raise ConfigError(f"{run}: {refusal}")
@@ -277,12 +301,51 @@ def inpaint_to_png(run: str | Path, mask: str = "centre", n: int = 8, steps: int
     return png, {"protocol": protocol(b, seed), **scores}
 
 
+def _inpaint_vq(opened, mask: str, n: int, proposals: int, score_n: int | None, seed: int, out, splits
+                ) -> tuple[Path, dict]:
+    """inpaint_to_png for a vq run: the codes whose receptive field holds a missing pixel are drawn
+    by importance resampling of `proposals` prior draws against the observed pixels
+    (models/code_prior.inpaint_codes), the others kept; the observed pixels are pasted back. The
+    score: log p of the true missing pixels under the decode of the codes drawn, against the
+    training set's mean image, nats per image."""
+    model, config, rt = opened.model, opened.config, opened.runtime
+    if config.model.likelihood != "bernoulli":
+        raise ConfigError(f"`vaekit inpaint` scores binary pixels: it is for bernoulli models, and {opened.run.name.text} "
+                          f"is a {config.model.likelihood} model")
+    prior = load_prior(opened, required_by="inpaint")
+    m = _mask(mask, tuple(splits.test.images.shape[1:])).to(rt.device)                 # [C,H,W] True = missing
+    b, gen = config.data.binarization, rt.generator(seed)
+    start = mean_image(preprocess(splits.train.images.to(rt.device), b, gen))
+    test = preprocess(splits.test.images.to(rt.device), b, gen)
+
+    def fill(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:     # the decode's logits [B,C,H,W]
+        codes = inpaint_codes(model, prior, x, ~m.expand_as(x), generator, proposals)
+        return model.decode_indices(codes)
+
+    x = test[:n]
+    filled = torch.where(m, model.likelihood.mean(fill(x, gen)), x)
+    rows = torch.cat([x, torch.where(m, 0.5, x), filled])
+    name = f"inpaint_{Path(mask).stem if mask not in MASKS else mask}_vq.png"
+    png = save_grid(rows, out or opened.run.samples_path(name), nrow=len(x), row_labels=["original", "input", "filled"])
+    scored, score_gen = test[:score_n], rt.generator(seed)
+    baseline_logits = torch.logit(start)
+    values = torch.cat([torch.stack([Bernoulli.log_prob(xb, fill(xb, score_gen), m),
+                                     Bernoulli.log_prob(xb, baseline_logits.expand_as(xb), m)], 1).double()
+                        for xb in scored.split(100)])                                  # [N,2]
+    values = torch.cat([values, values[:, :1] - values[:, 1:]], dim=1)
+    scores = {}
+    for i, key in enumerate(("inpainting", "mean_image_baseline", "gain")):
+        scores[key], scores[f"{key}_stderr"] = mean_and_stderr(values[:, i])
+    return png, {"protocol": protocol(b, seed), "method": f"vq: the codes of {proposals} prior proposals, "
+                 "importance-resampled", "n": len(scored), "masked_pixels": int(m.sum()), **scores}
+
+
 def latent_map_to_png(run: str | Path, n: int = 20, seed: int = 0, out: str | Path | None = None,
                       data_dir: str | Path | None = None, device: str = "auto", precision: str = "auto") -> list[Path]:
     """The test set's posterior means as a scatter coloured by label (a PCA projection beyond two
     dimensions); for a 2-D latent also the decoded manifold, n x n, beside it (`*_manifold.png`)."""
     _positive("n", n)
-    opened = open_for_inference(run, device, precision, unconditional_task="latent")
+    opened = open_for_inference(run, device, precision, unconditional_task="latent", continuous_task="latent")
     model, config, rt, splits = opened.model, opened.config, opened.runtime, opened.data(data_dir)
     if model.latent_dim == 2:
         _grid_of(n * n, f"--n {n} (an n x n manifold)")

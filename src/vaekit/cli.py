@@ -206,7 +206,7 @@ def _train(args) -> int | None:
         if launched_by_torchrun():
             raise ConfigError("--nproc starts torchrun itself; under torchrun, leave it out")
         # said here, once, rather than by every rank torchrun would start
-        (Run.open(args.resume).config() if args.resume else config).train.check_processes(args.nproc)
+        (Run.open(args.resume).config() if args.resume else config).check_processes(args.nproc)
         where = ["--resume", str(args.resume)] if args.resume else ["--out", str(out)]
         where += ["--fall-back"] if args.fall_back else []
         where += ["--config", str(args.config)] if args.config else []
@@ -217,6 +217,16 @@ def _train(args) -> int | None:
     else:
         api.train(config, out=out)
     return None
+
+
+def _train_prior_flags(p: argparse.ArgumentParser) -> None:
+    _add_run(p, help="a run directory made by `vaekit train --family vq`")
+    p.add_argument("--epochs", type=int, help="train the prior up to this many epochs (default: as it was started, "
+                   "else the run's --epochs); run again to go on from its newest checkpoint")
+
+
+def _train_prior(args) -> None:
+    api.train_prior(args.run, epochs=args.epochs)
 
 
 def _data_flags(p: argparse.ArgumentParser) -> None:
@@ -359,8 +369,9 @@ def _inpaint(args) -> None:
                                 method=args.method, score_n=args.score_n, seed=args.seed, out=args.out,
                                 data_dir=args.data_dir, device=args.device, precision=args.precision)
     print(png)
+    chains = f", {s['chains']} chains x {s['steps']} steps" if "chains" in s else ""
     print(f"log p(true masked pixels), nats/image over {s['n']} test images, {s['masked_pixels']} masked pixels "
-          f"each ({s['protocol']}; {s['method']}, {s['chains']} chains x {s['steps']} steps; +- one standard error): "
+          f"each ({s['protocol']}; {s['method']}{chains}; +- one standard error): "
           + ", ".join(f"{label} {s[key]:.2f} +- {s[key + '_stderr'] or float('nan'):.2f}" for label, key in
                       (("inpainting", "inpainting"), ("mean-image baseline", "mean_image_baseline"), ("gain", "gain"))))
 
@@ -415,7 +426,9 @@ def _export_flags(p: argparse.ArgumentParser) -> None:
 def _export(args) -> None:
     result = api.export_run(args.run, args.format, args.out)
     print(*result["files"], sep="\n")
-    print(f"checked with onnxruntime against torch: largest difference {result['max_abs_diff']:.1e}")
+    codes = "" if "codes_differing" not in result else f"; codes differing: {result['codes_differing']}" + (
+        " (near ties: distances rounded in another order)" if result["codes_differing"] else "")
+    print(f"checked with onnxruntime against torch: largest difference {result['max_abs_diff']:.1e}{codes}")
 
 
 def _gif_flags(p: argparse.ArgumentParser) -> None:
@@ -439,6 +452,8 @@ class Command:
 
 COMMANDS = (
     Command("train", "train a model into a run directory (or resume one)", _train_flags, _train),
+    Command("train-prior", "vq runs: fit the code prior to the frozen first stage's codes, in RUN/prior (resumable)",
+            _train_prior_flags, _train_prior),
     Command("data", "fetch a dataset or show where it is", _data_flags, _data),
     Command("sample", "decode new codes drawn from the prior into a grid", _sample_flags, _sample, True),
     Command("reconstruct", "test images beside their decodes (codes drawn from q(z|x))", _reconstruct_flags,

@@ -137,13 +137,6 @@ class TrainConfig:
         if self.free_bits and self.kl != "analytic":
             raise ConfigError("--free-bits works on each layer's closed-form rate: pass --kl analytic with it")
 
-    def check_processes(self, processes: int) -> None:
-        """The global batch is shared out over the processes: a one-line ConfigError when it has
-        fewer images than there are processes."""
-        if self.batch_size < processes:
-            raise ConfigError(f"batch_size {self.batch_size} (the global batch) is smaller than the {processes} "
-                              "processes; raise --batch-size")
-
 
 @dataclass
 class Config:
@@ -159,6 +152,17 @@ class Config:
             raise ConfigError("the bernoulli likelihood is for binary data, and binarization none keeps grey "
                               "levels: pass --likelihood logistic (or gaussian), a binarization, or "
                               "--allow-continuous-bernoulli")
+
+    def check_processes(self, processes: int) -> None:
+        """A one-line ConfigError unless this run can train on `processes` processes: the global
+        batch is shared out over them, and the vq family's codebook statistics are not yet summed
+        over ranks."""
+        if processes > 1 and self.model.family == "vq":
+            raise ConfigError(f"the vq family trains on one process (its codebook's statistics are not yet summed "
+                              f"over ranks), not {processes}: leave --nproc out, or run it without torchrun")
+        if self.train.batch_size < processes:
+            raise ConfigError(f"batch_size {self.train.batch_size} (the global batch) is smaller than the "
+                              f"{processes} processes; raise --batch-size")
 
     def checked_copy(self) -> "Config":
         """A deep copy whose parts run their checks again: a field set by hand (config.train.seed = ...)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from .distributed import Runtime
 from .likelihoods import bits_per_dim
+from .models.code_prior import vq_log_likelihood
 from .objectives import iwae_bound, mean_and_stderr, rate_per_dim
 
 ACTIVE_UNIT_THRESHOLD = 0.01   # Burda et al. 2016: a unit is active when Cov_x(E_q[z_u]) > 0.01
@@ -266,6 +267,8 @@ def decode_batch_for(model, device: torch.device, decodes: int, max_memory_mb: f
 def eval_table(result: dict) -> str:
     """The record of `likelihood_report` as a table for the terminal: each mean with its standard error over
     the images scored, the protocol beside each number."""
+    if result.get("family") == "vq":
+        return vq_eval_table(result)
     b, k = result["binarization"], result["k"]
 
     def nats(name: str, sign: float = 1.0) -> tuple[str, str]:
@@ -290,3 +293,64 @@ def eval_table(result: dict) -> str:
     lines += [f"{name:40}{value:>12}  {stderr:<10}  {b}" for name, value, stderr in rows]
     return "\n".join(lines)
 
+
+@torch.inference_mode()
+def vq_terms(model, x: torch.Tensor, batch_size: int, prior=None) -> torch.Tensor:
+    """A vq model's two-stage bound and its distortion of each preprocessed image of x [N,C,H,W]
+    -> [N,2] float64 nats: log p(x|c(x)) + log p(c(x)) (models/code_prior.vq_log_likelihood, under
+    `prior` or, before one exists, the first stage's uniform prior over codes), -log p(x|c(x))."""
+    bound = vq_log_likelihood(model, prior, x, batch_size)                                       # [N]
+    distortion = torch.cat([model(x[i:i + batch_size]).distortion.double() for i in range(0, len(x), batch_size)])
+    return torch.stack([bound, distortion], dim=1)
+
+
+def vq_report(model, x: torch.Tensor, binarization: str, batch_size: int, prior=None) -> dict:
+    """A vq model's numbers on preprocessed images x [M,C,H,W] (see vq_terms), means in nats per
+    image: "elbo" the two-stage bound, "distortion" -log p(x|c(x)), "rate" -log p(c(x)) (and
+    bits per dimension for grey levels)."""
+    bound, distortion = vq_terms(model, x, batch_size, prior).mean(0).tolist()
+    record = {"elbo": bound, "distortion": distortion, "rate": -bound - distortion}
+    if reports_bits(model, binarization):
+        record["bits_per_dim"] = _bits_per_dim(model, -record["elbo"])
+    return record
+
+
+def vq_eval_report(model, prior, x: torch.Tensor, binarization: str, seed: int, batch_size: int = 2000) -> dict:
+    """`vaekit eval` of a vq run on preprocessed images x [N,C,H,W]: the two-stage bound ("elbo",
+    under the learned prior, or the uniform one when none is trained: "prior" says which), its
+    distortion and rate, each mean with its standard error over the images. "k" is 1: the
+    posterior q(c|x) is one-hot, so K importance draws would be K copies of c(x) and the IWAE
+    bound equals the ELBO; "iwae_bound" and "nll_upper_bound" are that same bound."""
+    start = time.perf_counter()
+    terms = vq_terms(model, x, batch_size, prior)                                                # [N,2]
+    (bound, bound_stderr), (distortion, distortion_stderr) = (mean_and_stderr(terms[:, i]) for i in range(2))
+    rate, rate_stderr = mean_and_stderr(-terms[:, 0] - terms[:, 1])
+    bits = {"bits_per_dim": _bits_per_dim(model, -bound)} if reports_bits(model, binarization) else {}
+    return {
+        "protocol": protocol(binarization, seed), "binarization": binarization, "seed": seed, "n": len(x),
+        "likelihood": model.config.likelihood, "family": "vq", "prior": "learned" if prior is not None else "uniform",
+        "elbo": bound, "elbo_stderr": bound_stderr, "distortion": distortion, "distortion_stderr": distortion_stderr,
+        "rate": rate, "rate_stderr": rate_stderr, "k": 1, "iwae_bound": bound, "nll_upper_bound": -bound, **bits,
+        "codebook_size": model.config.codebook_size, "grid": [model.config.grid_size] * 2,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def vq_eval_table(result: dict) -> str:
+    """vq_eval_report's record as a table for the terminal."""
+    b = result["binarization"]
+    side = result["grid"][0]
+    prior = "learned prior" if result["prior"] == "learned" else \
+        "uniform prior: train its prior for a tighter bound (vaekit train-prior RUN)"
+    rows = [(f"two-stage bound log p(x|c) + log p(c) ({prior})", "elbo"),
+            ("  distortion  -log p(x|c(x))", "distortion"),
+            (f"  rate  -log p(c(x)), {side}x{side} codes of {result['codebook_size']}", "rate")]
+    lines = [f"{result['n']} test images, binarization {result['protocol']}; {result['seconds']} s; K=1: the codes "
+             "are a one-hot posterior, which importance sampling cannot tighten",
+             f"{'':60}{'nats/image':>12}  {'std. error':<10}  binarization"]
+    for name, key in rows:
+        stderr = result[key + "_stderr"]
+        lines.append(f"{name:60}{result[key]:>12.2f}  {'' if stderr is None else f'± {stderr:.2f}':<10}  {b}")
+    if "bits_per_dim" in result:
+        lines.append(f"{'  = bits/dim, 8-bit scale (the -bound)':60}{result['bits_per_dim']:>12.4f}")
+    return "\n".join(lines)

@@ -5,6 +5,10 @@ encoder.onnx: x float32 [N,C,H,W] (preprocessed as in training: binary for the s
 decoder.onnx: z float32 [N,latent] -> params float32 [N,C*P,H,W], the likelihood's parameters
               (Bernoulli: logits), and image float32 [N,C,H,W] in [0,1], the image they mean
 A class-conditional model takes `label` int64 [N] as a second input of each.
+A vq model (discrete codes on an h x w grid, h = H/4):
+encoder.onnx: x float32 [N,C,H,W] -> codes int64 [N,h,w], the nearest codebook vector of each position
+decoder.onnx: codes int64 [N,h,w] -> params and image as above
+              (the code prior's sampling loop is not exported: draw codes in Python, or decode any grid)
 manifest.json: the SHA-256 of both files and the weights they were made from (the run, the
               checkpoint file and its SHA-256), so a pair can be traced and checked.
 
@@ -56,6 +60,25 @@ class _Decoder(nn.Module):
     def forward(self, z: torch.Tensor, label: torch.Tensor | None = None):
         params = self.vae.decode(z, label)
         return params, self.vae.likelihood.mean(params)
+
+
+class _VQEncoder(nn.Module):
+    def __init__(self, vq: nn.Module) -> None:
+        super().__init__()
+        self.vq = vq
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vq.quantize(self.vq.encode(x)).indices
+
+
+class _VQDecoder(nn.Module):
+    def __init__(self, vq: nn.Module) -> None:
+        super().__init__()
+        self.vq = vq
+
+    def forward(self, codes: torch.Tensor):
+        params = self.vq.decode_indices(codes)
+        return params, self.vq.likelihood.mean(params)
 
 
 def _portable(model: nn.Module) -> nn.Module:
@@ -111,7 +134,9 @@ def export_onnx(model: nn.Module, out_dir: str | Path, check_batch: int = 5, sou
     and `source`, what the weights came from) for a vaekit model as one unit, after running both
     with onnxruntime on `check_batch` random inputs (a batch size other than the export's, so the
     dynamic batch is exercised) and comparing them with torch. Returns {"files": [the two ONNX
-    paths], "manifest": its path, "max_abs_diff": largest |onnxruntime - torch| over every output}."""
+    paths], "manifest": its path, "max_abs_diff": largest |onnxruntime - torch| over every float
+    output, and for a vq model "codes_differing": the encoder's codes (of check_batch x h x w) that
+    differ from torch's, a near tie between codebook vectors rounding the other way}."""
     missing = [name for name in EXPORT_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
         raise ConfigError(f"ONNX export needs {', '.join(missing)}: pip install 'vaekit[export]'")
@@ -119,26 +144,28 @@ def export_onnx(model: nn.Module, out_dir: str | Path, check_batch: int = 5, sou
     _check_out_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with replacing_folder(out_dir) as tmp:
-        worst = _write_pair(_portable(model), tmp, check_batch)
+        worst, differing = _write_pair(_portable(model), tmp, check_batch)
         sums = {name: sha256(tmp / name) for name in FILES[:2]}
-        manifest = {"files": sums, "source": source, "max_abs_diff": worst}
+        codes = {"codes_differing": differing} if model.config.family == "vq" else {}
+        manifest = {"files": sums, "source": source, "max_abs_diff": worst, **codes}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return {"files": [out_dir / name for name in FILES[:2]], "manifest": out_dir / "manifest.json",
-            "max_abs_diff": worst}
+            "max_abs_diff": worst, **codes}
 
 
-def _write_pair(model: nn.Module, out_dir: Path, check_batch: int) -> float:
+def _write_pair(model: nn.Module, out_dir: Path, check_batch: int) -> tuple[float, int]:
     """Writes encoder.onnx and decoder.onnx of a _portable model into `out_dir` and checks them with
-    onnxruntime (see export_onnx); returns the largest difference from torch."""
+    onnxruntime (see export_onnx); returns the largest difference of a float output from torch and
+    the number of integer outputs (a vq encoder's codes) that differ from torch's."""
     import onnxruntime
 
-    c, size, latent = model.config.image_channels, model.config.image_size, model.latent_dim
+    c, size = model.config.image_channels, model.config.image_size
     gen = torch.Generator().manual_seed(0)
-    parts = [(_Encoder(model), "encoder", ["x"], ["mean", "logvar"],
+    parts = _vq_parts(model, gen) if model.config.family == "vq" else [(_Encoder(model), "encoder", ["x"], ["mean", "logvar"],
               lambda n: torch.rand(n, c, size, size, generator=gen).round()),
              (_Decoder(model), "decoder", ["z"], ["params", "image"],
-              lambda n: torch.randn(n, latent, generator=gen))]
-    worst = 0.0
+              lambda n: torch.randn(n, model.latent_dim, generator=gen))]
+    worst, differing = 0.0, 0
     for module, name, names, outputs, draw in parts:
         path = out_dir / f"{name}.onnx"
         example = _inputs(model, draw(2), 2)
@@ -153,8 +180,23 @@ def _write_pair(model: nn.Module, out_dir: Path, check_batch: int) -> float:
         got = session.run(None, {n: t.numpy() for n, t in zip(names, check)})
         with torch.inference_mode():
             want = module(*check)
-        worst = max([worst, *((torch.from_numpy(g) - w).abs().max().item() for g, w in zip(got, want))])
-    return worst
+        want = want if isinstance(want, tuple) else (want,)     # a vq encoder has one output
+        for g, w in zip(got, want):
+            g = torch.from_numpy(g)
+            if w.is_floating_point():
+                worst = max(worst, (g - w).abs().max().item())
+            else:     # a vq encoder's codes: a near tie between two codebook vectors may round either way
+                differing += int((g != w).sum())
+    return worst, differing
+
+
+def _vq_parts(model: nn.Module, gen: torch.Generator) -> list:
+    """_write_pair's (module, name, inputs, outputs, example draw) of a vq model's two files."""
+    c, size, side, k = (model.config.image_channels, model.config.image_size, model.config.grid_size,
+                        model.config.codebook_size)
+    return [(_VQEncoder(model), "encoder", ["x"], ["codes"], lambda n: torch.rand(n, c, size, size, generator=gen).round()),
+            (_VQDecoder(model), "decoder", ["codes"], ["params", "image"],
+             lambda n: torch.randint(k, (n, side, side), generator=gen))]
 
 
 def export_run(run: str | Path, format: str = "onnx", out: str | Path | None = None) -> dict:

@@ -37,8 +37,27 @@ def reconstruct(model, x: torch.Tensor, generator: torch.Generator | None = None
                 labels: torch.Tensor | None = None) -> torch.Tensor:
     """The seed's 'samples near encoded images': encode x, draw z ~ q(z|x) with the
     reparameterization trick (every layer of a hierarchy), decode. Returns the decodes [N,C,H,W],
-    to be shown beside x itself."""
+    to be shown beside x itself. A vq model's decode of its codes is deterministic."""
+    if getattr(model.config, "family", None) == "vq":
+        return model.reconstruct(x)
     return model.likelihood.mean(model(x, generator=generator, y=labels).params)
+
+
+@torch.inference_mode()
+def code_prior_samples(vq, prior, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The vq family's new images: n code grids drawn from its learned prior, decoded [n,C,H,W]."""
+    return vq.decode_indices(prior.sample(n, generator), as_image=True)
+
+
+@torch.inference_mode()
+def interpolate_codes(vq, x: torch.Tensor, steps: int = 10) -> torch.Tensor:
+    """The vq family's path between two images x [2,C,H,W]: linear in the continuous encoder
+    output z_e [D,h,w] (before quantisation), each point quantised to its nearest codes and
+    decoded. The path is piecewise constant (codes jump from one codebook vector to another) and
+    its ends are the two reconstructions. Returns [steps,C,H,W]."""
+    a, b = vq.encode(x)                                                   # [D,h,w] each
+    t = torch.linspace(0, 1, steps, device=a.device)[:, None, None, None]  # [steps,1,1,1]
+    return vq.decode(vq.quantize((1 - t) * a + t * b).z_q, as_image=True)
 
 
 def interleave(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 run directory (RUN, RUN@best) or a shipped model (pretrained:NAME; the syntax is runs.py's)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,9 +13,10 @@ from .compiling import for_inference
 from .config import Config
 from .data import Splits, check_data_fits, fingerprint, splits_for
 from .distributed import Runtime, setup
-from .errors import ConfigError
-from .files import load_tensors
+from .errors import ConfigError, RunError
+from .files import load_tensors, sha256
 from .models import build_model
+from .models.code_prior import CodePrior, PriorConfig
 from .models.inference import prepare_for_inference
 from .runs import Run
 
@@ -47,23 +49,30 @@ class OpenRun:
 
 
 def open_for_inference(run: str | Path, device: str = "auto", precision: str = "auto", fall_back: bool = False,
-                       prepared: bool = True, unconditional_task: str | None = None) -> OpenRun:
+                       prepared: bool = True, unconditional_task: str | None = None,
+                       continuous_task: str | None = None) -> OpenRun:
     """The run RUN (its newest weights; with `fall_back`, the newest intact ones when newer ones
     are damaged), RUN@best (its best validation epoch's weights) or pretrained:NAME, ready for
     inference on `device` in `precision` (auto: bf16 where the hardware runs it natively, as in
     training; see models/inference.py). With `prepared=False`, the model as training builds it
-    (plain parameters, e.g. to export it). `unconditional_task`: the command asking, when it is
-    one for unconditional models only (a class-conditional run is refused)."""
+    (plain parameters, e.g. to export it). A vq model runs as trained, in fp32, whatever
+    `precision` says: its codes are nearest neighbours, which bf16 would move. `unconditional_task`: the command asking, when it is
+    one for unconditional models only (a class-conditional run is refused); `continuous_task`:
+    the command asking, when it works on a continuous z (a vq run, whose codes are discrete, is
+    refused)."""
     opened = Run.open(run)
     config = opened.config()
     if unconditional_task and config.model.conditional:
         raise ConfigError(f"`vaekit {unconditional_task}` is for unconditional models and {run} is "
                           "class-conditional: use `vaekit sample --label` or `vaekit reconstruct`")
-    runtime = setup(device, precision)
+    if continuous_task and config.model.family == "vq":
+        raise ConfigError(f"`vaekit {continuous_task}` works on a continuous z, and {run} is a vq model, whose codes "
+                          "are discrete: use `vaekit sample`, `reconstruct`, `interpolate` or `inpaint`")
+    runtime = setup(device, "fp32" if config.model.family == "vq" else precision)
     model = build_model(config.model)
     weights = opened.checkpoints.weights_file(best=opened.best, fall_back=fall_back)
     load_weights_into(model, load_tensors(weights), opened.path)
-    if prepared:
+    if prepared and config.model.family != "vq":   # the vq family runs as trained, in fp32 (its codes' distances)
         model = for_inference(prepare_for_inference(model, runtime), config.train.compile, runtime.device)
     else:
         model = model.to(runtime.device, memory_format=torch.channels_last).eval()
@@ -75,3 +84,43 @@ def load_model(path: str | Path, device: str = "auto", precision: str = "auto", 
     """(model, config, runtime) of open_for_inference(path, device, precision, fall_back, prepared)."""
     opened = open_for_inference(path, device, precision, fall_back, prepared)
     return opened.model, opened.config, opened.runtime
+
+
+STAGE_FILE = "stage.json"   # RUN/prior/stage.json: the first stage's weights the prior was fitted to, its epochs
+
+
+def stage_record(run: Run) -> dict | None:
+    """RUN/prior/stage.json (the first stage's weights' SHA-256 and the prior's epochs), or None."""
+    path = run.prior_stage.path / STAGE_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise RunError(f"{path} is damaged ({e}); the run directory was altered") from None
+
+
+def check_prior_fits(run: Run, weights: Path) -> None:
+    """RunError unless the prior in RUN/prior/ (if any) was fitted to the first stage's `weights`."""
+    record = stage_record(run)
+    if record is not None and record["first_stage_sha256"] != sha256(weights):
+        raise RunError(f"the prior in {run.prior_stage.path} was fitted to other first-stage weights than {weights} "
+                       f"(the first stage trained on since, or @best was asked): move {run.prior_stage.path} "
+                       f"away and train it again: vaekit train-prior {run.path}")
+
+
+def load_prior(opened: OpenRun, required_by: str | None = None) -> CodePrior | None:
+    """The code prior of the vq run `opened` (RUN/prior/'s newest weights) on its device in eval
+    mode, or None when it has none; with `required_by` (a command's name), a one-line RunError
+    instead of None."""
+    stage = opened.run.prior_stage
+    if stage_record(opened.run) is None:
+        if required_by is None:
+            return None
+        raise RunError(f"`vaekit {required_by}` draws codes from the prior of {opened.run.name.text}, which has none "
+                       f"yet: train its prior first: vaekit train-prior {opened.run.path}")
+    check_prior_fits(opened.run, opened.weights)
+    prior = CodePrior(PriorConfig.for_model(opened.model))
+    weights = stage.checkpoints.weights_file()
+    load_weights_into(prior, load_tensors(weights), weights)
+    return prior.to(opened.runtime.device).eval()

@@ -13,6 +13,8 @@ RUN/
   .lock, .lock.pid             an OS file lock held by the one training process writing here; its pid
   .eval.lock                   an OS file lock held while eval.json is read, merged and replaced
   tensorboard/                 event files for TensorBoard (train --tensorboard)
+  prior/                       the vq family's code prior (`vaekit train-prior`): config-less, with its own
+                               checkpoints/, metrics.jsonl, images/ and stage.json (the first stage's weights)
 
 This module is also the one home of the RUN syntax every command takes (parse_run_name):
   RUN              the run directory: its newest intact checkpoint's weights
@@ -48,6 +50,9 @@ PRETRAINED_PREFIX = "pretrained:"  # pretrained:NAME: a model shipped with vaeki
 EVAL_FILE = "eval.json"
 EVAL_LOCK = ".eval.lock"           # beside eval.json, held while it is read, merged and replaced
 EVAL_LOCK_SECONDS = 600            # how long a `vaekit eval` waits for another one saving its entry
+
+
+PRIOR_FOLDER = "prior"             # the vq family's code prior, trained second (vaekit train-prior)
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,12 @@ class Run:
         self.created = False     # whether this object made the run directory (see remove_unstarted)
         self._lock = None        # the FileLock held while training (see lock)
         self._lock_pid = self.path / ".lock.pid"
+
+    @property
+    def prior_stage(self) -> "Run":
+        """The vq family's second stage, RUN/prior/: its own checkpoints/, metrics.jsonl, images/
+        and stage.json (`vaekit train-prior`, vaekit/train_prior.py)."""
+        return Run(self.path / PRIOR_FOLDER)
 
     # -- creating and opening -------------------------------------------------------------
     def check_new(self) -> None:

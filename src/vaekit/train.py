@@ -39,8 +39,9 @@ from .config import Config
 from .data import ImageData, Splits, check_data_fits, fingerprint, hold_out, preprocess, splits_for
 from .distributed import Runtime, restarted, setup
 from .errors import ConfigError, RunError
-from .evaluate import elbo_report, iwae_bounds
+from .evaluate import elbo_report, iwae_bounds, vq_report
 from .models import ModelConfig, build_model
+from .models.vq_vae import codebook_usage, update_codebook, vq_loss
 from .objectives import training_loss
 from .runs import BEST_SUFFIX, Run, parse_run_name
 from .schedule import EarlyStop, Schedule
@@ -181,6 +182,8 @@ def train_step(state: TrainState, images: torch.Tensor, labels: torch.Tensor | N
     noise are drawn for the whole global batch on every rank: each example gets the same draws
     whatever the number of ranks."""
     tc, mc = config.train, config.model
+    if mc.family == "vq":
+        return _vq_train_step(state, images, config, rt, schedule)
     rows = rt.shard(len(images))
     x = preprocess(images, config.data.binarization, state.noise_gen)[rows]          # [b,C,H,W], b = len(rows)
     y = None if labels is None else labels[rows]
@@ -194,6 +197,29 @@ def train_step(state: TrainState, images: torch.Tensor, labels: torch.Tensor | N
                                      tc.free_bits)                                                   # [b]
     # DDP averages gradients over ranks: scaled so, each rank's sum gives the global batch mean's gradient
     loss = loss_per_example.sum() * (rt.world_size / len(images))
+    skipped = _optimizer_step(state, loss, tc, schedule)
+    return Step(loss_per_example.detach().sum().double(), len(x), skipped)
+
+
+def _vq_train_step(state: TrainState, images: torch.Tensor, config: Config, rt: Runtime, schedule: Schedule) -> Step:
+    """train_step for the vq family (one process: _start refuses more): the gradient step of the
+    batch mean of vq_loss (distortion + commitment; the decoder's gradient reaches the encoder
+    straight through the quantiser), then the codebook's EMA update and dead-code restarts, drawn
+    from the noise generator, whose state every checkpoint keeps. A skipped step (--skip-grad)
+    leaves the codebook as it was too."""
+    x = preprocess(images, config.data.binarization, state.noise_gen)                 # [B,C,H,W]
+    with rt.autocast():
+        terms = state.ddp_model(x)
+    loss_per_example = vq_loss(terms)                                                 # [B]
+    skipped = _optimizer_step(state, loss_per_example.mean(), config.train, schedule)
+    if not skipped:
+        update_codebook(state.model, terms, state.noise_gen)
+    return Step(loss_per_example.detach().sum().double(), len(x), skipped)
+
+
+def _optimizer_step(state: TrainState, loss: torch.Tensor, tc, schedule: Schedule) -> bool:
+    """Backward of `loss`, the schedule's learning rate, --clip-grad and --skip-grad, then the
+    optimizer's step. Returns whether the update was skipped."""
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if schedule.varies_lr:
@@ -206,7 +232,7 @@ def train_step(state: TrainState, images: torch.Tensor, labels: torch.Tensor | N
         skipped = bool(tc.skip_grad and not norm <= tc.skip_grad)     # a NaN norm is skipped too
     if not skipped:
         state.optimizer.step()
-    return Step(loss_per_example.detach().sum().double(), len(x), skipped)
+    return skipped
 
 
 def _train(run: Run, config: Config, rt: Runtime, resuming: bool, fall_back: bool, log) -> None:
@@ -215,16 +241,17 @@ def _train(run: Run, config: Config, rt: Runtime, resuming: bool, fall_back: boo
     interpreter exit can abort the rank)."""
     started = _start(run, config, rt, resuming, fall_back, log)
     if started is not None:
-        state, data, fixed_z, board, unsaved_config = started
-        _train_loop(run, config, rt, log, state, data, fixed_z, board, unsaved_config)
+        state, data, board, unsaved_config = started
+        _train_loop(run, config, rt, log, state, data, board, unsaved_config)
 
 
 def _start(run: Run, config: Config, rt: Runtime, resuming: bool, fall_back: bool, log
-           ) -> tuple[TrainState, _TrainingData, torch.Tensor | None, object, bool] | None:
+           ) -> tuple[TrainState, _TrainingData, object, bool] | None:
     """This rank's setup: the data and the model (restored from the run's checkpoint when
     `resuming`), the run directory (rank 0), the grid's codes. Returns what _train_loop takes
     after (run, config, rt, log), or None when the run has done its epochs."""
     tc = config.train
+    config.check_processes(rt.world_size)
     with rt.local_main_first():    # one download per machine; the other ranks then read the cache
         splits = splits_for(config.data, log=warn if rt.is_main else _silent)
     if config.model.conditional and not config.model.num_classes:
@@ -250,7 +277,6 @@ def _start(run: Run, config: Config, rt: Runtime, resuming: bool, fall_back: boo
     data_fingerprint = fingerprint(splits)
     if resuming:
         run.check_data(data_fingerprint, config.data.data_dir or config.data.dataset)
-    fixed_z = None
     if rt.is_main:
         if not resuming:
             run.make(config, data_fingerprint)   # the data and the model are known good: now the run directory
@@ -259,13 +285,12 @@ def _start(run: Run, config: Config, rt: Runtime, resuming: bool, fall_back: boo
             warn(f"warning: set {path.name} aside as {run.checkpoints.set_aside(path)} (damaged); "
                  f"going on from {latest.name}")
         run.truncate_metrics(at.epoch)
-        if latest is None:
+        if latest is None and config.model.family != "vq":
             fixed_z = torch.randn(NUM_EXAMPLES_TO_GENERATE, model.noise_dim,
                                   generator=torch.Generator().manual_seed(tc.seed + 2))
             run.save_fixed_z(fixed_z)
-            save_grid(model.decode_prior(fixed_z.to(rt.device), y=_grid_labels(config.model, rt.device)).detach(),
-                      run.image_path(0))
-        fixed_z = run.fixed_z().to(rt.device)
+        if latest is None:
+            save_grid(progress_grid(model, config, run, splits.test.images.to(rt.device), rt), run.image_path(0))
     board = _open_board(run, at.epoch) if rt.is_main and tc.tensorboard else None
     if board and latest is None:
         _log_board(board, 0, {}, run.image_path(0))
@@ -275,14 +300,14 @@ def _start(run: Run, config: Config, rt: Runtime, resuming: bool, fall_back: boo
     # a resume's changed settings (--epochs, --data-dir) reach config.json with its first
     # checkpoint: a resume that fails before it leaves config.json as it was
     unsaved_config = resuming and config != run.config()
-    return state, data, fixed_z, board, unsaved_config
+    return state, data, board, unsaved_config
 
 
 def _train_loop(run: Run, config: Config, rt: Runtime, log, state: TrainState, data: _TrainingData,
-                fixed_z: torch.Tensor | None, board, unsaved_config: bool) -> None:
+                board, unsaved_config: bool) -> None:
     """Trains the epochs still to train from where `state` stands. Every `checkpoint_every` steps
     and after a stop signal rank 0 checkpoints (then Interrupted is raised on every rank); after
-    each epoch rank 0 scores the held-out data, draws the grid of `fixed_z` and writes the
+    each epoch rank 0 scores the held-out data, draws the progress grid and writes the
     metrics line (to `board` too, with --tensorboard), the best checkpoint and the epoch's
     checkpoint. `unsaved_config`: config.json is written with the first checkpoint."""
     tc = config.train
@@ -307,6 +332,8 @@ def _train_loop(run: Run, config: Config, rt: Runtime, log, state: TrainState, d
     with _StopSignals(rt) as stop:
         for epoch in range(state.at.epoch + 1, tc.epochs + 1):
             state.epoch_order = state.order_gen.get_state()
+            if config.model.family == "vq" and state.at.batch == 0:   # mid-epoch, the checkpoint has the usage so far
+                state.model.codebook.start_epoch()
             batches = torch.randperm(len(data.train_images), generator=state.order_gen).split(tc.batch_size)  # CPU
             if state.at.batch > len(batches):
                 raise RunError(f"the checkpoint is at batch {state.at.batch} of an epoch that now has {len(batches)}; "
@@ -357,11 +384,10 @@ def _train_loop(run: Run, config: Config, rt: Runtime, log, state: TrainState, d
                 log("============================")
                 log(f"Epoch: {epoch}, Test set ELBO: {held_out['test_elbo']:.2f}, time elapse for current epoch "
                     f"{seconds:.1f}")
-                with torch.inference_mode():
-                    save_grid(state.model.decode_prior(fixed_z, y=_grid_labels(config.model, rt.device)),
-                              run.image_path(epoch))
+                save_grid(progress_grid(state.model, config, run, data.test_images, rt), run.image_path(epoch))
+                usage = codebook_usage(state.model) if config.model.family == "vq" else {}
                 record = {
-                    "epoch": epoch, "step": state.at.step, "train_loss": train_loss, **held_out,
+                    "epoch": epoch, "step": state.at.step, "train_loss": train_loss, **held_out, **usage,
                     "epoch_seconds": round(seconds, 3), "eval_seconds": round(eval_seconds, 3),
                     "images_per_second": round(trained_images / seconds, 1), "lr": schedule.lr(state.at.step - 1),
                     **({"skipped_updates": skipped} if tc.skip_grad else {}),
@@ -383,6 +409,18 @@ def _train_loop(run: Run, config: Config, rt: Runtime, log, state: TrainState, d
         log(f"Done: {run.path} (grid images in {run.images}, animation {run.gif_path})")
 
 
+@torch.inference_mode()
+def progress_grid(model, config: Config, run: Run, test_images: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """The progress grid's 16 images [16,C,H,W]: decodes of the run's fixed z; for the vq family,
+    whose prior is trained after it (`vaekit train-prior`), reconstructions of the first 16 test
+    images (`test_images` uint8 on the device), binarized from a seed of --seed."""
+    if config.model.family == "vq":
+        gen = rt.generator(config.train.seed + 2)
+        return model.reconstruct(preprocess(test_images[:NUM_EXAMPLES_TO_GENERATE], config.data.binarization, gen))
+    fixed_z = run.fixed_z().to(rt.device)
+    return model.decode_prior(fixed_z, y=_grid_labels(config.model, rt.device))
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     """The seed of epoch `epoch`'s held-out scoring, from --seed (at most config.SEED_LIMIT, so
     this stays far below the 2**64 torch takes)."""
@@ -401,6 +439,13 @@ def held_out_record(model, config: Config, rt: Runtime, epoch: int, test_images:
     seed = epoch_seed(config.train.seed, epoch)
     gen = rt.generator(seed)
     x = preprocess(test_images, binarization, gen)                                 # [M,C,H,W]
+    if config.model.family == "vq":
+        record = {f"test_{key}": value for key, value in vq_report(model, x, binarization, batch_size).items()}
+        if len(val_split):
+            x = preprocess(val_split.images.to(rt.device), binarization, rt.generator(seed + 1))
+            val = vq_report(model, x, binarization, batch_size)
+            record.update({f"val_{key}": val[key] for key in ("elbo", "distortion", "rate")})
+        return record
     test = elbo_report(model, x, binarization, rt, gen, batch_size, test_labels)
     record = {f"test_{key}": test[key] for key in ("elbo", "distortion", "rate", "bits_per_dim") if key in test}
     if config.model.objective == "iwae":
@@ -445,7 +490,7 @@ def _silent(*_) -> None:
 
 
 def _training_data(splits: Splits, config: Config, rt: Runtime) -> _TrainingData:
-    """The splits as training reads them; RunError or ConfigError when the batch does not fit them."""
+    """The splits as training reads them; RunError when the batch does not fit them."""
     train_split, val_split = hold_out(splits.train, config.data.validation)
     conditional, batch_size = config.model.conditional, config.train.batch_size
     data = _TrainingData(train_split.images, train_split.labels if conditional else None,
@@ -454,7 +499,6 @@ def _training_data(splits: Splits, config: Config, rt: Runtime) -> _TrainingData
     if batch_size > len(data.train_images):
         raise RunError(f"batch_size {batch_size} is larger than the {len(data.train_images)} training images; "
                        "lower --batch-size")
-    config.train.check_processes(rt.world_size)
     return data
 
 

@@ -44,8 +44,11 @@ class PriorConfig:
 
     @classmethod
     def for_model(cls, vq: VQVAE, **sizes) -> PriorConfig:
-        """The prior of `vq`'s codes, with the transformer's `sizes` (width, layers, heads)."""
-        return cls(codebook_size=vq.config.codebook_size, grid_size=vq.grid_size, **sizes)
+        """The prior of `vq`'s codes, with the transformer's `sizes` (width, layers, heads; default:
+        its config's prior_width, prior_layers, prior_heads)."""
+        c = vq.config
+        sizes = {"width": c.prior_width, "layers": c.prior_layers, "heads": c.prior_heads, **sizes}
+        return cls(codebook_size=c.codebook_size, grid_size=c.grid_size, **sizes)
 
 
 class Block(nn.Module):

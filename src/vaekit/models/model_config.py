@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import ConfigError
 from ..likelihoods import LIKELIHOODS, get_likelihood
 
-FAMILIES = ("conv", "resnet", "ladder")
+FAMILIES = ("conv", "resnet", "ladder", "vq")
 PRIORS = ("standard", "vamp")
 OBJECTIVES = ("elbo", "iwae")
 
@@ -20,7 +21,8 @@ def setting(default, help: str):
 @dataclass
 class ModelConfig:
     family: str = setting("conv", "conv: the seed's architecture, generalised to any size; resnet: residual stages for "
-                          "32-64 px images; ladder: hierarchical, --stochastic-layers layers of z with a top-down path")
+                          "32-64 px images; ladder: hierarchical, --stochastic-layers layers of z with a top-down path; "
+                          "vq: discrete codes on a grid (VQ-VAE), then `vaekit train-prior` fits their prior")
     latent_dim: int = setting(50, "dimensions of z (the seed's 50); of each layer for the ladder family")
     image_channels: int = setting(1, "1 = grey, 3 = RGB; training sets it from the data")
     image_size: int = setting(28, "the side of the square images; the number of stride-2 stages follows from it")
@@ -39,6 +41,16 @@ class ModelConfig:
     prior: str = setting("standard", "standard: N(0, I), the seed's; vamp: the VampPrior, a mixture of the posteriors "
                          "of learned pseudo-inputs (Tomczak & Welling 2018)")
     pseudo_inputs: int = setting(500, "vamp: the learned pseudo-inputs, one mixture component each")
+    codebook_size: int = setting(512, "vq: the codebook's vectors (K), the values each code of the grid can take")
+    code_dim: int = setting(64, "vq: the dimensions of each codebook vector (D)")
+    hidden_channels: int = setting(64, "vq: the channels of the encoder's and decoder's feature maps (even)")
+    res_blocks: int = setting(2, "vq: residual blocks in the encoder and in the decoder")
+    commitment: float = setting(0.25, "vq: beta, the weight of the commitment loss ||z_e - sg(e)||^2")
+    ema_decay: float = setting(0.99, "vq: the decay of the codebook's moving averages")
+    dead_after: int = setting(100, "vq: a code no encoder output chose for this many steps restarts at one")
+    prior_width: int = setting(128, "vq: the width of the code prior's transformer (`vaekit train-prior`)")
+    prior_layers: int = setting(4, "vq: the code prior's transformer blocks")
+    prior_heads: int = setting(4, "vq: the code prior's attention heads (they divide --prior-width)")
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("family", self.family, FAMILIES), ("likelihood", self.likelihood, LIKELIHOODS),
@@ -63,6 +75,31 @@ class ModelConfig:
                              "pass --family ladder for more")
         if self.family == "ladder" and self.stochastic_layers == 1:
             raise ValueError("the ladder family has 2 or more stochastic layers: pass --stochastic-layers 2 or more")
+        self._check_vq()
+
+    def _check_vq(self) -> None:
+        """The vq family's sizes, and the settings of the Gaussian families it does not take."""
+        for name in ("codebook_size", "code_dim", "hidden_channels", "dead_after", "prior_width", "prior_layers",
+                     "prior_heads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}: pass --{name.replace('_', '-')} "
+                                 "1 or more")
+        if self.hidden_channels % 2 or self.res_blocks < 0:
+            raise ConfigError(f"hidden_channels must be even and res_blocks >= 0, got {self.hidden_channels} and "
+                             f"{self.res_blocks}")
+        if not 0 <= self.ema_decay < 1 or not self.commitment >= 0 or self.prior_width % self.prior_heads:
+            raise ConfigError(f"ema_decay must be in [0, 1), commitment >= 0 and prior_heads must divide prior_width; "
+                             f"got {self.ema_decay}, {self.commitment}, {self.prior_heads} and {self.prior_width}")
+        if self.family != "vq":
+            return
+        if self.image_size % 4:
+            raise ConfigError(f"the vq family takes images whose side is a multiple of 4, got {self.image_size}: "
+                             "resize them (--resize)")
+        refused = [flag for flag, used in (("--conditional", self.conditional), ("--prior vamp", self.prior == "vamp"),
+                                           ("--objective iwae", self.objective == "iwae"), ("--beta", self.beta != 1),
+                                           ("--stochastic-layers", self.stochastic_layers > 1)) if used]
+        if refused:
+            raise ConfigError(f"the vq family has discrete codes and a prior of its own: drop {', '.join(refused)}")
 
     @property
     def layers_of_z(self) -> int:
@@ -82,6 +119,11 @@ class ModelConfig:
     def base_size(self) -> int:
         """The side of the decoder's first feature map: image_size / 2**stages (7 for 28, 4 for 32 and 64)."""
         return self.image_size >> self.stages
+
+    @property
+    def grid_size(self) -> int:
+        """vq: the side of the code grid, image_size / 4 (7 for 28x28)."""
+        return self.image_size // 4
 
     @property
     def output_channels(self) -> int:

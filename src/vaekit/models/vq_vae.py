@@ -23,66 +23,15 @@ initialises the codebook from the data (the codes the random start already fits 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
-from ..likelihoods import LIKELIHOODS, get_likelihood
+from .model_config import ModelConfig
 
 EMA_EPSILON = 1e-5      # Laplace smoothing of the cluster sizes (Sonnet's VectorQuantizerEMA)
-
-
-def _f(default, help: str):
-    """A field with its default and the help line its command-line flag shows."""
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class VQConfig:
-    image_channels: int = _f(1, "1 = grey, 3 = RGB; training sets it from the data")
-    image_size: int = _f(28, "the side of the square images, a multiple of 4: the code grid is image_size / 4")
-    likelihood: str = _f("bernoulli", "bernoulli (binary data), gaussian, gaussian-fixed or logistic (8-bit)")
-    fixed_scale: float = _f(0.1, "gaussian-fixed: the scale of every pixel, on [0, 1]")
-    codebook_size: int = _f(512, "vq: the codebook's vectors (K), the values each code of the grid can take")
-    code_dim: int = _f(64, "vq: the dimensions of each codebook vector (D)")
-    hidden_channels: int = _f(64, "vq: the channels of the encoder's and decoder's feature maps (even)")
-    res_blocks: int = _f(2, "vq: residual blocks in the encoder and in the decoder")
-    commitment: float = _f(0.25, "vq: beta, the weight of the commitment loss ||z_e - sg(e)||^2")
-    ema_decay: float = _f(0.99, "vq: the decay of the codebook's moving averages")
-    dead_after: int = _f(100, "vq: a code no encoder output chose for this many steps restarts at one")
-
-    def __post_init__(self) -> None:
-        if self.likelihood not in LIKELIHOODS:
-            raise ConfigError(f"likelihood must be one of {', '.join(LIKELIHOODS)}; got {self.likelihood!r}")
-        for name in ("image_channels", "codebook_size", "code_dim", "hidden_channels", "dead_after"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}: pass --{name.replace('_', '-')} 1 or more")
-        if self.image_size < 8 or self.image_size % 4:
-            raise ConfigError(f"the vq family takes images whose side is a multiple of 4 (8 or more), got "
-                              f"{self.image_size}: resize them (--resize)")
-        if self.hidden_channels % 2 or self.res_blocks < 0:
-            raise ConfigError(f"hidden_channels must be even and res_blocks >= 0, got {self.hidden_channels} and "
-                              f"{self.res_blocks}")
-        if not 0 <= self.ema_decay < 1 or not self.commitment >= 0 or not self.fixed_scale > 0:
-            raise ConfigError(f"ema_decay must be in [0, 1), commitment >= 0 and fixed_scale > 0; got "
-                              f"{self.ema_decay}, {self.commitment}, {self.fixed_scale}")
-
-    @property
-    def grid_size(self) -> int:
-        """The side of the code grid: image_size / 4 (7 for 28x28)."""
-        return self.image_size // 4
-
-    @property
-    def output_channels(self) -> int:
-        return self.image_channels * self.likelihood_fn.params_per_channel
-
-    @property
-    def likelihood_fn(self):
-        return get_likelihood(self.likelihood, self.fixed_scale)
 
 
 class ResBlock(nn.Module):
@@ -180,9 +129,9 @@ class Codebook(nn.Module):
 
 
 class VQVAE(nn.Module):
-    def __init__(self, config: VQConfig | None = None) -> None:
+    def __init__(self, config: ModelConfig | None = None) -> None:
         super().__init__()
-        config = config or VQConfig()
+        config = config or ModelConfig(family="vq")
         self.config = config
         self.likelihood = config.likelihood_fn
         hidden, half = config.hidden_channels, config.hidden_channels // 2
@@ -239,6 +188,12 @@ class VQVAE(nn.Module):
         params = self.decode(quantized.z_q)
         distortion = -self.likelihood.log_prob(x, params)
         return VQTerms(params, distortion, quantized.commitment, quantized.indices, z_e)
+
+    @torch.inference_mode()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Preprocessed images x [B,C,H,W] -> their reconstructions [B,C,H,W] in [0,1]: the decode
+        of their codes (deterministic)."""
+        return self.decode(self.quantize(self.encode(x)).z_q, as_image=True)
 
     @torch.no_grad()
     def codes(self, x: torch.Tensor, batch_size: int = 2000) -> torch.Tensor:

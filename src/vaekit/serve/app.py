@@ -40,9 +40,11 @@ from starlette.exceptions import HTTPException
 from ..data import preprocess
 from ..distributed import Runtime
 from ..errors import ConfigError, RunError
-from ..generate import (INPAINT_METHODS, MASKS, PATHS, LatentPlane, check_index, inpaint, inpaint_refusal,
-                        inpainting_mask, interpolate, mean_image, prior_samples, ranked_dims, reconstruct, set_dims)
-from ..loading import open_for_inference
+from ..generate import (INPAINT_METHODS, MASKS, PATHS, LatentPlane, check_index, code_prior_samples, inpaint,
+                        inpaint_refusal, inpainting_mask, interpolate, interpolate_codes, mean_image, prior_samples,
+                        ranked_dims, reconstruct, set_dims)
+from ..loading import load_prior, open_for_inference
+from ..models.code_prior import inpaint_codes
 from ..viz import PALETTE
 from .bodies import (LIMITS, IndexRequest, InpaintRequest, InterpolateRequest, LatentRequest, MapPointRequest,
                      ReconstructRequest, SampleRequest, TraverseRequest, json_body)
@@ -62,7 +64,8 @@ class Demo:
     dimensions ranked by their KL over the test set (most first) with that KL; `start`, the
     training set's mean image [C,H,W], where inpainting chains begin; the latent map: the plane it
     shows (generate.LatentPlane) and the test codes' coordinates on it [N,2]; and whether a drawing is made into a digit the way MNIST's were
-    (else the whole pad is shrunk)."""
+    (else the whole pad is shrunk). A vq model has no continuous z: no ranked dimensions and no
+    plane (the sliders and the map are refused), and `prior`, its code prior (None until trained)."""
     model: torch.nn.Module
     runtime: Runtime
     binarization: str
@@ -72,9 +75,10 @@ class Demo:
     ranked_dims: list[int]
     dim_kl: list[float]
     start: torch.Tensor
-    plane: LatentPlane
+    plane: LatentPlane | None
     map_coords: torch.Tensor
     mnist_drawings: bool
+    prior: torch.nn.Module | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -95,10 +99,13 @@ def load(run: str | Path, device: str = "auto", data_dir: str | Path | None = No
     b, gen = config.data.binarization, rt.generator(0)
     test = splits.test.images.to(rt.device)
     x = preprocess(test, b, gen)
+    start = mean_image(preprocess(splits.train.images.to(rt.device), b, gen))
+    if config.model.family == "vq":
+        return Demo(model, rt, b, x, splits.test.labels, splits.class_names, [], [], start, None, torch.zeros(0, 2),
+                    config.data.dataset == "mnist", prior=load_prior(opened))
     codes, logvar = model.posterior(x)              # [N,D] each: encoded once, for the sliders and the map
     dims, kl = ranked_dims(codes, logvar, model.latent_dim)
     plane = LatentPlane.of(codes)
-    start = mean_image(preprocess(splits.train.images.to(rt.device), b, gen))
     return Demo(model, rt, b, x, splits.test.labels, splits.class_names, dims, kl, start, plane,
                 plane.project(codes).cpu(), config.data.dataset == "mnist")
 
@@ -161,7 +168,7 @@ class Endpoints:
         self.demo, self.work_seconds, self.queue_seconds = demo, work_seconds, queue_seconds
         static = files(__package__) / "static"
         self.pages = {name: (static / name).read_bytes() for name in PAGES}
-        self.latent_map_json = json.dumps({
+        self.latent_map_json = b"" if demo.plane is None else json.dumps({
             "axes": demo.plane.names, "points": [[round(u, 4), round(v, 4)] for u, v in demo.map_coords.tolist()],
             "labels": demo.test_labels.tolist(), "class_names": demo.class_names,
             "colours": ["#%02x%02x%02x" % PALETTE[i % len(PALETTE)] for i in range(len(demo.class_names))]}).encode()
@@ -201,6 +208,21 @@ class Endpoints:
         check_index(field, index, len(self.demo.test_x))
         return self.demo.test_x[index:index + 1]
 
+    @property
+    def vq(self) -> bool:
+        return self.demo.plane is None
+
+    def continuous_only(self, what: str) -> None:
+        """The one-line refusal of a continuous-z panel for a vq model."""
+        if self.vq:
+            raise BadInput(f"{what} moves through a continuous z, and this is a vq model, whose codes are discrete", 422)
+
+    def code_prior(self):
+        """The vq model's code prior, or the one-line refusal when it has none."""
+        if self.demo.prior is None:
+            raise BadInput("this vq model has no code prior yet: train its prior first: vaekit train-prior RUN", 422)
+        return self.demo.prior
+
     def label_of(self, index: int) -> dict:
         label = int(self.demo.test_labels[index])
         return {"label": label, "class": self.demo.class_names[label]}
@@ -216,17 +238,25 @@ class Endpoints:
     # -- light requests ---------------------------------------------------------------------------
     async def info(self) -> dict:
         demo = self.demo
-        return {"shape": list(demo.shape), "latent_dim": demo.model.latent_dim, "test_size": len(demo.test_x),
+        if self.vq:
+            c = demo.model.config
+            model = {"family": "vq", "latent_dim": 0, "grid": c.grid_size, "codebook_size": c.codebook_size,
+                     "prior": demo.prior is not None}
+        else:
+            model = {"family": demo.model.config.family, "latent_dim": demo.model.latent_dim}
+        return {"shape": list(demo.shape), **model, "test_size": len(demo.test_x),
                 "class_names": demo.class_names, "drawing": "mnist-digit" if demo.mnist_drawings else "whole-pad",
                 "limits": LIMITS, "work_seconds": self.work_seconds, "paths": PATHS, "masks": MASKS,
                 "methods": INPAINT_METHODS}
 
     async def latent_map(self) -> Response:
         """The test set's codes on the latent map's plane, with their labels and the axes' names."""
+        self.continuous_only("the latent map")
         return Response(self.latent_map_json, media_type="application/json")
 
     async def map_decode(self, req: MapPointRequest = json_body(MapPointRequest)) -> dict:
         """The decode of the map's point (x, y) (see generate.LatentPlane)."""
+        self.continuous_only("the latent map")
         z = self.demo.plane.code(torch.tensor([[req.x, req.y]]))
         with torch.inference_mode():
             decoded = self.demo.model.decode(z, as_image=True)
@@ -239,6 +269,7 @@ class Endpoints:
     async def latent(self, req: LatentRequest = json_body(LatentRequest)) -> dict:
         """The k most active dimensions (most KL over the test set first) and the posterior mean of
         test image `index` on them: where the page's sliders start."""
+        self.continuous_only("the latent sliders")
         demo = self.demo
         image = self.image_at("index", req.index)
         k = min(req.k, demo.model.latent_dim)
@@ -249,6 +280,7 @@ class Endpoints:
                 "image": to_data_url(image), **self.label_of(req.index)}
 
     async def traversal(self, req: TraverseRequest = json_body(TraverseRequest)) -> dict:
+        self.continuous_only("the latent sliders")
         latent_dim = self.demo.model.latent_dim
         image = self.image_at("index", req.index)
         if len(req.dims) != len(req.values):
@@ -271,16 +303,23 @@ class Endpoints:
 
     # -- heavy requests, one at a time on the model ---------------------------------------------------
     def samples(self, req: SampleRequest = json_body(SampleRequest)) -> dict:
+        gen = self.demo.runtime.generator(req.seed)
+        if self.vq:
+            prior = self.code_prior()
+            with self.heavy_turn():
+                images = code_prior_samples(self.demo.model, prior, req.n, gen)
+            return {"image": to_data_url(images, padding=1)}
         with self.heavy_turn():
-            images = prior_samples(self.demo.model, req.n, self.demo.runtime.generator(req.seed))
+            images = prior_samples(self.demo.model, req.n, gen)
         return {"image": to_data_url(images, padding=1)}
 
     def interpolation(self, req: InterpolateRequest = json_body(InterpolateRequest)) -> dict:
         """The path's decodes framed by the two binary originals: as a row of the CLI's picture
         (image) and one by one (frames)."""
         images = torch.cat([self.image_at("a", req.a), self.image_at("b", req.b)])
-        with self.heavy_turn():
-            path = interpolate(self.demo.model, images, req.steps, req.path)
+        with self.heavy_turn():   # a vq model's one path: linear in z_e, quantised (generate.interpolate_codes)
+            path = (interpolate_codes(self.demo.model, images, req.steps) if self.vq
+                    else interpolate(self.demo.model, images, req.steps, req.path))
         row = torch.cat([images[:1], path, images[1:]])
         return {"image": to_data_url(row, nrow=req.steps + 2, padding=1), "frames": [to_data_url(f[None]) for f in row]}
 
@@ -290,6 +329,8 @@ class Endpoints:
         predictive probability), the mask used (white = missing) and the steps run (fewer than asked
         when the chains were stopped at work_seconds)."""
         demo = self.demo
+        if self.vq:
+            return self.inpainting_vq(req)
         refusal = inpaint_refusal(demo.model.config, req.method)
         if refusal:
             raise BadInput(refusal, 422)
@@ -309,6 +350,20 @@ class Endpoints:
         return {"original": to_data_url(image), "input": to_data_url(torch.where(mask, 0.5, image)),
                 "image": to_data_url(filled), "mask": to_data_url(mask[None].float()),
                 "missing_pixels": int(mask[0].sum()), "steps_done": done}
+
+    def inpainting_vq(self, req: InpaintRequest) -> dict:
+        """inpainting for a vq model: its codes drawn by importance resampling of `chains` prior
+        proposals against the observed pixels (models/code_prior.inpaint_codes); `steps` is unused."""
+        demo = self.demo
+        prior = self.code_prior()
+        image = self.image_at("index", req.index)
+        mask = self.mask_of(req.mask).to(demo.runtime.device)
+        with self.heavy_turn():
+            codes = inpaint_codes(demo.model, prior, image, ~mask[None], demo.runtime.generator(req.seed), req.chains)
+            filled = torch.where(mask, demo.model.decode_indices(codes, as_image=True), image)
+        return {"original": to_data_url(image), "input": to_data_url(torch.where(mask, 0.5, image)),
+                "image": to_data_url(filled), "mask": to_data_url(mask[None].float()),
+                "missing_pixels": int(mask[0].sum()), "steps_done": 0}
 
     def mask_of(self, mask: str) -> torch.Tensor:
         """An inpainting request's mask, a region's name or a PNG (white = missing): bool [C,H,W]."""

@@ -424,8 +424,16 @@ function options(select, values) {
 async function main() {
   info = await api("/api/info");
   const [c, h, w] = info.shape;
-  $("about").textContent = `A variational autoencoder with ${info.latent_dim} latent dimensions on ` +
+  const vq = info.family === "vq";   // discrete codes: no sliders, no map (the server refuses them too)
+  $("about").textContent = (vq ? `A VQ-VAE with a ${info.grid}x${info.grid} grid of codes from a codebook of ` +
+    `${info.codebook_size} on ` : `A variational autoencoder with ${info.latent_dim} latent dimensions on `) +
     `${c}x${h}x${w} images; test images 0..${info.test_size - 1}.`;
+  if (vq) {
+    $("sliders-section").hidden = true;
+    $("map-section").hidden = true;
+    $("interp-hint").textContent = "Linear in the encoder's continuous output before quantisation, each point " +
+      "quantised to codes and decoded (the codes jump), framed by the originals.";
+  }
   for (const id of ["latent-index", "interp-a", "interp-b", "inpaint-index"]) $(id).max = info.test_size - 1;
   $("samples-n").max = info.limits.samples;
   $("latent-k").max = Math.min(info.limits.dims, info.latent_dim);
@@ -447,7 +455,7 @@ async function main() {
   $("inpaint-brush").addEventListener("change", brushRadius);
   $("inpaint-clear").addEventListener("click", () => { mask.fill(0); renderMask(); });
   $("inpaint-run").addEventListener("click", () => inpaintNow());
-  await Promise.all([newSamples(), loadLatent(), setupMap(), interpolateNow(), loadInpaintImage()]);
+  await Promise.all([newSamples(), ...(vq ? [] : [loadLatent(), setupMap()]), interpolateNow(), loadInpaintImage()]);
   document.body.dataset.ready = "true";   // everything drawn once (the browser tests wait for it)
 }
 
