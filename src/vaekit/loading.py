@@ -56,8 +56,9 @@ def open_for_inference(run: str | Path, device: str = "auto", precision: str = "
     inference on `device` in `precision` (auto: bf16 where the hardware runs it natively, as in
     training; see models/inference.py). With `prepared=False`, the model as training builds it
     (plain parameters, e.g. to export it). A vq model runs as trained, in fp32, whatever
-    `precision` says: its codes are nearest neighbours, which bf16 would move. `unconditional_task`: the command asking, when it is
-    one for unconditional models only (a class-conditional run is refused); `continuous_task`:
+    `precision` says: its codes are nearest neighbours, which bf16 would move. `unconditional_task`:
+    the command asking, when it is one for unconditional models only (a class-conditional run is
+    refused); `continuous_task`:
     the command asking, when it works on a continuous z (a vq run, whose codes are discrete, is
     refused)."""
     opened = Run.open(run)

@@ -123,7 +123,8 @@ def _prior_loop(stage: Run, config, vq, prior: CodePrior, optimizer, order_gen: 
         _save(stage, prior, optimizer, noise_gen, order_gen.get_state(), at, step_losses, tc)
 
 
-def _save(stage: Run, prior: CodePrior, optimizer, noise_gen: torch.Generator, epoch_order: torch.Tensor, at: Progress, step_losses: list[float], tc) -> None:
+def _save(stage: Run, prior: CodePrior, optimizer, noise_gen: torch.Generator, epoch_order: torch.Tensor,
+          at: Progress, step_losses: list[float], tc) -> None:
     """A checkpoint of the prior's stage; `epoch_order`: order_gen's state at the start of the
     epoch `at` is in, so a resume redraws its permutation."""
     rng = {"torch": torch.get_rng_state(), "order": epoch_order, "noise": noise_gen.get_state()}

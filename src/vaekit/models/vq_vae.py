@@ -9,8 +9,8 @@ Decoder: z_q [B,D,h,w] -> Conv(hidden,3) -> res_blocks x ResBlock -> ReLU -> Con
          ReLU -> ConvT(C*P,4,s2) -> the likelihood's parameters [B,C*P,H,W] (likelihoods.py), so
          the distortion -log p(x|codes) is in nats, as the Gaussian families' is.
 
-Training (`vq_train_step`, or `vq_loss` then `update_codebook` in a loop of its own): the gradient of the distortion reaches the encoder through the
-straight-through estimator (z_q's gradient is given to z_e), plus the commitment loss
+Training (`vq_train_step`, or `vq_loss` then `update_codebook` in a loop of its own): the
+gradient of the distortion reaches the encoder through the straight-through estimator (z_q's gradient is given to z_e), plus the commitment loss
 beta * ||z_e - sg(z_q)||^2 (beta 0.25). The codebook is not a parameter: it is the EMA recipe
 of VQ-VAE-2 (Razavi et al. 2019), with cluster sizes N_k and sums m_k kept as buffers
   N_k <- decay N_k + (1 - decay) n_k,   m_k <- decay m_k + (1 - decay) sum_{z_e -> k} z_e,
