@@ -2,7 +2,6 @@
 run directory (RUN, RUN@best) or a shipped model (pretrained:NAME; the syntax is runs.py's)."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,23 +86,9 @@ def load_model(path: str | Path, device: str = "auto", precision: str = "auto", 
     return opened.model, opened.config, opened.runtime
 
 
-STAGE_FILE = "stage.json"   # RUN/prior/stage.json: the first stage's weights the prior was fitted to, its epochs
-
-
-def stage_record(run: Run) -> dict | None:
-    """RUN/prior/stage.json (the first stage's weights' SHA-256 and the prior's epochs), or None."""
-    path = run.prior_stage.path / STAGE_FILE
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise RunError(f"{path} is damaged ({e}); the run directory was altered") from None
-
-
 def check_prior_fits(run: Run, weights: Path) -> None:
     """RunError unless the prior in RUN/prior/ (if any) was fitted to the first stage's `weights`."""
-    record = stage_record(run)
+    record = run.stage_record()
     if record is not None and record["first_stage_sha256"] != sha256(weights):
         raise RunError(f"the prior in {run.prior_stage.path} was fitted to other first-stage weights than {weights} "
                        f"(the first stage trained on since, or @best was asked): move {run.prior_stage.path} "
@@ -115,7 +100,7 @@ def load_prior(opened: OpenRun, required_by: str | None = None) -> CodePrior | N
     mode, or None when it has none; with `required_by` (a command's name), a one-line RunError
     instead of None."""
     stage = opened.run.prior_stage
-    if stage_record(opened.run) is None:
+    if opened.run.stage_record() is None:
         if required_by is None:
             return None
         raise RunError(f"`vaekit {required_by}` draws codes from the prior of {opened.run.name.text}, which has none "

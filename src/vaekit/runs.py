@@ -53,6 +53,7 @@ EVAL_LOCK_SECONDS = 600            # how long a `vaekit eval` waits for another 
 
 
 PRIOR_FOLDER = "prior"             # the vq family's code prior, trained second (vaekit train-prior)
+STAGE_FILE = "stage.json"        # in RUN/prior/: which first-stage weights the prior was fitted to
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,21 @@ class Run:
         """The vq family's second stage, RUN/prior/: its own checkpoints/, metrics.jsonl, images/
         and stage.json (`vaekit train-prior`, vaekit/train_prior.py)."""
         return Run(self.path / PRIOR_FOLDER)
+
+    def stage_record(self) -> dict | None:
+        """RUN/prior/stage.json: the SHA-256 of the first stage's weights the prior was fitted to,
+        and the prior's epochs; None when the run has no prior yet."""
+        path = self.prior_stage.path / STAGE_FILE
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise RunError(f"{path} is damaged ({e}); the run directory was altered") from None
+
+    def save_stage_record(self, first_stage_sha256: str, epochs: int) -> None:
+        atomic_write_text(self.prior_stage.path / STAGE_FILE,
+                          json.dumps({"first_stage_sha256": first_stage_sha256, "epochs": epochs}, indent=1) + "\n")
 
     # -- creating and opening -------------------------------------------------------------
     def check_new(self) -> None:

@@ -14,7 +14,6 @@ prior's data): a resumed prior equals an uninterrupted one bit for bit. One proc
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -24,8 +23,8 @@ from .checkpoints import Checkpoint, Progress
 from .data import hold_out, preprocess
 from .errors import ConfigError
 from .evaluate import vq_report
-from .files import atomic_write_text, sha256
-from .loading import STAGE_FILE, check_prior_fits, open_for_inference, stage_record
+from .files import sha256
+from .loading import check_prior_fits, open_for_inference
 from .models.code_prior import CodePrior, PriorConfig, prior_train_step
 from .runs import BEST_SUFFIX, Run, parse_run_name
 from .train import NUM_EXAMPLES_TO_GENERATE, epoch_seed, say
@@ -45,7 +44,7 @@ def train_prior(run: str | Path, epochs: int | None = None, log=say) -> Run:
                           "`--family vq` run")
     tc = config.train
     stage = opened.run.prior_stage
-    record = stage_record(opened.run)
+    record = opened.run.stage_record()
     check_prior_fits(opened.run, opened.weights)
     epochs = epochs if epochs is not None else (record["epochs"] if record else tc.epochs)
     if epochs < 1:
@@ -70,8 +69,7 @@ def train_prior(run: str | Path, epochs: int | None = None, log=say) -> Run:
             at, step_losses = ckpt.progress, ckpt.step_losses
             if epochs < at.epoch:
                 raise ConfigError(f"--epochs {epochs} is fewer than the {at.epoch} epochs {stage.path} has done")
-        atomic_write_text(stage.path / STAGE_FILE, json.dumps(
-            {"first_stage_sha256": sha256(opened.weights), "epochs": epochs}, indent=1) + "\n")
+        opened.run.save_stage_record(sha256(opened.weights), epochs)
         if at.epoch == epochs:
             log(f"Nothing to do: {stage.path} has done its {epochs} epochs; `vaekit train-prior {opened.run.path} "
                 "--epochs N` trains on to epoch N")
