@@ -6,7 +6,8 @@ from safetensors.torch import load_file
 
 from conftest import sample_config
 from test_cli import vaekit
-from vaekit import train
+from vaekit import Config, train
+from vaekit.errors import ConfigError
 
 TINY = {"family": "vq", "codebook_size": 32, "code_dim": 8, "hidden_channels": 16, "res_blocks": 1, "dead_after": 10,
         "prior_width": 16, "prior_layers": 1, "prior_heads": 2}
@@ -104,8 +105,6 @@ def test_the_recipe_end_to_end_on_the_sample(tmp_path):
     for command in ("traverse", "latent"):
         refused = vaekit(command, run, check=False)
         assert refused.returncode == 2 and "vq model, whose codes are discrete" in refused.stderr
-    refused = vaekit("train", "--resume", run, "--nproc", 2, check=False)
-    assert refused.returncode == 2 and "leave --nproc out" in refused.stderr
     vaekit("train-prior", run, "--epochs", 1)
     prior_metrics = [json.loads(line) for line in (run / "prior" / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in prior_metrics] == [1]
@@ -145,3 +144,16 @@ def test_vq_resume_after_a_stop_mid_epoch_equals_uninterrupted(tmp_path):
     a = load_file(str(straight.checkpoints.latest() / "model.safetensors"))
     b = load_file(str(resumed.checkpoints.latest() / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_vq_refuses_the_training_settings_only_the_elbo_uses():
+    """--warmup-epochs, --kl analytic and --free-bits shape the Gaussian families' ELBO: a vq run
+    would ignore them, so a config is refused, also when set by hand after it was made."""
+    config = vq_config(warmup_epochs=2.0, kl="analytic", free_bits=0.5)
+    with pytest.raises(ConfigError, match="drop --warmup-epochs, --kl analytic, --free-bits$"):
+        config.checked_copy()
+    with pytest.raises(ConfigError, match="^--kl analytic shapes .* drop --kl analytic$"):
+        vq_config(kl="analytic").checked_copy()
+    from pathlib import Path
+    recipe = Config.load(Path(__file__).parents[1] / "configs" / "mnist-vq.json")
+    assert recipe.model.family == "vq" and recipe.train.kl == "sample"

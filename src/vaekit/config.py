@@ -147,6 +147,15 @@ class Config:
     def __post_init__(self) -> None:
         if self.train.early_stop and not self.data.validation:
             raise ConfigError("--early-stop watches the validation ELBO: pass --validation N (10000 for MNIST)")
+        if self.model.family == "vq":
+            tc = self.train
+            ignored = [flag for flag, used in (("--warmup-epochs", tc.warmup_epochs),
+                                               ("--kl analytic", tc.kl != "sample"), ("--free-bits", tc.free_bits))
+                       if used]
+            if ignored:
+                flags, verb = ", ".join(ignored), "shapes" if len(ignored) == 1 else "shape"
+                raise ConfigError(f"{flags} {verb} the Gaussian families' ELBO, which the vq family does not train: "
+                                  f"drop {flags}")
         if (self.data.binarization == "none" and self.model.likelihood == "bernoulli"
                 and not self.model.allow_continuous_bernoulli):
             raise ConfigError("the bernoulli likelihood is for binary data, and binarization none keeps grey "
@@ -155,11 +164,7 @@ class Config:
 
     def check_processes(self, processes: int) -> None:
         """A one-line ConfigError unless this run can train on `processes` processes: the global
-        batch is shared out over them, and the vq family's codebook statistics are not yet summed
-        over ranks."""
-        if processes > 1 and self.model.family == "vq":
-            raise ConfigError(f"the vq family trains on one process (its codebook's statistics are not yet summed "
-                              f"over ranks), not {processes}: leave --nproc out, or run it without torchrun")
+        batch is shared out over them."""
         if self.train.batch_size < processes:
             raise ConfigError(f"batch_size {self.train.batch_size} (the global batch) is smaller than the "
                               f"{processes} processes; raise --batch-size")

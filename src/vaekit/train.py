@@ -202,16 +202,20 @@ def train_step(state: TrainState, images: torch.Tensor, labels: torch.Tensor | N
 
 
 def _vq_train_step(state: TrainState, images: torch.Tensor, config: Config, rt: Runtime, schedule: Schedule) -> Step:
-    """train_step for the vq family (one process: _start refuses more): the gradient step of the
-    batch mean of vq_loss (distortion + commitment; the decoder's gradient reaches the encoder
-    straight through the quantiser), then the codebook's EMA update and dead-code restarts, drawn
-    from the noise generator, whose state every checkpoint keeps. A skipped step (--skip-grad)
-    leaves the codebook as it was too."""
-    x = preprocess(images, config.data.binarization, state.noise_gen)                 # [B,C,H,W]
+    """train_step for the vq family: the gradient step of the global batch mean of vq_loss
+    (distortion + commitment; the decoder's gradient reaches the encoder straight through the
+    quantiser), then the codebook's EMA update and dead-code restarts (update_codebook: across
+    ranks, the statistics summed and the restarts drawn among all ranks' encoder outputs), drawn
+    from the noise generator, whose state every checkpoint keeps and which every rank holds in
+    the same state. A skipped step (--skip-grad) leaves the codebook as it was too."""
+    rows = rt.shard(len(images))
+    x = preprocess(images, config.data.binarization, state.noise_gen)[rows]          # [b,C,H,W], b = len(rows)
     with rt.autocast():
         terms = state.ddp_model(x)
-    loss_per_example = vq_loss(terms)                                                 # [B]
-    skipped = _optimizer_step(state, loss_per_example.mean(), config.train, schedule)
+    loss_per_example = vq_loss(terms)                                                 # [b]
+    # DDP averages gradients over ranks: scaled so, each rank's sum gives the global batch mean's gradient
+    loss = loss_per_example.sum() * (rt.world_size / len(images))
+    skipped = _optimizer_step(state, loss, config.train, schedule)
     if not skipped:
         update_codebook(state.model, terms, state.noise_gen)
     return Step(loss_per_example.detach().sum().double(), len(x), skipped)

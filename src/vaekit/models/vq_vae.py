@@ -19,6 +19,12 @@ so checkpoints and exact resume carry it. A code that no encoder output chose fo
 steps is restarted at an encoder output of the current batch, drawn from the caller's generator
 (the restart is reproducible and resumable). Every code starts dead, so the first step
 initialises the codebook from the data (the codes the random start already fits excepted).
+
+Under DDP (an initialised torch.distributed group of more than one rank) `update_codebook` sums
+the batch's counts and sums over ranks, and restarts draw among the encoder outputs of all
+ranks, gathered in rank order, from a generator in the same state on every rank: every rank's
+codebook stays identical and equals one process's on the global batch (up to float summation
+order), and its usage describes the global batch.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -91,17 +98,15 @@ class Codebook(nn.Module):
 
     def batch_statistics(self, z: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder outputs z [N,D] and their codes [N] -> (n_k [K], sum of the z of each code [K,D]),
-        float32. Under DDP, all-reduce (sum) both before `update`."""
+        float32. Under DDP, update_codebook sums both over ranks before `update`."""
         with torch.autocast(z.device.type, enabled=False):
             one_hot = F.one_hot(indices, self.size).float()                      # [N,K]
             return one_hot.sum(0), one_hot.T @ z.float()
 
     @torch.no_grad()
-    def update(self, counts: torch.Tensor, sums: torch.Tensor, candidates: torch.Tensor,
-               generator: torch.Generator) -> int:
-        """One EMA step from a batch's statistics (batch_statistics), then the restart of every
-        code unused for `dead_after` steps at encoder outputs drawn (with replacement, from
-        `generator`) among `candidates` [N,D]. Returns the number of codes restarted."""
+    def update(self, counts: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+        """One EMA step from a batch's statistics (batch_statistics). Returns the codes [R] now
+        dead, unused for `dead_after` steps, which `restart` must move."""
         keep = self.decay
         self.cluster_size.mul_(keep).add_(counts, alpha=1 - keep)
         self.embed_sum.mul_(keep).add_(sums, alpha=1 - keep)
@@ -110,9 +115,12 @@ class Codebook(nn.Module):
         self.embedding.copy_(self.embed_sum / smoothed[:, None])
         self.epoch_counts.add_(counts)
         self.unused_steps.add_(1).masked_fill_(counts > 0, 0)
-        dead = torch.nonzero(self.unused_steps >= self.dead_after).flatten()                  # [R]
-        if len(dead) == 0:
-            return 0
+        return torch.nonzero(self.unused_steps >= self.dead_after).flatten()                 # [R]
+
+    @torch.no_grad()
+    def restart(self, dead: torch.Tensor, candidates: torch.Tensor, generator: torch.Generator) -> int:
+        """Restarts the codes `dead` [R] at encoder outputs drawn (with replacement, from
+        `generator`) among `candidates` [N,D]. Returns R."""
         pick = torch.randint(len(candidates), (len(dead),), generator=generator, device=generator.device)
         fresh = candidates[pick.to(candidates.device)].float()                                # [R,D]
         self.embedding[dead] = fresh
@@ -222,12 +230,38 @@ def vq_loss(terms: VQTerms) -> torch.Tensor:
 
 def update_codebook(model: VQVAE, terms: VQTerms, generator: torch.Generator) -> tuple[int, torch.Tensor]:
     """The codebook's step after the optimizer's, from the pass `terms`: the EMA update from
-    its encoder outputs and codes, then the restarts (drawn from `generator`). Returns the
-    codes restarted and the batch's code counts [K]."""
+    its encoder outputs and codes, then the restarts (drawn from `generator`). Under DDP the
+    statistics are summed over ranks and the restarts drawn among all ranks' encoder outputs,
+    so `generator` must be in the same state on every rank. Returns the codes restarted and the
+    batch's code counts [K] (the global batch's under DDP)."""
     d = terms.z_e.shape[1]
-    z = terms.z_e.detach().permute(0, 2, 3, 1).reshape(-1, d)                  # [B*h*w,D]
-    counts, sums = model.codebook.batch_statistics(z, terms.indices.flatten())
-    return model.codebook.update(counts, sums, z, generator), counts
+    z = terms.z_e.detach().permute(0, 2, 3, 1).reshape(-1, d)                  # [b*h*w,D] this rank's
+    book = model.codebook
+    counts, sums = book.batch_statistics(z, terms.indices.flatten())            # [K], [K,D]
+    across_ranks = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if across_ranks:
+        dist.all_reduce(counts)
+        dist.all_reduce(sums)
+    dead = book.update(counts, sums)                                             # the same on every rank
+    if len(dead) == 0:
+        return 0, counts
+    return book.restart(dead, _rows_of_all_ranks(z) if across_ranks else z, generator), counts
+
+
+def _rows_of_all_ranks(z: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows z [n_r,D] -> [sum of n_r, D], in rank order, on every rank: the global
+    batch's rows in one process's order (ranks hold contiguous shares, Runtime.shard). Shares
+    may differ by a row, so each is padded to the largest for all_gather."""
+    world = dist.get_world_size()
+    size = torch.tensor([len(z)], device=z.device)
+    sizes = [torch.empty_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    sizes = [int(n) for n in sizes]
+    padded = z.new_zeros(max(sizes), z.shape[1])                                 # [max n_r,D]
+    padded[:len(z)] = z
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
 
 
 def vq_train_step(model: VQVAE, optimizer: torch.optim.Optimizer, x: torch.Tensor,
