@@ -18,6 +18,7 @@ FAMILIES = {
     "resnet": ModelConfig(family="resnet", latent_dim=4),
     "ladder": ModelConfig(family="ladder", latent_dim=4),
     "ladder-vamp": ModelConfig(family="ladder", latent_dim=4, prior="vamp", pseudo_inputs=8),
+    "spatial": ModelConfig(family="spatial", latent_dim=4, hidden_channels=16, res_blocks=1),
 }
 
 

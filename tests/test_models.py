@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vaekit.likelihoods import get_likelihood
-from vaekit.models import ConvVAE, LadderVAE, ModelConfig, ResNetVAE, build_model
+from vaekit.models import ConvVAE, LadderVAE, ModelConfig, ResNetVAE, SpatialVAE, build_model
 
 
 def keras_param_count(latent):
@@ -62,13 +62,13 @@ def test_depth_follows_the_image_size(size, stages, base):
     assert (config.stages, config.base_size) == (stages, base)
 
 
-@pytest.mark.parametrize("family", ["conv", "resnet", "ladder"])
+@pytest.mark.parametrize("family", ["conv", "resnet", "ladder", "spatial"])
 @pytest.mark.parametrize("size", [28, 32, 64])
 @pytest.mark.parametrize("channels, likelihood", [(1, "bernoulli"), (3, "logistic"), (3, "gaussian-fixed")])
 def test_any_size_and_channel_count(family, size, channels, likelihood):
     config = ModelConfig(family=family, image_size=size, image_channels=channels, likelihood=likelihood, latent_dim=6)
     model = build_model(config)
-    assert isinstance(model, {"conv": ConvVAE, "resnet": ResNetVAE, "ladder": LadderVAE}[family])
+    assert isinstance(model, {"conv": ConvVAE, "resnet": ResNetVAE, "ladder": LadderVAE, "spatial": SpatialVAE}[family])
     x = torch.rand(2, channels, size, size)
     terms = model(x)
     per_channel = get_likelihood(likelihood).params_per_channel
@@ -209,7 +209,8 @@ INFERENCE_FORMS = [
     ("conv", {}), ("conv", {"tf_padding": True}), ("conv", {"image_size": 32, "image_channels": 3}),
     ("conv", {"conditional": True, "num_classes": 10}), ("conv", {"prior": "vamp", "pseudo_inputs": 7}),
     ("resnet", {"image_size": 32, "image_channels": 3, "likelihood": "logistic"}),
-    ("ladder", {"latent_dim": 8, "stochastic_layers": 3})]
+    ("ladder", {"latent_dim": 8, "stochastic_layers": 3}),
+    ("spatial", {"latent_dim": 8, "hidden_channels": 16, "res_blocks": 1, "prior": "vamp", "pseudo_inputs": 5})]
 
 
 def model_and_inputs(family: str, config: dict, n: int = 37):
@@ -277,7 +278,7 @@ def test_a_prepared_model_keeps_its_precision_under_any_autocast(precision):
     from vaekit.distributed import setup
     from vaekit.models.inference import prepare_for_inference
 
-    for family, config in (INFERENCE_FORMS[4], INFERENCE_FORMS[-1]):     # the VampPrior, the ladder
+    for family, config in (INFERENCE_FORMS[4], INFERENCE_FORMS[-2], INFERENCE_FORMS[-1]):   # the VampPrior, the hierarchies
         model, x, y, eps = model_and_inputs(family, config, n=5)
         prepared = prepare_for_inference(model, setup("cpu", precision))
         assert prepared.inference_precision == precision and model.inference_precision is None

@@ -32,6 +32,11 @@ def analytic_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return analytic_kl_per_dim(mean, logvar).sum(dim=-1)
 
 
+def gaussian_kl(mean_q, logvar_q, mean_p, logvar_p) -> torch.Tensor:
+    """KL(N(mean_q, exp(logvar_q)) || N(mean_p, exp(logvar_p))) summed over the last dim: [..., D] -> [...]."""
+    return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mean_q - mean_p) ** 2) * torch.exp(-logvar_p) - 1).sum(-1)
+
+
 def training_loss(terms, objective: str = "elbo", kl_weight: float = 1.0, kl: str = "sample",
                   free_bits: float = 0.0) -> torch.Tensor:
     """The loss of each example [B] from a pass's Terms (models/vae.py).

@@ -434,7 +434,8 @@ def epoch_seed(seed: int, epoch: int) -> int:
 def held_out_record(model, config: Config, rt: Runtime, epoch: int, test_images: torch.Tensor,
                     test_labels: torch.Tensor | None, val_split: ImageData) -> dict:
     """The end of an epoch's numbers on the data it did not train on: the test set's ELBO (at beta
-    1, whatever the training objective), distortion and rate, bits per dimension for grey levels,
+    1, whatever the training objective), distortion and rate (of each layer too, for a hierarchy:
+    test_rate_per_layer, top first), bits per dimension for grey levels,
     the IWAE bound the iwae objective trains (with its K draws), and with a validation split its
     val_elbo, val_distortion and val_rate. `test_images` uint8 [M,C,H,W] on the device (and their
     labels for a conditional model). The held-out sets are binarised afresh each epoch from a
@@ -451,7 +452,8 @@ def held_out_record(model, config: Config, rt: Runtime, epoch: int, test_images:
             record.update({f"val_{key}": val[key] for key in ("elbo", "distortion", "rate")})
         return record
     test = elbo_report(model, x, binarization, rt, gen, batch_size, test_labels)
-    record = {f"test_{key}": test[key] for key in ("elbo", "distortion", "rate", "bits_per_dim") if key in test}
+    record = {f"test_{key}": test[key] for key in ("elbo", "distortion", "rate", "rate_per_layer", "bits_per_dim")
+              if key in test}
     if config.model.objective == "iwae":
         k = config.model.iwae_k
         bounds = iwae_bounds(model, x, k, seed + 1, batch_size, test_labels)   # [M]

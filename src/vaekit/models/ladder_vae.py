@@ -21,24 +21,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..objectives import log_normal_pdf
+from ..objectives import gaussian_kl, log_normal_pdf
 from .model_config import ModelConfig
 from .conv_vae import UpConvReLU
-from .layers import FlattenHWC, UnflattenHWC
+from .layers import FlattenHWC, UnflattenHWC, full_precision
 from .vae import VAE, Terms
 
 WIDTH = 512                # the deterministic features of each layer, bottom-up and top-down
 DECODER_CHANNELS = 64      # the decoder's first feature map: [64, base, base], then 64, 32 at 14, 28 px
-
-
-def full_precision(t: torch.Tensor) -> torch.Tensor:
-    """A network output under autocast (bf16) as float32, for the densities; float32 and float64 as they are."""
-    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
-
-
-def gaussian_kl(mean_q, logvar_q, mean_p, logvar_p) -> torch.Tensor:
-    """KL(N(mean_q, exp(logvar_q)) || N(mean_p, exp(logvar_p))) summed over the last dim: [..., D] -> [...]."""
-    return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mean_q - mean_p) ** 2) * torch.exp(-logvar_p) - 1).sum(-1)
 
 
 class Residual(nn.Module):

@@ -74,6 +74,27 @@ class ConvTranspose2d(nn.ConvTranspose2d):
                                               self.output_padding[0], self.relu)
 
 
+class ResBlock(nn.Module):
+    """x + Conv3x3(ReLU(Conv3x3(ReLU(x)))), the same width in and out; [B,w,H,W] -> [B,w,H,W]. The
+    second convolution starts at zero, so the block starts as the identity and deep stacks train
+    stably without normalisation layers (Goyal et al. 2017; improved-diffusion's zero_module)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(torch.relu(self.conv1(torch.relu(x))))
+
+
+def full_precision(t: torch.Tensor) -> torch.Tensor:
+    """A network output under autocast (bf16) as float32, for the densities; float32 and float64 as they are."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 class FlattenHWC(nn.Module):
     """[B,C,H,W] -> [B,H*W*C], in TF's (NHWC) order. A free view of a channels_last tensor."""
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from ..errors import ConfigError
 from ..likelihoods import LIKELIHOODS, get_likelihood
 
-FAMILIES = ("conv", "resnet", "ladder", "vq")
+FAMILIES = ("conv", "resnet", "ladder", "spatial", "vq")
 PRIORS = ("standard", "vamp")
 OBJECTIVES = ("elbo", "iwae")
 
@@ -22,6 +22,7 @@ def setting(default, help: str):
 class ModelConfig:
     family: str = setting("conv", "conv: the seed's architecture, generalised to any size; resnet: residual stages for "
                           "32-64 px images; ladder: hierarchical, --stochastic-layers layers of z with a top-down path; "
+                          "spatial: hierarchical, grids of latents at the decoder's resolutions (NVAE-style); "
                           "vq: discrete codes on a grid (VQ-VAE), then `vaekit train-prior` fits their prior")
     latent_dim: int = setting(50, "dimensions of z (the seed's 50); of each layer for the ladder family")
     image_channels: int = setting(1, "1 = grey, 3 = RGB; training sets it from the data")
@@ -43,8 +44,12 @@ class ModelConfig:
     pseudo_inputs: int = setting(500, "vamp: the learned pseudo-inputs, one mixture component each")
     codebook_size: int = setting(512, "vq: the codebook's vectors (K), the values each code of the grid can take")
     code_dim: int = setting(64, "vq: the dimensions of each codebook vector (D)")
-    hidden_channels: int = setting(64, "vq: the channels of the encoder's and decoder's feature maps (even)")
-    res_blocks: int = setting(2, "vq: residual blocks in the encoder and in the decoder")
+    hidden_channels: int = setting(64, "vq: the channels of the encoder's and decoder's feature maps (even); "
+                                   "spatial: of the smallest grid, halving at each larger one")
+    res_blocks: int = setting(2, "vq: residual blocks in the encoder and in the decoder; spatial: in each bottom-up "
+                              "stage and before each group of latents")
+    latent_channels: int = setting(8, "spatial: the channels of each group's grid of latents")
+    latent_groups: int = setting(2, "spatial: groups of latents at each scale (7x7, 14x14 for 28 px), each a layer")
     commitment: float = setting(0.25, "vq: beta, the weight of the commitment loss ||z_e - sg(e)||^2")
     ema_decay: float = setting(0.99, "vq: the decay of the codebook's moving averages")
     dead_after: int = setting(100, "vq: a code no encoder output chose for this many steps restarts at one")
@@ -70,6 +75,9 @@ class ModelConfig:
         if self.num_classes < 0 or (self.num_classes and not self.conditional):
             raise ValueError(f"num_classes {self.num_classes} is for conditional models: pass --conditional or drop it")
 
+        if self.family == "spatial" and self.stochastic_layers:
+            raise ConfigError("the spatial family's layers are --latent-groups at each scale, plus the top one: "
+                              "drop --stochastic-layers")
         if self.stochastic_layers < 0 or (self.stochastic_layers > 1 and self.family != "ladder"):
             raise ValueError(f"stochastic_layers {self.stochastic_layers}: the {self.family} family has one layer of z; "
                              "pass --family ladder for more")
@@ -78,9 +86,9 @@ class ModelConfig:
         self._check_vq()
 
     def _check_vq(self) -> None:
-        """The vq family's sizes, and the settings of the Gaussian families it does not take."""
+        """The vq and spatial families' sizes, and the settings of the Gaussian families vq does not take."""
         for name in ("codebook_size", "code_dim", "hidden_channels", "dead_after", "prior_width", "prior_layers",
-                     "prior_heads"):
+                     "prior_heads", "latent_channels", "latent_groups"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}: pass --{name.replace('_', '-')} "
                                  "1 or more")
@@ -103,7 +111,10 @@ class ModelConfig:
 
     @property
     def layers_of_z(self) -> int:
-        """The stochastic layers: stochastic_layers, or the family's own number when it is 0."""
+        """The stochastic layers: stochastic_layers, or the family's own number when it is 0 (spatial:
+        the top layer and each scale's groups)."""
+        if self.family == "spatial":
+            return 1 + self.latent_groups * self.stages
         return self.stochastic_layers or (2 if self.family == "ladder" else 1)
 
     @property

@@ -16,25 +16,11 @@ import torch
 from torch import nn
 
 from .model_config import ModelConfig
-from .layers import FlattenHWC, UnflattenHWC
+from .layers import FlattenHWC, ResBlock, UnflattenHWC
 from .vae import VAE
 
 BASE_WIDTH = 32
 MAX_WIDTH = 256
-
-
-class ResBlock(nn.Module):
-    """x + Conv3x3(ReLU(Conv3x3(ReLU(x)))), the same width in and out; [B,w,H,W] -> [B,w,H,W]."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(width, width, 3, padding=1)
-        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
-        nn.init.zeros_(self.conv2.weight)
-        nn.init.zeros_(self.conv2.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv2(torch.relu(self.conv1(torch.relu(x))))
 
 
 class ResNetVAE(VAE):

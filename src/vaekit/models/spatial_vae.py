@@ -1,0 +1,176 @@
+"""A hierarchy of latent grids: the top-down VAE of NVAE (Vahdat & Kautz 2020) and VDVAE (Child
+2021), small enough for a CPU. Where the ladder family's lower layers are vectors, which a strong
+decoder learns to ignore, each layer here is a grid of latents at one of the decoder's own
+resolutions (7x7 and 14x14 for 28x28 images), so every layer has detail of its own to carry.
+
+Scales: the decoder's grids from config.base_size up, doubling (28 px: 7, 14; 32 px: 4, 8, 16),
+widths hidden_channels, halving per scale (64 at 7x7, 32 at 14x14), so a convolution costs
+about the same at every scale. G = config.latent_groups groups of latents per scale, each a grid
+of config.latent_channels channels; one top layer z_top [latent_dim], the code the tools see.
+
+  bottom-up:  x -> Conv s2 -> ResBlocks -> h at the finest scale; each `up` stage: Conv s2,
+              ResBlocks -> h at the next scale down (h_7, h_14 for 28 px)
+  top layer:  q(z_top|x) = N(Linear(h at the smallest scale));  p(z_top) = N(0, I) or the VampPrior
+  top-down:   s = lift(z_top) [w, base, base]; for each scale (smallest first; `upsample`s between):
+                for each of its G groups g:
+                  s = cells[g](s)                                   (ResBlocks)
+                  p(z_g | z_>g)    = N(prior_heads[g](s))           (a 3x3 convolution)
+                  q(z_g | x, z_>g) = N(prior mean + delta, prior logvar + delta'),
+                                     delta from posterior_heads[g]([s, h at this scale])
+                  s = s + merges[g](z_g)                            (a 1x1 convolution)
+  decoder:    s -> ConvTranspose s2 -> ReLU -> Conv3x3 -> p(x | all layers)
+The posteriors are residual corrections of their priors (NVAE's form; they start equal to them),
+so each group's KL is a closed-form Gaussian one, and every head and block that starts at zero
+makes the network start as a shallow one that deepens as it learns. Every member of a ModuleList
+takes one tensor, so models/inference.py can put each in the run's precision.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..objectives import gaussian_kl, log_normal_pdf
+from .layers import ConvTranspose2d, FlattenHWC, ResBlock, UnflattenHWC, full_precision
+from .model_config import ModelConfig
+from .vae import VAE, Terms
+
+MIN_WIDTH = 16      # the narrowest feature map, however many scales the image has
+
+
+def _zero_last(head: nn.Sequential) -> nn.Sequential:
+    """`head` with its last layer's weights and bias at zero: it starts by outputting zeros."""
+    nn.init.zeros_(head[-1].weight)
+    nn.init.zeros_(head[-1].bias)
+    return head
+
+
+def _blocks(width: int, n: int) -> nn.Sequential:
+    return nn.Sequential(*(ResBlock(width) for _ in range(n)))
+
+
+class SpatialVAE(VAE):
+    def __init__(self, config: ModelConfig | None = None) -> None:
+        config = config or ModelConfig(family="spatial")
+        if config.conditional:
+            raise ValueError("the spatial family is unconditional: drop --conditional (or use --family conv)")
+        base, blocks, groups = config.base_size, config.res_blocks, config.latent_groups
+        self.scales = [base << i for i in range(config.stages)]                  # [7, 14] for 28 px
+        self.widths = [max(config.hidden_channels >> i, MIN_WIDTH) for i in range(config.stages)]   # [64, 32]
+        fine = self.widths[-1]
+        encoder = nn.Sequential(nn.Conv2d(config.image_channels, fine, 3, stride=2, padding=1), *_blocks(fine, blocks))
+        decoder = nn.Sequential(ConvTranspose2d(fine, max(fine // 2, MIN_WIDTH), 4, stride=2, padding=1, relu=True),
+                                nn.Conv2d(max(fine // 2, MIN_WIDTH), config.output_channels, 3, padding=1))
+        super().__init__(config, encoder, decoder)
+        down = list(reversed(self.widths))                                        # [32, 64]
+        self.up = nn.ModuleList(nn.Sequential(nn.ReLU(), nn.Conv2d(w_in, w_out, 3, stride=2, padding=1),
+                                              *_blocks(w_out, blocks)) for w_in, w_out in zip(down, down[1:]))
+        top = self.widths[0] * base * base
+        self.top_posterior = nn.Sequential(nn.ReLU(), FlattenHWC(), nn.Linear(top, 2 * config.latent_dim))
+        self.lift = nn.Sequential(nn.Linear(config.latent_dim, top), UnflattenHWC(self.widths[0], base, base))
+        self.upsample = nn.ModuleList(nn.ConvTranspose2d(w_in, w_out, 4, stride=2, padding=1)
+                                      for w_in, w_out in zip(self.widths, self.widths[1:]))
+        cz = config.latent_channels
+        group_widths = [w for w in self.widths for _ in range(groups)]
+        self.cells = nn.ModuleList(_blocks(w, blocks) for w in group_widths)
+        self.prior_heads = nn.ModuleList(_zero_last(nn.Sequential(nn.ReLU(), nn.Conv2d(w, 2 * cz, 3, padding=1)))
+                                         for w in group_widths)
+        self.posterior_heads = nn.ModuleList(
+            _zero_last(nn.Sequential(nn.ReLU(), nn.Conv2d(2 * w, 2 * cz, 3, padding=1))) for w in group_widths)
+        self.merges = nn.ModuleList(nn.Conv2d(cz, w, 1) for w in group_widths)
+
+    @property
+    def group_shapes(self) -> list[tuple[int, int, int]]:
+        """The [C,H,W] of each group of latents below the top layer, in top-down order."""
+        return [(self.config.latent_channels, size, size) for size in self.scales for _ in range(self.config.latent_groups)]
+
+    @property
+    def noise_dim(self) -> int:
+        """Standard-normal draws one pass takes per image: the top layer's, then each group's grid."""
+        return self.config.latent_dim + sum(c * h * w for c, h, w in self.group_shapes)
+
+    def _bottom_up(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x [B,C,H,W] -> the features h of each scale, smallest first: [B,w_i,size_i,size_i] each."""
+        features = [self.encoder(x)]
+        for stage in self.up:
+            features.append(stage(features[-1]))
+        return features[::-1]
+
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(z_top|x) of the top layer: (mean, logvar), each [B,latent] in float32."""
+        self._one_hot(y)
+        return full_precision(self.top_posterior(self._bottom_up(x)[0])).chunk(2, dim=-1)
+
+    def _top_down(self, z_top: torch.Tensor, features: list[torch.Tensor] | None = None,
+                  eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The top-down path from top codes z_top [N,D]. With `features` (the bottom-up h of each
+        scale, [N,...]) each group is drawn from its posterior with noise eps [N,noise_dim - D];
+        without, from its prior with that noise, or at the prior's mean when eps is None.
+        Returns (the decoder's input s, log p and log q of the groups [N] (q: 0 without
+        features), their rates [N,groups])."""
+        s = self.lift(z_top)
+        log_p = log_q = z_top.new_zeros(len(z_top))
+        rates, offset, groups = [], 0, self.config.latent_groups
+        for g, shape in enumerate(self.group_shapes):
+            scale = g // groups
+            if g and g % groups == 0:
+                s = self.upsample[scale - 1](s)
+            s = self.cells[g](s)
+            mean_p, logvar_p = full_precision(self.prior_heads[g](s)).chunk(2, dim=1)     # [N,cz,h,w] each
+            size = mean_p[0].numel()
+            noise = None if eps is None else eps[:, offset:offset + size].view_as(mean_p)
+            offset += size
+            if features is None:
+                z = mean_p if noise is None else self.reparameterize(mean_p, logvar_p, eps=noise)
+            else:
+                delta = full_precision(self.posterior_heads[g](torch.cat([s, features[scale]], 1)))
+                delta_mean, delta_logvar = delta.chunk(2, dim=1)
+                mean_q, logvar_q = mean_p + delta_mean, logvar_p + delta_logvar
+                z = self.reparameterize(mean_q, logvar_q, eps=noise)
+                log_q = log_q + log_normal_pdf(z.flatten(1), mean_q.flatten(1), logvar_q.flatten(1))
+                rates.append(gaussian_kl(mean_q.flatten(1), logvar_q.flatten(1), mean_p.flatten(1), logvar_p.flatten(1)))
+            log_p = log_p + log_normal_pdf(z.flatten(1), mean_p.flatten(1), logvar_p.flatten(1))
+            s = s + self.merges[g](z)
+        rate = torch.stack(rates, dim=-1) if rates else z_top.new_zeros(len(z_top), 0)
+        return s, log_p, log_q, rate
+
+    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None, as_image: bool = False) -> torch.Tensor:
+        """Top codes z [B,latent] -> the likelihood's parameters (or `as_image` the image), every
+        group below at its prior's mean given the groups above."""
+        self._one_hot(y)
+        params = self.decoder(self._top_down(z)[0])
+        return self.likelihood.mean(params) if as_image else params
+
+    def decode_prior(self, eps: torch.Tensor | None = None, n: int = 100, generator: torch.Generator | None = None,
+                     y: torch.Tensor | None = None) -> torch.Tensor:
+        """Images [n,C,H,W] from every layer drawn from its prior: the standard-normal draws `eps`
+        [n,noise_dim] (the top layer's first), or new ones from `generator`."""
+        self._one_hot(y)
+        if eps is None:
+            eps = torch.randn(n, self.noise_dim, generator=generator, device=next(self.parameters()).device)
+        d = self.config.latent_dim
+        s = self._top_down(self.prior_codes(eps[:, :d], generator), eps=eps[:, d:])[0]
+        return self.likelihood.mean(self.decoder(s))
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None, eps: torch.Tensor | None = None,
+                y: torch.Tensor | None = None) -> Terms:
+        """One pass with every layer drawn from the posterior: see VAE.forward (eps [..., B, noise_dim])."""
+        self._one_hot(y)
+        features = self._bottom_up(x)
+        mean, logvar = full_precision(self.top_posterior(features[0])).chunk(2, dim=-1)     # [B,D] each
+        if eps is None:
+            eps = torch.randn(len(x), self.noise_dim, generator=generator, device=x.device)
+        draws = eps.shape[:-2]                                          # () or (K,)
+        if draws:                                                       # K draws per image: [K*B, ...]
+            features, mean, logvar, x_flat = ([t.expand(*draws, *t.shape).flatten(0, 1) for t in features],
+                                              *(t.expand(*draws, *t.shape).flatten(0, 1) for t in (mean, logvar, x)))
+            eps = eps.flatten(0, 1)
+        else:
+            x_flat = x
+        d = self.config.latent_dim
+        z_top = self.reparameterize(mean, logvar, eps=eps[:, :d])
+        log_pz_top, log_qz_top = self.log_prior(z_top), log_normal_pdf(z_top, mean, logvar)
+        s, log_p, log_q, rate = self._top_down(z_top, features, eps[:, d:])
+        params = self.decoder(s)
+        rate = torch.cat([self.layer_rate(mean, logvar, log_qz_top, log_pz_top)[:, None], rate], dim=-1)
+        terms = Terms(params, self.likelihood.log_prob(x_flat, params), log_pz_top + log_p, log_qz_top + log_q, rate)
+        return Terms(*(t.unflatten(0, (*draws, len(x))) for t in terms)) if draws else terms
