@@ -23,10 +23,12 @@ def tiny_spatial(prior="standard", groups=2, seed=0) -> SpatialVAE:
     return model
 
 
-def gaussian(mean_logvar: torch.Tensor) -> Independent:
-    """A diagonal Gaussian over a whole grid [N,2C,H,W] (or vector [N,2D]) of means and log-variances."""
-    mean, logvar = mean_logvar.flatten(1).unflatten(1, (2, -1)).unbind(1)
-    return Independent(Normal(mean, torch.exp(0.5 * logvar)), 1)
+def gaussian(head_output: torch.Tensor) -> Independent:
+    """The diagonal Gaussian a head's output [N,2C,H,W] (or [N,2D]) means: its first half the
+    means, its second the log-variances, each softly bounded (5 tanh(. / 5) of the mean and of
+    the log standard deviation)."""
+    mean, logvar = head_output.flatten(1).unflatten(1, (2, -1)).unbind(1)
+    return Independent(Normal(5 * torch.tanh(mean / 5), torch.exp(5 * torch.tanh(logvar / 10))), 1)
 
 
 def reference_log_w(model: SpatialVAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -78,9 +80,10 @@ def test_each_groups_closed_form_rate_is_the_expected_log_ratio():
     model = tiny_spatial(groups=1)
     x = (torch.rand(2, 1, 16, 16) > 0.5).double()
     with torch.no_grad():
-        terms = model(x, eps=torch.randn(20_000, 2, model.noise_dim, dtype=torch.float64))
-    mc = (terms.log_qz - terms.log_pz).mean(0)
-    torch.testing.assert_close(terms.rate.sum(-1).mean(0), mc, rtol=0.01, atol=0.1)
+        terms = model(x, eps=torch.randn(4000, 2, model.noise_dim, dtype=torch.float64))
+    mc = (terms.log_qz - terms.log_pz).mean(0)                  # its standard error: about 0.04 nats here
+    assert (terms.rate.mean(0)[:, 1:] > 0.4).all()                 # each grid's rate is well above that
+    torch.testing.assert_close(terms.rate.sum(-1).mean(0), mc, rtol=0.01, atol=0.15)
 
 
 @pytest.mark.parametrize("prior", ["standard", "vamp"])
@@ -88,9 +91,10 @@ def test_the_spatial_iwae_bound_lies_above_the_elbo_and_rises_with_k(prior):
     model = tiny_spatial(prior=prior)
     x = (torch.rand(4, 1, 16, 16) > 0.5).double()
     with torch.no_grad():
-        elbo = model(x, eps=torch.randn(2000, 4, model.noise_dim, dtype=torch.float64)).log_w.mean(0)
-    bound_10, bound_1000 = (iwae_bounds(model, x, k, seed=3) for k in (10, 1000))
-    assert (bound_10 > elbo).all() and (bound_1000 > bound_10).all(), (elbo, bound_10, bound_1000)
+        elbo = model(x, eps=torch.randn(500, 4, model.noise_dim, dtype=torch.float64)).log_w.mean(0)
+    bound_10, bound_500 = (iwae_bounds(model, x, k, seed=3) for k in (10, 500))
+    # per image the bounds are random (K draws each); over the 4 images the rise is clear of that noise
+    assert (bound_10 > elbo).all() and bound_500.mean() > bound_10.mean() + 1, (elbo, bound_10, bound_500)
 
 
 def test_the_spatial_model_samples_every_layer_and_decodes_top_codes():

@@ -2,7 +2,7 @@
 it computes in training.
 
 `prepare_for_inference(model, runtime)` returns a frozen copy in which
-- every convolution's weights are laid out once for the backend (on CPU, oneDNN's blocked
+- every convolution's weights (in every network of the model) are laid out once for the backend (on CPU, oneDNN's blocked
   layout, which it would otherwise build again on every call) in the precision of the run;
 - a stride-1 output layer with few channels (the seed's ConvTranspose 32 -> 1) becomes the same
   function computed without waste: oneDNN pads the output channels of a convolution to its
@@ -155,14 +155,14 @@ def _in_precision(model: nn.Module, device_type: str, dtype: torch.dtype | None)
             setattr(model, name, Precision(child, device_type, dtype))
 
 
-def _replace_convs(network: nn.Sequential, dtype: torch.dtype, out_size: int) -> None:
-    """Every convolution of `network` packed in place; its last layer, when a stride-1
-    convolution, in subpixel form (its output's side is the image's, `out_size`)."""
-    last = network[-1]
-    for name, module in list(network.named_modules()):
+def _replace_convs(model: nn.Module, dtype: torch.dtype, last: nn.Module, out_size: int) -> None:
+    """Every convolution of `model` (encoder, decoder, a hierarchy's top-down blocks) packed in
+    place; `last`, the decoder's output layer, in subpixel form when it is a stride-1 convolution
+    (its output's side is the image's, `out_size`)."""
+    for name, module in list(model.named_modules()):
         if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
             parent_name, _, attr = name.rpartition(".")
-            parent = network.get_submodule(parent_name) if parent_name else network
+            parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, attr, pack(module, dtype, out_size if module is last else None))
 
 
@@ -172,8 +172,7 @@ def prepare_for_inference(model, runtime) -> nn.Module:
     carries (see the module docstring). The original is left as it was (training can go on with it)."""
     model = copy.deepcopy(model).to(runtime.device).eval().requires_grad_(False)
     dtype = runtime.autocast_dtype or torch.float32
-    _replace_convs(model.encoder, dtype, out_size=0)
-    _replace_convs(model.decoder, dtype, out_size=model.config.image_size)
+    _replace_convs(model, dtype, last=model.decoder[-1], out_size=model.config.image_size)
     _in_precision(model, runtime.device.type, runtime.autocast_dtype)
     model.inference_precision = runtime.precision
     model.freeze_prior()

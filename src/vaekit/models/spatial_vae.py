@@ -20,7 +20,8 @@ of config.latent_channels channels; one top layer z_top [latent_dim], the code t
                   s = s + merges[g](z_g)                            (a 1x1 convolution)
   decoder:    s -> ConvTranspose s2 -> ReLU -> Conv3x3 -> p(x | all layers)
 The posteriors are residual corrections of their priors (NVAE's form; they start equal to them),
-so each group's KL is a closed-form Gaussian one, and every head and block that starts at zero
+so each group's KL is a closed-form Gaussian one; every head's means and log-scales are softly
+bounded (NVAE's soft clamp: without it, two-block cells diverge in the first steps), and every head and block that starts at zero
 makes the network start as a shallow one that deepens as it learns. Every member of a ModuleList
 takes one tensor, so models/inference.py can put each in the run's precision.
 """
@@ -35,6 +36,16 @@ from .model_config import ModelConfig
 from .vae import VAE, Terms
 
 MIN_WIDTH = 16      # the narrowest feature map, however many scales the image has
+BOUND = 5.0         # every head's means and log standard deviations lie in (-BOUND, BOUND)
+
+
+def bounded_gaussian(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A head's output [N,2C,...] -> (mean, logvar) [N,C,...] each, float32, softly bounded as
+    NVAE's soft_clamp5 does: mean = 5 tanh(m / 5), log sigma likewise (logvar within +-10). Near
+    zero, where the heads start, it is the identity; unbounded, a few early steps of the KL
+    warm-up (the rate's weight near 0) let the rates of two-block cells run to inf."""
+    mean, logvar = full_precision(out).chunk(2, dim=1)
+    return BOUND * torch.tanh(mean / BOUND), 2 * BOUND * torch.tanh(logvar / (2 * BOUND))
 
 
 def _zero_last(head: nn.Sequential) -> nn.Sequential:
@@ -98,7 +109,7 @@ class SpatialVAE(VAE):
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """q(z_top|x) of the top layer: (mean, logvar), each [B,latent] in float32."""
         self._one_hot(y)
-        return full_precision(self.top_posterior(self._bottom_up(x)[0])).chunk(2, dim=-1)
+        return bounded_gaussian(self.top_posterior(self._bottom_up(x)[0]))
 
     def _top_down(self, z_top: torch.Tensor, features: list[torch.Tensor] | None = None,
                   eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -115,15 +126,14 @@ class SpatialVAE(VAE):
             if g and g % groups == 0:
                 s = self.upsample[scale - 1](s)
             s = self.cells[g](s)
-            mean_p, logvar_p = full_precision(self.prior_heads[g](s)).chunk(2, dim=1)     # [N,cz,h,w] each
+            mean_p, logvar_p = bounded_gaussian(self.prior_heads[g](s))                   # [N,cz,h,w] each
             size = mean_p[0].numel()
             noise = None if eps is None else eps[:, offset:offset + size].view_as(mean_p)
             offset += size
             if features is None:
                 z = mean_p if noise is None else self.reparameterize(mean_p, logvar_p, eps=noise)
             else:
-                delta = full_precision(self.posterior_heads[g](torch.cat([s, features[scale]], 1)))
-                delta_mean, delta_logvar = delta.chunk(2, dim=1)
+                delta_mean, delta_logvar = bounded_gaussian(self.posterior_heads[g](torch.cat([s, features[scale]], 1)))
                 mean_q, logvar_q = mean_p + delta_mean, logvar_p + delta_logvar
                 z = self.reparameterize(mean_q, logvar_q, eps=noise)
                 log_q = log_q + log_normal_pdf(z.flatten(1), mean_q.flatten(1), logvar_q.flatten(1))
@@ -156,7 +166,7 @@ class SpatialVAE(VAE):
         """One pass with every layer drawn from the posterior: see VAE.forward (eps [..., B, noise_dim])."""
         self._one_hot(y)
         features = self._bottom_up(x)
-        mean, logvar = full_precision(self.top_posterior(features[0])).chunk(2, dim=-1)     # [B,D] each
+        mean, logvar = bounded_gaussian(self.top_posterior(features[0]))                   # [B,D] each
         if eps is None:
             eps = torch.randn(len(x), self.noise_dim, generator=generator, device=x.device)
         draws = eps.shape[:-2]                                          # () or (K,)
