@@ -74,6 +74,23 @@ def test_a_conditional_model_takes_its_labels(tmp_path):
     assert not np.allclose(params, other, atol=1e-3)      # the label matters
 
 
+@pytest.mark.parametrize("family", ["ladder", "spatial"])
+def test_a_hierarchical_models_top_code_round_trips_through_onnx(tmp_path, family):
+    """The encoder gives the top layer's posterior; the decoder takes a top code through the
+    whole top-down path (the layers below at their prior means)."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(family=family, latent_dim=6, hidden_channels=16, res_blocks=1)).eval()
+    for p in model.parameters():      # away from the zero-initialised heads and blocks: every layer matters
+        p.data.add_(torch.randn_like(p), alpha=0.02)
+    export_onnx(model, tmp_path)
+    x, z = (torch.rand(3, 1, 28, 28) > 0.5).float(), torch.randn(3, 6)
+    mean, _ = session(tmp_path / "encoder.onnx").run(None, {"x": x.numpy()})
+    params, _ = session(tmp_path / "decoder.onnx").run(None, {"z": z.numpy()})
+    with torch.inference_mode():
+        np.testing.assert_allclose(mean, model.encode(x)[0].numpy(), atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(params, model.decode(z).numpy(), atol=1e-4, rtol=1e-4)
+
+
 def test_vaekit_export_writes_both_files_into_the_run_by_default(run, exported):
     lines = exported
     assert lines[:2] == [str(run / "onnx" / "encoder.onnx"), str(run / "onnx" / "decoder.onnx")]

@@ -25,6 +25,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from conftest import SAMPLE, cli_env, sample_config
+from vaekit.models import ModelConfig
 
 pytest.importorskip("fastapi", reason="the demo extra is not installed: pip install -e '.[test,demo]'")
 import uvicorn  # noqa: E402
@@ -610,13 +611,19 @@ def test_the_demo_refuses_in_one_line_a_model_its_page_cannot_drive(tmp_path, ch
     assert "\n" not in str(refused.value)
 
 
-def test_a_ladder_model_is_served_and_its_inpainting_refused_in_one_line(tmp_path):
-    """A hierarchical model: the demo samples and decodes its top codes, and refuses inpainting
-    (its chains encode and decode one layer of z) with a one-line error the page shows."""
+@pytest.mark.parametrize("family", ["ladder", "spatial"])
+def test_a_hierarchical_model_is_served_and_its_inpainting_refused_in_one_line(tmp_path, family):
+    """A hierarchical model (layers of vectors, or of grids): the demo samples, decodes and moves
+    its top codes, and refuses inpainting (its chains encode and decode one layer of z) with a
+    one-line error the page shows."""
     from test_hierarchical import ladder_config
 
-    run = train(ladder_config(epochs=1), out=tmp_path / "run", log=lambda *_: None)
+    config = ladder_config(epochs=1)
+    if family == "spatial":
+        config.model = ModelConfig(family="spatial", latent_dim=8, hidden_channels=16, res_blocks=1, latent_channels=2)
+    run = train(config, out=tmp_path / "run", log=lambda *_: None)
     with running(load(run.path, "cpu")) as url:
         status, data = post(url, "/api/inpaint", {"index": 0, "mask": "centre"})
         assert status == 422 and "one layer of z" in data["error"] and "\n" not in data["error"]
         assert ok(url, "/api/sample", {"n": 4})["image"].startswith("data:image/png;base64,")
+        assert len(ok(url, "/api/interpolate", {"a": 0, "b": 1, "steps": 3})["frames"]) == 5

@@ -95,7 +95,7 @@ class LadderVAE(VAE):
         Returns (the decoder's input s [N,WIDTH], log p, log q of the lower layers [N] (q: 0 without
         features), their rates [N,L-1])."""
         s = self.lift(z_top)
-        log_p = log_q = z_top.new_zeros(len(z_top))
+        log_p = log_q = torch.zeros_like(z_top[:, 0])                    # [N]; no len(): an export keeps N dynamic
         rates = []
         d = self.config.latent_dim
         for i, (prior_head, merge) in enumerate(zip(self.prior_heads, self.merges)):
@@ -113,7 +113,7 @@ class LadderVAE(VAE):
                 rates.append(gaussian_kl(mean_q, logvar_q, mean_p, logvar_p))
             log_p = log_p + log_normal_pdf(z, mean_p, logvar_p)
             s = merge(torch.cat([s, z], dim=-1))
-        rate = torch.stack(rates, dim=-1) if rates else z_top.new_zeros(len(z_top), 0)
+        rate = torch.stack(rates, dim=-1) if rates else z_top[:, :0]
         return s, log_p, log_q, rate
 
     def decode(self, z: torch.Tensor, y: torch.Tensor | None = None, as_image: bool = False) -> torch.Tensor:

@@ -119,7 +119,7 @@ class SpatialVAE(VAE):
         Returns (the decoder's input s, log p and log q of the groups [N] (q: 0 without
         features), their rates [N,groups])."""
         s = self.lift(z_top)
-        log_p = log_q = z_top.new_zeros(len(z_top))
+        log_p = log_q = torch.zeros_like(z_top[:, 0])                    # [N]; no len(): an export keeps N dynamic
         rates, offset, groups = [], 0, self.config.latent_groups
         for g, shape in enumerate(self.group_shapes):
             scale = g // groups
@@ -140,7 +140,7 @@ class SpatialVAE(VAE):
                 rates.append(gaussian_kl(mean_q.flatten(1), logvar_q.flatten(1), mean_p.flatten(1), logvar_p.flatten(1)))
             log_p = log_p + log_normal_pdf(z.flatten(1), mean_p.flatten(1), logvar_p.flatten(1))
             s = s + self.merges[g](z)
-        rate = torch.stack(rates, dim=-1) if rates else z_top.new_zeros(len(z_top), 0)
+        rate = torch.stack(rates, dim=-1) if rates else z_top[:, :0]
         return s, log_p, log_q, rate
 
     def decode(self, z: torch.Tensor, y: torch.Tensor | None = None, as_image: bool = False) -> torch.Tensor:
