@@ -221,6 +221,7 @@ def test_eval_of_a_ladder_model_reports_every_layer(tmp_path):
     result = likelihood_report(model, x, "dynamic", rt, gen, k=20, decode_batch=64)
     assert len(result["rate_per_layer"]) == 2 and "rate_per_dim" not in result
     assert abs(sum(result["rate_per_layer"]) - result["rate"]) < 1e-2
+    assert result["units_per_layer"] == [8, 8] and result["active_units_per_layer"][0] == result["active_units"]
     assert result["iwae_bound"] > result["elbo"] - 3 * result["elbo_stderr"]
 
 

@@ -137,6 +137,8 @@ def test_a_spatial_run_trains_evaluates_and_samples_with_every_layer_reported(tm
     record = next(iter(result.values())) if "rate_per_layer" not in result else result
     assert len(record["rate_per_layer"]) == 5
     assert abs(sum(record["rate_per_layer"]) - record["rate"]) < 1e-2
+    assert record["units_per_layer"] == [8, 2 * 7 * 7, 2 * 7 * 7, 2 * 14 * 14, 2 * 14 * 14]
+    assert len(record["active_units_per_layer"]) == 5 and record["active_units_per_layer"][0] == record["active_units"]
     assert main(["sample", str(run), "--n", "4", "--out", str(tmp_path / "samples.png")]) == 0
     assert (tmp_path / "samples.png").stat().st_size > 0
 

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from .distributed import Runtime
 from .likelihoods import bits_per_dim
 from .models.code_prior import vq_log_likelihood
+from .models.hierarchy import HierarchicalVAE
 from .objectives import iwae_bound, mean_and_stderr, rate_per_dim
 
 ACTIVE_UNIT_THRESHOLD = 0.01   # Burda et al. 2016: a unit is active when Cov_x(E_q[z_u]) > 0.01
@@ -171,6 +172,7 @@ def likelihood_report(model, x: torch.Tensor, binarization: str, runtime: Runtim
                                   disable=None, smoothing=0.05) as bar:
         elbo = _elbo_record(elbo_per_image(model, x, generator, decode_batch, labels, bar))
         mean, logvar = model.posterior(x, decode_batch, labels)     # [N,D] each
+        layers = active_units_per_layer(model, x, decode_batch) if isinstance(model, HierarchicalVAE) else {}
         bounds = iwae_bounds(model, x, k, seed + 1, decode_batch, labels, bar)
     seconds = time.perf_counter() - start
     bound, bound_stderr = mean_and_stderr(bounds)
@@ -182,13 +184,23 @@ def likelihood_report(model, x: torch.Tensor, binarization: str, runtime: Runtim
         "protocol": protocol(binarization, seed), "binarization": binarization, "seed": seed, "n": n,
         "likelihood": model.config.likelihood, **elbo, "k": k, "iwae_bound": bound, "nll_upper_bound": -bound,
         "iwae_bound_stderr": bound_stderr, **bits,
-        "active_units": int((unit_variance > ACTIVE_UNIT_THRESHOLD).sum()), "latent_dim": mean.shape[1],
+        "active_units": int((unit_variance > ACTIVE_UNIT_THRESHOLD).sum()), "latent_dim": mean.shape[1], **layers,
         # KL to N(0, 1) of each dimension: the rate of each, under the standard prior of a one-layer model
         **({"rate_per_dim": [round(r, 4) for r in rate_per_dim(mean, logvar).tolist()]}
            if model.config.prior == "standard" and model.config.layers_of_z == 1 else {}),
         "precision": model.inference_precision or runtime.precision, "decode_batch": decode_batch,
         "decodes": n * (k + 1), "seconds": round(seconds, 1), "decodes_per_second": round(n * (k + 1) / seconds),
     }
+
+
+def active_units_per_layer(model, x: torch.Tensor, batch_size: int) -> dict:
+    """For a hierarchy, each layer's active units (top first): its units whose posterior mean
+    varies over the images x (Cov > ACTIVE_UNIT_THRESHOLD), each lower layer's mean taken given
+    the layers above at theirs (HierarchicalVAE.layer_means); and each layer's unit count."""
+    parts = [model.layer_means(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+    variances = [torch.cat(layer).double().var(dim=0) for layer in zip(*parts)]     # [units] per layer
+    return {"active_units_per_layer": [int((v > ACTIVE_UNIT_THRESHOLD).sum()) for v in variances],
+            "units_per_layer": [len(v) for v in variances]}
 
 
 # -- how many decodes at once ----------------------------------------------------------------------
@@ -284,9 +296,14 @@ def eval_table(result: dict) -> str:
         (f"NLL <= -IWAE bound, K={k}", *nats("iwae_bound", -1.0)),
         (f"active units (Cov > {ACTIVE_UNIT_THRESHOLD})", f"{result['active_units']}/{result['latent_dim']}", ""),
     ]
+    if "rate_per_layer" in result:          # a hierarchy: each layer's rate and active units, top first
+        rows[4:4] = [(f"    layer {i + 1}", f"{rate:.2f}", "") for i, rate in enumerate(result["rate_per_layer"])]
     if "bits_per_dim" in result:
         rows[1:1] = [("  = bits/dim, 8-bit scale (its -ELBO)", f"{result['bits_per_dim']:.4f}", "")]
         rows[-1:-1] = [(f"  = bits/dim, 8-bit scale (NLL, K={k})", f"{result['nll_bits_per_dim']:.4f}", "")]
+    if "active_units_per_layer" in result:
+        rows.append(("  per layer, top first", " ".join(f"{a}/{u}" for a, u in
+                                                      zip(result["active_units_per_layer"], result["units_per_layer"])), ""))
     lines = [f"{result['n']} test images, binarization {result['protocol']}; {result['seconds']} s, "
              f"{result['decodes_per_second']:,} decodes/s ({result['precision']}, {result['decode_batch']} at once)",
              f"{'':40}{'nats/image':>12}  {'std. error':<10}  binarization"]

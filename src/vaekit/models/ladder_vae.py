@@ -13,8 +13,7 @@ L stochastic layers z_L (top) .. z_1 of latent_dim each (config.layers_of_z = L)
 The posterior of each lower layer is a correction of its prior (NVAE's residual form), so the
 layers start near the prior and the KL of each is a closed-form Gaussian one.
 
-The tools see the top layer: `encode` gives q(z_L|x), `decode(z_L)` takes the lower layers at
-their prior means, and `decode_prior` draws every layer from the prior.
+The passes (forward, encode, decode, decode_prior) are hierarchy.py's, which the spatial family shares.
 """
 from __future__ import annotations
 
@@ -25,7 +24,7 @@ from ..objectives import gaussian_kl, log_normal_pdf
 from .model_config import ModelConfig
 from .conv_vae import UpConvReLU
 from .layers import FlattenHWC, UnflattenHWC, full_precision
-from .vae import VAE, Terms
+from .hierarchy import HierarchicalVAE
 
 WIDTH = 512                # the deterministic features of each layer, bottom-up and top-down
 DECODER_CHANNELS = 64      # the decoder's first feature map: [64, base, base], then 64, 32 at 14, 28 px
@@ -44,7 +43,7 @@ class Residual(nn.Module):
         return x + self.net(x)
 
 
-class LadderVAE(VAE):
+class LadderVAE(HierarchicalVAE):
     def __init__(self, config: ModelConfig | None = None) -> None:
         config = config or ModelConfig(family="ladder")
         if config.conditional:
@@ -82,16 +81,17 @@ class LadderVAE(VAE):
             features.append(block(features[-1]))
         return features
 
-    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """q(z_L|x) of the top layer: (mean, logvar), each [B,latent]."""
-        self._one_hot(y)
-        return full_precision(self.top_posterior(self._bottom_up(x)[-1])).chunk(2, dim=-1)
+    def _top_posterior(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(z_L|x) from the top features d_L: (mean, logvar), each [B,latent]."""
+        return full_precision(self.top_posterior(features[-1])).chunk(2, dim=-1)
 
     def _top_down(self, z_top: torch.Tensor, features: list[torch.Tensor] | None = None,
-                  eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                  eps: torch.Tensor | None = None, means: list | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The top-down path from top codes z_top [N,D]. With `features` (bottom-up d_1..d_L, [N,WIDTH]
-        each) each lower layer is drawn from its posterior with noise eps [N,(L-1)*D]; without, from
-        its prior with that noise, or at the prior's mean when eps is None.
+        each) each lower layer is drawn from its posterior with noise eps [N,(L-1)*D], its posterior
+        mean appended to `means` when given; without, from its prior with that noise, or at the
+        prior's mean when eps is None.
         Returns (the decoder's input s [N,WIDTH], log p, log q of the lower layers [N] (q: 0 without
         features), their rates [N,L-1])."""
         s = self.lift(z_top)
@@ -109,50 +109,11 @@ class LadderVAE(VAE):
                 delta_mean, delta_logvar = full_precision(delta).chunk(2, -1)
                 mean_q, logvar_q = mean_p + delta_mean, logvar_p + delta_logvar
                 z = self.reparameterize(mean_q, logvar_q, eps=noise)
+                if means is not None:
+                    means.append(mean_q)
                 log_q = log_q + log_normal_pdf(z, mean_q, logvar_q)
                 rates.append(gaussian_kl(mean_q, logvar_q, mean_p, logvar_p))
             log_p = log_p + log_normal_pdf(z, mean_p, logvar_p)
             s = merge(torch.cat([s, z], dim=-1))
         rate = torch.stack(rates, dim=-1) if rates else z_top[:, :0]
         return s, log_p, log_q, rate
-
-    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None, as_image: bool = False) -> torch.Tensor:
-        """Top codes z [B,latent] -> the likelihood's parameters (or `as_image` the image), the
-        lower layers at their prior means given z."""
-        self._one_hot(y)
-        params = self.decoder(self._top_down(z)[0])
-        return self.likelihood.mean(params) if as_image else params
-
-    def decode_prior(self, eps: torch.Tensor | None = None, n: int = 100, generator: torch.Generator | None = None,
-               y: torch.Tensor | None = None) -> torch.Tensor:
-        """Images [n,C,H,W] from every layer drawn from its prior: the standard-normal draws `eps`
-        [n,noise_dim] (the top layer's first), or new ones from `generator`."""
-        self._one_hot(y)
-        if eps is None:
-            eps = torch.randn(n, self.noise_dim, generator=generator, device=next(self.parameters()).device)
-        d = self.config.latent_dim
-        s = self._top_down(self.prior_codes(eps[:, :d], generator), eps=eps[:, d:])[0]
-        return self.likelihood.mean(self.decoder(s))
-
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None, eps: torch.Tensor | None = None,
-                y: torch.Tensor | None = None) -> Terms:
-        """One pass with every layer drawn from the posterior: see VAE.forward (eps [..., B, noise_dim])."""
-        self._one_hot(y)
-        features = self._bottom_up(x)
-        if eps is None:
-            eps = torch.randn(len(x), self.noise_dim, generator=generator, device=x.device)
-        draws = eps.shape[:-2]                                          # () or (K,)
-        if draws:                                                       # K draws per image: [K*B, ...]
-            features = [f.expand(*draws, *f.shape).flatten(0, 1) for f in features]
-            x_flat, eps = x.expand(*draws, *x.shape).flatten(0, 1), eps.flatten(0, 1)
-        else:
-            x_flat = x
-        d = self.config.latent_dim
-        mean, logvar = full_precision(self.top_posterior(features[-1])).chunk(2, dim=-1)
-        z_top = self.reparameterize(mean, logvar, eps=eps[:, :d])
-        log_pz_top, log_qz_top = self.log_prior(z_top), log_normal_pdf(z_top, mean, logvar)
-        s, log_p, log_q, rate = self._top_down(z_top, features, eps[:, d:])
-        params = self.decoder(s)
-        rate = torch.cat([self.layer_rate(mean, logvar, log_qz_top, log_pz_top)[:, None], rate], dim=-1)
-        terms = Terms(params, self.likelihood.log_prob(x_flat, params), log_pz_top + log_p, log_qz_top + log_q, rate)
-        return Terms(*(t.unflatten(0, (*draws, len(x))) for t in terms)) if draws else terms

@@ -12,7 +12,6 @@ convolution starts at zero, so every block starts as the identity and deep stack
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from .model_config import ModelConfig

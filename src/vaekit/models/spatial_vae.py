@@ -23,7 +23,8 @@ The posteriors are residual corrections of their priors (NVAE's form; they start
 so each group's KL is a closed-form Gaussian one; every head's means and log-scales are softly
 bounded (NVAE's soft clamp: without it, two-block cells diverge in the first steps), and every head and block that starts at zero
 makes the network start as a shallow one that deepens as it learns. Every member of a ModuleList
-takes one tensor, so models/inference.py can put each in the run's precision.
+takes one tensor, so models/inference.py can put each in the run's precision. The passes
+(forward, encode, decode, decode_prior) are hierarchy.py's, which the ladder family shares.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from torch import nn
 from ..objectives import gaussian_kl, log_normal_pdf
 from .layers import ConvTranspose2d, FlattenHWC, ResBlock, UnflattenHWC, full_precision
 from .model_config import ModelConfig
-from .vae import VAE, Terms
+from .hierarchy import HierarchicalVAE
 
 MIN_WIDTH = 16      # the narrowest feature map, however many scales the image has
 BOUND = 5.0         # every head's means and log standard deviations lie in (-BOUND, BOUND)
@@ -59,7 +60,7 @@ def _blocks(width: int, n: int) -> nn.Sequential:
     return nn.Sequential(*(ResBlock(width) for _ in range(n)))
 
 
-class SpatialVAE(VAE):
+class SpatialVAE(HierarchicalVAE):
     def __init__(self, config: ModelConfig | None = None) -> None:
         config = config or ModelConfig(family="spatial")
         if config.conditional:
@@ -106,16 +107,17 @@ class SpatialVAE(VAE):
             features.append(stage(features[-1]))
         return features[::-1]
 
-    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """q(z_top|x) of the top layer: (mean, logvar), each [B,latent] in float32."""
-        self._one_hot(y)
-        return bounded_gaussian(self.top_posterior(self._bottom_up(x)[0]))
+    def _top_posterior(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(z_top|x) from the smallest scale's features: (mean, logvar), each [B,latent]."""
+        return bounded_gaussian(self.top_posterior(features[0]))
 
     def _top_down(self, z_top: torch.Tensor, features: list[torch.Tensor] | None = None,
-                  eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                  eps: torch.Tensor | None = None, means: list | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The top-down path from top codes z_top [N,D]. With `features` (the bottom-up h of each
-        scale, [N,...]) each group is drawn from its posterior with noise eps [N,noise_dim - D];
-        without, from its prior with that noise, or at the prior's mean when eps is None.
+        scale, [N,...]) each group is drawn from its posterior with noise eps [N,noise_dim - D],
+        its posterior mean [N,units] appended to `means` when given; without, from its prior with
+        that noise, or at the prior's mean when eps is None.
         Returns (the decoder's input s, log p and log q of the groups [N] (q: 0 without
         features), their rates [N,groups])."""
         s = self.lift(z_top)
@@ -136,51 +138,11 @@ class SpatialVAE(VAE):
                 delta_mean, delta_logvar = bounded_gaussian(self.posterior_heads[g](torch.cat([s, features[scale]], 1)))
                 mean_q, logvar_q = mean_p + delta_mean, logvar_p + delta_logvar
                 z = self.reparameterize(mean_q, logvar_q, eps=noise)
+                if means is not None:
+                    means.append(mean_q.flatten(1))
                 log_q = log_q + log_normal_pdf(z.flatten(1), mean_q.flatten(1), logvar_q.flatten(1))
                 rates.append(gaussian_kl(mean_q.flatten(1), logvar_q.flatten(1), mean_p.flatten(1), logvar_p.flatten(1)))
             log_p = log_p + log_normal_pdf(z.flatten(1), mean_p.flatten(1), logvar_p.flatten(1))
             s = s + self.merges[g](z)
         rate = torch.stack(rates, dim=-1) if rates else z_top[:, :0]
         return s, log_p, log_q, rate
-
-    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None, as_image: bool = False) -> torch.Tensor:
-        """Top codes z [B,latent] -> the likelihood's parameters (or `as_image` the image), every
-        group below at its prior's mean given the groups above."""
-        self._one_hot(y)
-        params = self.decoder(self._top_down(z)[0])
-        return self.likelihood.mean(params) if as_image else params
-
-    def decode_prior(self, eps: torch.Tensor | None = None, n: int = 100, generator: torch.Generator | None = None,
-                     y: torch.Tensor | None = None) -> torch.Tensor:
-        """Images [n,C,H,W] from every layer drawn from its prior: the standard-normal draws `eps`
-        [n,noise_dim] (the top layer's first), or new ones from `generator`."""
-        self._one_hot(y)
-        if eps is None:
-            eps = torch.randn(n, self.noise_dim, generator=generator, device=next(self.parameters()).device)
-        d = self.config.latent_dim
-        s = self._top_down(self.prior_codes(eps[:, :d], generator), eps=eps[:, d:])[0]
-        return self.likelihood.mean(self.decoder(s))
-
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None, eps: torch.Tensor | None = None,
-                y: torch.Tensor | None = None) -> Terms:
-        """One pass with every layer drawn from the posterior: see VAE.forward (eps [..., B, noise_dim])."""
-        self._one_hot(y)
-        features = self._bottom_up(x)
-        mean, logvar = bounded_gaussian(self.top_posterior(features[0]))                   # [B,D] each
-        if eps is None:
-            eps = torch.randn(len(x), self.noise_dim, generator=generator, device=x.device)
-        draws = eps.shape[:-2]                                          # () or (K,)
-        if draws:                                                       # K draws per image: [K*B, ...]
-            features, mean, logvar, x_flat = ([t.expand(*draws, *t.shape).flatten(0, 1) for t in features],
-                                              *(t.expand(*draws, *t.shape).flatten(0, 1) for t in (mean, logvar, x)))
-            eps = eps.flatten(0, 1)
-        else:
-            x_flat = x
-        d = self.config.latent_dim
-        z_top = self.reparameterize(mean, logvar, eps=eps[:, :d])
-        log_pz_top, log_qz_top = self.log_prior(z_top), log_normal_pdf(z_top, mean, logvar)
-        s, log_p, log_q, rate = self._top_down(z_top, features, eps[:, d:])
-        params = self.decoder(s)
-        rate = torch.cat([self.layer_rate(mean, logvar, log_qz_top, log_pz_top)[:, None], rate], dim=-1)
-        terms = Terms(params, self.likelihood.log_prob(x_flat, params), log_pz_top + log_p, log_qz_top + log_q, rate)
-        return Terms(*(t.unflatten(0, (*draws, len(x))) for t in terms)) if draws else terms
