@@ -57,6 +57,28 @@ def test_the_best_shipped_model_is_the_recipe_of_configs_trained_and_loads_as_a_
     assert elbo > -90, elbo       # about -84.3 over the whole test set; an untrained model sits near -540
 
 
+def test_the_shipped_vq_model_samples_and_scores_with_its_prior(tmp_path, monkeypatch):
+    """pretrained:mnist-vq: the recipe of configs/ trained, both stages: its prior belongs to its
+    first stage's weights, it scores real test digits far above the uniform prior over codes,
+    and `vaekit sample` draws code grids from the prior (under ./pretrained-mnist-vq/)."""
+    from vaekit.evaluate import vq_report
+    from vaekit.loading import load_prior, open_for_inference
+
+    shipped = FOLDER / "mnist-vq"
+    assert sorted(p.name for p in (shipped / "prior").iterdir()) == ["metrics.jsonl", "model.safetensors", "stage.json"]
+    recipe = Path(__file__).parent.parent / "configs" / "mnist-vq.json"
+    assert Run.open("pretrained:mnist-vq").config() == Config.from_dict(json.loads(recipe.read_text()))
+    opened = open_for_inference("pretrained:mnist-vq", device="cpu", precision="fp32")
+    prior = load_prior(opened, required_by="eval")
+    gen = opened.runtime.generator(0)
+    x = preprocess(load_splits("mnist", SAMPLE).test.images, "dynamic", gen)       # 500 real MNIST test digits
+    learned, uniform = (vq_report(opened.model, x, "dynamic", 500, p) for p in (prior, None))
+    assert learned["elbo"] > -100 and learned["elbo"] > uniform["elbo"] + 100, (learned, uniform)
+    monkeypatch.chdir(tmp_path)
+    run_vaekit("sample", "pretrained:mnist-vq", "--n", "4", "--device", "cpu")
+    assert (tmp_path / "pretrained-mnist-vq/samples/prior_n4_seed0.png").is_file()
+
+
 def test_commands_and_the_api_write_under_the_working_directory_never_into_the_package(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     before = snapshot()
