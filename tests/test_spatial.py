@@ -158,3 +158,17 @@ def test_spatial_resume_is_bit_exact(tmp_path):
     a = load_file(str(straight.checkpoints.latest() / "model.safetensors"))
     b = load_file(str(resumed.checkpoints.latest() / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_frontier_recipe_builds_a_spatial_model_with_a_vamp_prior():
+    from pathlib import Path
+
+    from vaekit.config import Config
+    from vaekit.models import build_model
+
+    recipe = Path(__file__).parent.parent / "configs" / "mnist-frontier.json"
+    config = Config.from_dict(json.loads(recipe.read_text()))
+    model = build_model(config.model)
+    assert isinstance(model, SpatialVAE) and model.scales == [7, 14] and config.model.layers_of_z == 5
+    assert model.noise_dim == 32 + 2 * 8 * 7 * 7 + 2 * 8 * 14 * 14 and len(model.pseudo_inputs) == 100
+    assert config.train.kl == "analytic" and config.train.free_bits == 2.0
