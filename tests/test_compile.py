@@ -16,9 +16,8 @@ from vaekit.models.inference import prepare_for_inference
 FAMILIES = {
     "conv": ModelConfig(latent_dim=4),
     "resnet": ModelConfig(family="resnet", latent_dim=4),
-    "ladder": ModelConfig(family="ladder", latent_dim=4),
     "ladder-vamp": ModelConfig(family="ladder", latent_dim=4, prior="vamp", pseudo_inputs=8),
-    "spatial": ModelConfig(family="spatial", latent_dim=4, hidden_channels=16, res_blocks=1),
+    "spatial": ModelConfig(family="spatial", latent_dim=4, hidden_channels=16, res_blocks=1, latent_groups=1),
 }
 
 
