@@ -121,7 +121,8 @@ def test_settings_the_spatial_family_does_not_take_are_refused_in_one_line():
 
 def test_a_spatial_run_trains_evaluates_and_samples_with_every_layer_reported(tmp_path):
     """Through the command line, as a user runs it: training (KL warm-up, the analytic rate with
-    free bits per group), the progress grid, `eval` reporting each layer's rate, and `sample`."""
+    free bits per group), the progress grid, `eval` reporting each layer's rate and active units,
+    `sample` and `reconstruct`."""
     from vaekit.cli import main
 
     run = tmp_path / "run"
@@ -139,8 +140,9 @@ def test_a_spatial_run_trains_evaluates_and_samples_with_every_layer_reported(tm
     assert abs(sum(record["rate_per_layer"]) - record["rate"]) < 1e-2
     assert record["units_per_layer"] == [8, 2 * 7 * 7, 2 * 7 * 7, 2 * 14 * 14, 2 * 14 * 14]
     assert len(record["active_units_per_layer"]) == 5 and record["active_units_per_layer"][0] == record["active_units"]
-    assert main(["sample", str(run), "--n", "4", "--out", str(tmp_path / "samples.png")]) == 0
-    assert (tmp_path / "samples.png").stat().st_size > 0
+    for command in (["sample", str(run), "--n", "4"], ["reconstruct", str(run), "--n", "4", "--data-dir", str(SAMPLE)]):
+        out = tmp_path / f"{command[0]}.png"
+        assert main([*command, "--out", str(out)]) == 0 and out.stat().st_size > 0
 
 
 def test_spatial_resume_is_bit_exact(tmp_path):
