@@ -17,7 +17,7 @@ import typing
 from collections.abc import Callable
 from pathlib import Path
 
-from . import api
+from . import api, pretrained
 from .config import DEVICES, FOLDER, FOLDER_SETTINGS, IDX_DATASETS, PRECISIONS, Config, DataConfig, check_seed
 from .errors import ConfigError, VaekitError
 from .evaluate import eval_table
@@ -28,7 +28,7 @@ from .train import Interrupted
 
 # -- the flags several commands take, each declared once ------------------------------------------
 RUN_HELP = ("a run directory made by `vaekit train` (RUN@best: its best validation epoch), or pretrained:NAME, "
-            "a model shipped with vaekit (pretrained:mnist, pretrained:mnist-best)")
+            f"a model shipped with vaekit ({', '.join('pretrained:' + n for n in pretrained.names())})")
 
 
 def _add_run(p: argparse.ArgumentParser, **kwargs) -> None:
