@@ -3,9 +3,11 @@ matrix-multiply peaks of this machine measured in the same process.
 
     python benchmarks/eval_throughput.py                       # precision auto, decode batch tuned
     python benchmarks/eval_throughput.py --precision fp32 --decode-batch 2000 --training-form
-    python benchmarks/eval_throughput.py --compile            # the prepared model under torch.compile
+    python benchmarks/eval_throughput.py --compile            # the IWAE pass under torch.compile
+    python benchmarks/eval_throughput.py --model frontier --compile
 
-The seed's model or `--model best` (speed does not depend on the weights) scores the shipped MNIST sample's test
+The seed's model, `--model best` or `--model frontier` (configs/mnist-frontier.json; speed does not
+depend on the weights) scores the shipped MNIST sample's test
 images, K draws each. `--training-form` times the model as training runs it (no weights laid out
 once, the one-channel output layer as it is) instead of `prepare_for_inference`'s form: the
 before and after of the same evaluation. One JSON line: decodes/s, the precision, the decode
@@ -26,7 +28,7 @@ from common import emit, machine, peak_memory_mb
 from peak import models, peaks
 from torch.utils.flop_counter import FlopCounterMode
 
-from vaekit.compiling import for_inference
+from vaekit.compiling import for_inference, log_weights
 from vaekit.data import load_splits, preprocess
 from vaekit.distributed import setup
 from vaekit.evaluate import decode_batch_for, iwae_bounds
@@ -59,22 +61,24 @@ def main() -> None:
     p.add_argument("--images", type=int, default=40, help="test images per repeat (default 40)")
     p.add_argument("--decode-batch", type=int, help="decodes at once (default: tuned, as vaekit eval does)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--model", default="seed", choices=["seed", "best"],
-                   help="the seed's model, or pretrained:mnist-best's architecture (ladder, VampPrior)")
+    p.add_argument("--model", default="seed", choices=["seed", "best", "frontier"],
+                   help="the seed's model, pretrained:mnist-best's architecture (ladder, VampPrior) or "
+                        "configs/mnist-frontier.json's (spatial)")
     p.add_argument("--training-form", action="store_true", help="time the model as training runs it")
     p.add_argument("--compile", action="store_true",
-                   help="the prepared model's networks under torch.compile, as --compile on runs them (the "
+                   help="the IWAE pass under torch.compile, as `vaekit eval --compile on` runs it (the "
                         "warm-up repeat compiles)")
     args = p.parse_args()
 
     rt = setup(args.device, args.precision)
     model = models()[args.model].to(rt.device, memory_format=torch.channels_last).eval()
+    setting = "on" if args.compile else "off"
     if args.training_form:
         evaluated, context = model, rt.autocast
     else:
-        prepared = prepare_for_inference(model, rt)
-        evaluated = for_inference(prepared, "on" if args.compile else "off", rt.device)
+        evaluated = for_inference(prepare_for_inference(model, rt), setting, rt.device)
         context = torch.inference_mode
+    weigh = log_weights(evaluated, setting, rt.device, print)
     x = preprocess(load_splits("mnist", SAMPLE).test.images[:args.images].to(rt.device), "static")
     flops = flops_per_draw(model, x[:1])
     decode_batch = args.decode_batch or decode_batch_for(evaluated, rt.device, 10 ** 9)
@@ -82,7 +86,7 @@ def main() -> None:
     for r in range(args.repeats + 1):            # the first repeat warms up and is not counted
         start = time.perf_counter()
         with context():
-            iwae_bounds(evaluated, x, args.k, seed=r, decode_batch=decode_batch)
+            iwae_bounds(evaluated, x, args.k, seed=r, decode_batch=decode_batch, log_weights=weigh)
         if rt.device.type == "cuda":
             torch.cuda.synchronize(rt.device)
         if r:

@@ -103,7 +103,7 @@ def markdown(rows: list[dict], total_ms: float, peak: float) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["seed", "best"], choices=["seed", "best"])
+    p.add_argument("--models", nargs="+", default=["seed", "best"], choices=["seed", "best", "frontier"])
     p.add_argument("--precisions", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
     p.add_argument("--batch", type=int, default=512, help="codes decoded at once (default 512, "
                    "the decode batch `vaekit eval` tunes to on 2 AVX512-BF16 cores)")

@@ -116,14 +116,18 @@ def layer_gemms(model: torch.nn.Module, z: torch.Tensor, call=None) -> list[dict
 
 
 def models() -> dict:
-    """The seed's model and the best pretrained model's architecture (weights do not change speed)."""
+    """The seed's model, the best pretrained model's architecture and configs/mnist-frontier.json's
+    (weights do not change speed)."""
     import json
     from importlib.resources import files
+    from pathlib import Path
 
     from vaekit.models import ModelConfig, build_model
 
     best = json.loads(files("vaekit.pretrained").joinpath("mnist-best/config.json").read_text())["model"]
-    return {"seed": build_model(ModelConfig()), "best": build_model(ModelConfig(**best))}
+    frontier = Path(__file__).resolve().parent.parent / "configs" / "mnist-frontier.json"
+    return {"seed": build_model(ModelConfig()), "best": build_model(ModelConfig(**best)),
+            "frontier": build_model(ModelConfig(**json.loads(frontier.read_text())["model"]))}
 
 
 def main() -> None:

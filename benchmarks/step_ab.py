@@ -2,6 +2,7 @@
 
     python benchmarks/step_ab.py --rounds 15
     python benchmarks/step_ab.py --precision fp32 --variants vaekit unfused_relu
+    python benchmarks/step_ab.py --config configs/mnist-frontier.json --variants vaekit compiled --rounds 3
 
 Variants: `vaekit` (as training runs), `unfused_relu` (the decoder's ReLU as a separate pass
 instead of inside the transposed convolution), `per_tensor_adam` (Adam without fused=True),
@@ -18,6 +19,7 @@ import argparse
 import contextlib
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +79,8 @@ def _variant(name: str, config: vaekit.Config, rt):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", type=Path, help="a config file (configs/*.json) whose model and training settings "
+                   "are timed (default: the seed's)")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--steps", type=int, default=40, help="steps per variant per round")
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
@@ -84,7 +88,7 @@ def main() -> None:
                    help="the variants to time (default: all)")
     args = p.parse_args()
 
-    config = vaekit.Config()
+    config = vaekit.Config.load(args.config) if args.config else vaekit.Config()
     rt = setup("cpu", args.precision)
     images = splits_for(config.data, log=lambda *_: None).train.images
     names = args.variants
@@ -106,7 +110,7 @@ def main() -> None:
                 if r:
                     times[name].append(1000 * (time.perf_counter() - start) / len(batches))
     for name in names:
-        emit({"benchmark": "step_ab", "variant": name, "batch_size": 100, "precision": rt.precision,
+        emit({"benchmark": "step_ab", "family": config.model.family, "variant": name, "batch_size": 100, "precision": rt.precision,
               "rounds": args.rounds, "ms_per_step_median": round(statistics.median(times[name]), 2),
               "ms_per_step_min": round(min(times[name]), 2), **machine()})
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import SAMPLE, Log
-from vaekit.compiling import for_inference, for_training
+from vaekit.compiling import Compiled, for_inference, for_training, log_weights
 from vaekit.config import TrainConfig
 from vaekit.data import load_splits, preprocess
 from vaekit.distributed import setup
@@ -65,14 +65,28 @@ def test_compiled_training_step_matches_eager(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_compiled_prepared_model_matches_eager(family):
+    """--compile on: the IWAE pass compiled whole (compiling.log_weights, what `vaekit eval` calls)
+    and every network of the prepared model compiled (what sampling calls) agree with eager."""
     model, x, rt = model_of(family).eval(), images(6), setup("cpu", "fp32")
     prepared = prepare_for_inference(model, rt)
     compiled = for_inference(prepare_for_inference(model, rt), "on", rt.device)
+    log = Log()
     with torch.inference_mode():
         eps = torch.randn(3, 6, model.noise_dim)                                        # 3 draws of 6 images
-        assert torch.allclose(compiled(x, eps=eps).log_w, prepared(x, eps=eps).log_w, rtol=1e-5, atol=1e-3)
+        weigh = log_weights(compiled, "on", rt.device, log)
+        assert torch.allclose(weigh(x, eps, None), prepared(x, eps=eps).log_w, rtol=1e-5, atol=1e-3)
+        assert log.has("torch.compile: the first call took") and not log.has("backward")
         z = torch.randn(5, model.noise_dim)
         assert torch.allclose(compiled.decode_prior(z), prepared.decode_prior(z), atol=1e-5)
+
+
+def test_compile_auto_compiles_the_iwae_pass_of_the_families_where_it_measured_faster():
+    rt = setup("cpu", "fp32")
+    spatial, conv = (prepare_for_inference(model_of(f).eval(), rt) for f in ("spatial", "conv"))
+    assert isinstance(log_weights(spatial, "auto", rt.device, print), Compiled)
+    assert log_weights(conv, "auto", rt.device, print) is None                 # eager: compiling measured slower
+    assert log_weights(spatial, "off", rt.device, print) is None
+    assert isinstance(log_weights(conv, "on", rt.device, print), Compiled)
 
 
 def test_whole_prepared_model_and_training_decode_compile():

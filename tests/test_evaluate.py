@@ -2,9 +2,13 @@
 ELBO, exact sums over every test image, reproducible dynamic binarization, the CLI end to end."""
 import json
 import math
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
+from vaekit import api, runs
 
 from conftest import SAMPLE, sample_config
 from test_cli import vaekit
@@ -13,7 +17,9 @@ from vaekit.api import eval_to_json
 from vaekit.cli import main
 from vaekit.data import preprocess
 from vaekit.evaluate import elbo_per_image, elbo_report, iwae_bounds
+from vaekit.errors import RunError
 from vaekit.objectives import analytic_kl
+from vaekit.runs import PartialEval, Run
 from vaekit.evaluate import fastest_decode_batch, max_decodes
 
 
@@ -104,10 +110,11 @@ def test_eval_json_holds_each_protocol_and_dynamic_is_reproducible(run):
     timing = {"seconds", "decodes_per_second"}
     assert {k: v for k, v in dynamic.items() if k not in timing} == {k: v for k, v in again.items() if k not in timing}
     saved = json.loads((run / "eval.json").read_text())
-    assert set(saved) == {"static_k4_n500_seed0", "dynamic_k4_n500_seed3"}
-    assert saved["static_k4_n500_seed0"]["elbo"] == static["elbo"]
-    assert "the seed" in saved["static_k4_n500_seed0"]["protocol"]
-    assert "seed 3" in saved["dynamic_k4_n500_seed3"]["protocol"]
+    precision = static["precision"]
+    assert set(saved) == {f"static_k4_n500_seed0_{precision}", f"dynamic_k4_n500_seed3_{precision}"}
+    assert saved[f"static_k4_n500_seed0_{precision}"]["elbo"] == static["elbo"]
+    assert "the seed" in saved[f"static_k4_n500_seed0_{precision}"]["protocol"]
+    assert "seed 3" in saved[f"dynamic_k4_n500_seed3_{precision}"]["protocol"]
     for r in (static, dynamic):
         assert r["n"] == 500                                    # the whole sample test set
         assert r["iwae_bound"] >= r["elbo_analytic_kl"] - 1
@@ -125,12 +132,12 @@ def test_eval_json_keeps_each_k_beside_the_others_and_rekeys_an_older_vaekits_en
     path.write_text(json.dumps({"static_n50": k3, "by hand": {"note": 1}}))   # keys of a vaekit before K was one
     k2 = eval_to_json(run, k=2, n=50, device="cpu", precision="fp32")
     saved = json.loads(path.read_text())
-    assert saved == {"static_k3_n50_seed0": k3, "by hand": {"note": 1}, "static_k2_n50_seed0": k2}   # another K: beside it
+    assert saved == {"static_k3_n50_seed0_fp32": k3, "by hand": {"note": 1}, "static_k2_n50_seed0_fp32": k2}   # another K: beside it
     again = eval_to_json(run, k=3, n=50, device="cpu", precision="fp32")      # the same protocol: replaced
     saved = json.loads(path.read_text())
-    assert set(saved) == {"static_k3_n50_seed0", "by hand", "static_k2_n50_seed0"}
-    assert saved["static_k3_n50_seed0"] == again
-    assert measured(again) == measured(k3) and saved["static_k2_n50_seed0"] == k2
+    assert set(saved) == {"static_k3_n50_seed0_fp32", "by hand", "static_k2_n50_seed0_fp32"}
+    assert saved["static_k3_n50_seed0_fp32"] == again
+    assert measured(again) == measured(k3) and saved["static_k2_n50_seed0_fp32"] == k2
     assert not [p.name for p in run.iterdir() if p.name.startswith(".eval.json")]   # no temporary file left
 
 
@@ -168,7 +175,7 @@ def test_a_quick_estimate_states_its_standard_error_and_keeps_the_full_result(ru
         assert 0 < se < 10 and full[f"{name}_stderr"] < se     # five times the images, a smaller error
         assert abs(quick[name] - full[name]) < 6 * se, name     # the quick estimate is near the full one
     saved = json.loads((run / "eval.json").read_text())
-    assert saved["static_k5_n500_seed0"]["n"] == 500 and saved["static_k5_n100_seed0"]["n"] == 100
+    assert saved["static_k5_n500_seed0_fp32"]["n"] == 500 and saved["static_k5_n100_seed0_fp32"]["n"] == 100
     for record in (quick, full):
         assert record["precision"] == "fp32" and record["decodes"] == record["n"] * 6
         assert record["decodes_per_second"] > 0 and record["seconds"] >= 0 and record["decode_batch"] >= 1
@@ -220,3 +227,59 @@ def test_seeds_are_checked_once_and_the_largest_one_runs_every_derivation(model_
     model, _, images = model_and_test
     bounds = iwae_bounds(model, preprocess(images[:2], "static"), 3, seed=SEED_LIMIT + 1)
     assert bounds.shape == (2,) and torch.isfinite(bounds).all()
+
+
+def _stop_after(passes: int, monkeypatch):
+    """Makes evaluations stop (Ctrl-C) once `passes` passes' bounds are kept."""
+    keep = PartialEval.add
+    kept = []
+
+    def add(self, bounds):
+        keep(self, bounds)
+        kept.append(len(bounds))
+        if len(kept) == passes:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(PartialEval, "add", add)
+    return keep
+
+
+def test_a_stopped_evaluation_goes_on_where_it_stopped_and_ends_as_one_sitting_would(run, tmp_path, monkeypatch):
+    monkeypatch.setattr(api, "RESUMABLE_FROM", 0)             # every evaluation keeps its bounds
+    monkeypatch.setattr(runs, "PARTIAL_SAVE_SECONDS", 1e9)    # saved only when stopped
+    stopped, straight = (shutil.copytree(run, tmp_path / name, ignore=shutil.ignore_patterns("eval.json"))
+                         for name in ("stopped", "straight"))                  # without the other tests' results
+    protocol = dict(k=20, n=60, decode_batch=200, device="cpu", precision="fp32")   # 10 images a pass, 6 passes
+    keep = _stop_after(3, monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        eval_to_json(stopped, **protocol)
+    saved = stopped / "eval-partial" / "static_k20_n60_seed0_fp32.safetensors"
+    assert load_file(saved)["bounds"].shape == (30,)                  # the three passes of ten images scored
+    assert not (stopped / "eval.json").exists()
+    monkeypatch.setattr(PartialEval, "add", keep)
+    lines = []
+    resumed = eval_to_json(stopped, **protocol, log=lines.append)
+    assert len(lines) == 1 and lines[0].startswith("resuming: 30 images scored in") and "sitting 2" in lines[0]
+    assert not saved.exists()                                         # eval.json holds the result now
+    whole = eval_to_json(straight, **protocol)
+    timing = {"seconds", "decodes_per_second", "sittings"}
+    assert resumed["sittings"] == 2 and "sittings" not in whole
+    assert {k: v for k, v in resumed.items() if k not in timing} == {k: v for k, v in whole.items() if k not in timing}
+    assert json.loads((stopped / "eval.json").read_text())["static_k20_n60_seed0_fp32"] == resumed
+
+
+def test_saved_bounds_are_taken_up_only_for_the_same_weights_and_one_evaluation_runs_at_a_time(tmp_path, monkeypatch):
+    run = Run(tmp_path)
+    identity = {"weights_sha256": "a" * 64}
+    monkeypatch.setattr(runs, "PARTIAL_SAVE_SECONDS", 0.0)
+    with PartialEval(run, "static_k5_n9_seed0_fp32", identity) as partial:
+        with pytest.raises(RunError, match="another `vaekit eval` of this protocol is running"):
+            PartialEval(run, "static_k5_n9_seed0_fp32", identity).__enter__()
+        assert partial.resume() is None                               # nothing saved yet
+        partial.add(torch.tensor([-80.5, -91.25]))                    # saved: the save interval has passed
+    with PartialEval(run, "static_k5_n9_seed0_fp32", identity) as again:
+        assert again.resume().startswith("resuming: 2 images scored")
+        assert again.bounds.tolist() == [-80.5, -91.25] and again.sittings == 2
+    other = PartialEval(run, "static_k5_n9_seed0_fp32", {"weights_sha256": "b" * 64})
+    assert "other weights or data" in other.resume() and len(other.bounds) == 0
+    partial.path.write_bytes(b"half a file")                          # a damaged file: started over
+    assert "unreadable" in other.resume()

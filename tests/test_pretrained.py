@@ -88,8 +88,8 @@ def test_commands_and_the_api_write_under_the_working_directory_never_into_the_p
     assert (tmp_path / "pretrained-mnist/samples/prior_n4_seed0.png").is_file()
     assert result.stderr == ("vaekit: pretrained:mnist is read-only (shipped inside vaekit), so this was written "
                              "under ./pretrained-mnist/\n")
-    run_vaekit("eval", "pretrained:mnist", "--k", "2", "--data-dir", SAMPLE, "--device", "cpu")
-    assert json.loads((tmp_path / "pretrained-mnist/eval.json").read_text())["static_k2_n500_seed0"]["n"] == 500
+    run_vaekit("eval", "pretrained:mnist", "--k", "2", "--data-dir", SAMPLE, "--device", "cpu", "--precision", "fp32")
+    assert json.loads((tmp_path / "pretrained-mnist/eval.json").read_text())["static_k2_n500_seed0_fp32"]["n"] == 500
     png = vaekit.reconstruct_to_png("pretrained:mnist", n=2, data_dir=SAMPLE, device="cpu")
     assert png == Path("pretrained-mnist/samples/reconstruct_n2_seed0.png") and png.is_file()
     assert snapshot() == before

@@ -128,8 +128,8 @@ def test_eval_checks_it_can_write_before_the_work_and_prints_its_result_before_w
     assert "NLL" in result.stdout and "test ELBO" in result.stdout   # the table came first
     assert sorted(p.name for p in run.iterdir() if "eval" in p.name) == [".eval.lock"]   # no part of eval.json
     (run / "eval.json").write_text('{"static": {"k": 5000, "iwae')    # damaged: kept aside, not overwritten
-    assert vaekit("eval", run, "--k", "2", "--device", "cpu").returncode == 0
-    assert json.loads((run / "eval.json").read_text())["static_k2_n500_seed0"]["k"] == 2
+    assert vaekit("eval", run, "--k", "2", "--device", "cpu", "--precision", "fp32").returncode == 0
+    assert json.loads((run / "eval.json").read_text())["static_k2_n500_seed0_fp32"]["k"] == 2
     assert (run / "eval.json.unreadable").read_text() == '{"static": {"k": 5000, "iwae'
 
 
@@ -141,9 +141,9 @@ def test_what_commands_make_of_run_at_best_goes_under_run_best(reference, tmp_pa
     png = sample_to_png(f"{run}@best", n=4, device="cpu")
     assert png == run / "best" / "samples" / "prior_n4_seed0.png" and png.is_file()
     assert png.read_bytes() != sample_to_png(run, n=4, device="cpu").read_bytes()   # epoch 1's weights, not 2's
-    record = eval_to_json(f"{run}@best", k=2, n=20, device="cpu")
+    record = eval_to_json(f"{run}@best", k=2, n=20, device="cpu", precision="fp32")
     assert json.loads((run / "best" / "eval.json").read_text()) == {
-        "static_k2_n20_seed0": {**record, "data": Run(run).data_fingerprint()}}
+        "static_k2_n20_seed0_fp32": {**record, "data": Run(run).data_fingerprint()}}
     assert not (run / "eval.json").exists()
 
 
@@ -202,7 +202,7 @@ def test_a_new_run_on_a_run_points_to_resume_and_on_other_files_does_not(referen
 
 # --- which data a command scores, and eval.json ----------------------------------------------------
 
-EVAL = ["--k", "1", "--n", "5", "--decode-batch", "8", "--device", "cpu"]
+EVAL = ["--k", "1", "--n", "5", "--decode-batch", "8", "--device", "cpu", "--precision", "fp32"]
 
 
 def test_commands_refuse_data_other_than_the_runs_and_eval_json_names_the_data_scored(reference, tmp_path):
@@ -222,12 +222,13 @@ def test_commands_refuse_data_other_than_the_runs_and_eval_json_names_the_data_s
 def test_eval_entries_are_kept_per_seed_and_older_keys_are_read(reference, tmp_path, capsys):
     run, _ = run_copy(reference, tmp_path)
     assert main(["eval", str(run), *EVAL]) == 0
-    seed0 = json.loads((run / "eval.json").read_text())["static_k1_n5_seed0"]
-    (run / "eval.json").write_text(json.dumps({"static_k1_n5": seed0}))      # as an older vaekit keyed it
+    seed0 = json.loads((run / "eval.json").read_text())["static_k1_n5_seed0_fp32"]
+    older = {k: v for k, v in seed0.items() if k != "precision"}                # as an older vaekit saved it
+    (run / "eval.json").write_text(json.dumps({"static_k1_n5": older}))        # and keyed it
     assert main(["eval", str(run), *EVAL, "--seed", "7"]) == 0
     entries = json.loads((run / "eval.json").read_text())
-    assert sorted(entries) == ["static_k1_n5_seed0", "static_k1_n5_seed7"]
-    assert entries["static_k1_n5_seed0"] == seed0 and entries["static_k1_n5_seed7"]["seed"] == 7
+    assert sorted(entries) == ["static_k1_n5_seed0", "static_k1_n5_seed7_fp32"]
+    assert entries["static_k1_n5_seed0"] == older and entries["static_k1_n5_seed7_fp32"]["seed"] == 7
 
 
 def test_a_run_is_named_as_run_run_at_best_or_a_shipped_model(tmp_path):

@@ -1,15 +1,17 @@
 """Task-level functions over run directories: what the CLI calls, one function per command."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .config import BINARIZATIONS
+from .compiling import log_weights
+from .config import BINARIZATIONS, COMPILE_MODES
 from .data import dataset_info, fetch, preprocess
 from .errors import ConfigError
-from .evaluate import decode_batch_for, likelihood_report, protocol, vq_eval_report
+from .evaluate import RESUMABLE_FROM, decode_batch_for, likelihood_report, protocol, vq_eval_report
 from .export import export_run
 from .generate import (INPAINT_METHODS, MASKS, PATHS, LatentPlane, apply_attribute, attribute_vector, check_index,
                        code_prior_samples, inpaint, inpaint_refusal, inpainting_log_likelihood, inpainting_mask,
@@ -20,7 +22,8 @@ from .loading import load_prior, open_for_inference
 from .models.code_prior import inpaint_codes
 from .objectives import mean_and_stderr
 from .plot import plot_runs
-from .runs import Run
+from .files import sha256
+from .runs import PartialEval, Run, eval_key
 from .train import train
 from .train_prior import train_prior
 from .viz import gif_from_pngs, grid_image, save_gif, save_grid, save_image, scatter_image
@@ -115,7 +118,7 @@ def make_gif(run: str | Path) -> Path:
 def eval_to_json(run: str | Path, k: int = 5000, binarization: str | None = None, seed: int = 0,
                  n: int | None = None, decode_batch: int | None = None, max_memory_mb: float | None = None,
                  data_dir: str | Path | None = None, device: str = "auto", precision: str = "auto",
-                 report=None) -> dict:
+                 compile: str | None = None, report=None, log=lambda line: None) -> dict:
     """`vaekit eval`: test ELBO (rate, distortion), IWAE bound with `k` draws, active units (and bits
     per dimension, for grey levels), each mean with its standard error, over the first `n` test
     images (default: all) binarised as `binarization` (default: as the run was trained), in
@@ -124,7 +127,10 @@ def eval_to_json(run: str | Path, k: int = 5000, binarization: str | None = None
     per protocol (BINARIZATION_kK_nN; see Run.save_eval); returns it. `report(result)` is called
     before the file is written (the CLI prints its table), so a failed write loses nothing.
     A vq run reports its two-stage bound instead (evaluate.vq_eval_report), with K = 1 whatever
-    `k` says: its posterior is one-hot, so importance sampling cannot tighten the bound."""
+    `k` says: its posterior is one-hot, so importance sampling cannot tighten the bound.
+    An evaluation of RESUMABLE_FROM decodes or more keeps its bounds as it goes (runs.PartialEval):
+    run again after a stop, it goes on where it stopped. `compile`: auto, on or off (compiling.py;
+    default: the run's setting). `log(line)`: told what happens beside the result (a resume, a compile)."""
     _positive("k", k)
     for flag, value, most in (("n", n, None), ("decode-batch", decode_batch, MAX_DECODE_BATCH)):
         if value is not None:
@@ -133,7 +139,9 @@ def eval_to_json(run: str | Path, k: int = 5000, binarization: str | None = None
         raise ConfigError(f"--max-memory must be a positive number of MB, got {max_memory_mb}")
     if binarization is not None and binarization not in BINARIZATIONS:
         raise ConfigError(f"--binarization must be one of {', '.join(BINARIZATIONS)}; got {binarization!r}")
-    opened = open_for_inference(run, device, precision)
+    if compile is not None and compile not in COMPILE_MODES:
+        raise ConfigError(f"--compile must be one of {', '.join(COMPILE_MODES)}; got {compile!r}")
+    opened = open_for_inference(run, device, precision, compile=compile)
     model, config, rt, splits = opened.model, opened.config, opened.runtime, opened.data(data_dir)
     opened.run.check_eval_writable()     # before the work (hours at K = 5000), not after it
     binarization = binarization or config.data.binarization
@@ -155,12 +163,24 @@ def eval_to_json(run: str | Path, k: int = 5000, binarization: str | None = None
     decode_batch = decode_batch or decode_batch_for(model, rt.device, n * (k + 1), max_memory_mb)
     gen = rt.generator(seed)
     x = preprocess(test.images[:n].to(rt.device), binarization, gen)    # gen goes on to draw the ELBO's z
-    result = likelihood_report(model, x, binarization, rt, gen, k, decode_batch, seed,
-                               None if labels is None else labels[:n])
-    result["data"] = opened.data_fingerprint
-    if report:
-        report(result)
-    opened.run.save_eval(result)
+    weights = {"data": opened.data_fingerprint, "weights_sha256": sha256(opened.weights)}
+    measured = {"binarization": binarization, "k": k, "n": n, "seed": seed,
+                "precision": model.inference_precision or rt.precision}
+    weigh = log_weights(model, config.train.compile, rt.device, log)
+    with contextlib.ExitStack() as stack:
+        partial = None
+        if n * (k + 1) >= RESUMABLE_FROM:
+            partial = stack.enter_context(PartialEval(opened.run, eval_key(measured), {**measured, **weights}))
+            if said := partial.resume():
+                log(said)
+        result = likelihood_report(model, x, binarization, rt, gen, k, decode_batch, seed,
+                                   None if labels is None else labels[:n], weigh, partial)
+        result.update(weights)
+        if report:
+            report(result)
+        opened.run.save_eval(result)
+        if partial is not None:
+            partial.done()
     return result
 
 

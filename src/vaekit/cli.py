@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import api, pretrained
-from .config import DEVICES, FOLDER, FOLDER_SETTINGS, IDX_DATASETS, PRECISIONS, Config, DataConfig, check_seed
+from .config import COMPILE_MODES, DEVICES, FOLDER, FOLDER_SETTINGS, IDX_DATASETS, PRECISIONS, Config, DataConfig, check_seed
 from .errors import ConfigError, VaekitError
 from .evaluate import eval_table
 from .launch import launch, launched_by_torchrun
@@ -278,13 +278,17 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
                    "on this device in a few seconds for long evaluations, within --max-memory)")
     p.add_argument("--max-memory", type=float, metavar="MB", help="memory the decodes may use (default 1024 MB on "
                    "CPU, half the free memory of a GPU); the seed's model needs about 0.34 MB per decode")
+    p.add_argument("--compile", choices=COMPILE_MODES, help="torch.compile the importance-sampling pass: auto "
+                   "(where it measured faster: on a GPU, and the spatial family on a CPU), on or off (default: "
+                   "the run's --compile)")
 
 
 def _eval(args) -> None:
     api.eval_to_json(args.run, k=args.k, binarization=args.binarization, seed=args.seed, n=args.n,
                      decode_batch=args.decode_batch, max_memory_mb=args.max_memory, data_dir=args.data_dir,
-                     device=args.device, precision=args.precision,
-                     report=lambda result: print(eval_table(result), flush=True))   # shown before it is saved
+                     device=args.device, precision=args.precision, compile=args.compile,
+                     report=lambda result: print(eval_table(result), flush=True),   # shown before it is saved
+                     log=lambda line: print(line, flush=True))
     print(f"saved in {Run.open(args.run).eval_path}")
 
 

@@ -106,8 +106,8 @@ class TrainConfig:
                                      "else fp32")
     device: str = setting("auto", "auto: cuda if available, else cpu")
     compile: str = setting("auto", "torch.compile the model for training, and a prepared model for eval and sample: "
-                                   "on, off, or auto: on for CUDA, off on CPU (measured no faster there, see "
-                                   "docs/benchmarks.md)")
+                                   "on, off, or auto: on for CUDA; off on CPU (measured no faster there, see "
+                                   "docs/benchmarks.md) but for the spatial family's eval (1.46x)")
     eval_batch_size: int = setting(500, "images per pass of the per-epoch test ELBO (no gradients; 500 keeps "
                                    "activations under the mmap threshold, see allocator.py)")
     keep_checkpoints: int = setting(2, "epoch checkpoints kept on disk (the newest ones)")

@@ -126,15 +126,27 @@ def _image_noise(seed: int, first: int, count: int, k: int, dim: int, device: to
     return torch.stack(draws, dim=1)
 
 
+def log_weights_of(model):
+    """The log importance weights of a pass, log p(x,z) - log q(z|x) [kc,B], as the model's forward
+    computes them: (x [B,C,H,W], eps [kc,B,noise_dim], y) -> [kc,B]; what iwae_bounds calls unless
+    given a compiled one (compiling.log_weights)."""
+    return lambda x, eps, y: model(x, eps=eps, y=y).log_w
+
+
 @torch.inference_mode()
 def iwae_bounds(model, x: torch.Tensor, k: int, seed: int = 0, decode_batch: int = 2000,
-                labels: torch.Tensor | None = None, progress=None) -> torch.Tensor:
+                labels: torch.Tensor | None = None, progress=None, first: int = 0, log_weights=None,
+                on_pass=None) -> torch.Tensor:
     """The IWAE bound log (1/K) sum_k p(x,z_k)/q(z_k|x), z_k ~ q(z|x), for each preprocessed image
     of x [N,C,H,W] (and label) -> [N] (nats; -bound is an upper bound on the NLL that tightens as K grows).
 
     At most `decode_batch` decodes at once: max(1, decode_batch // K) images a pass, their K draws
-    in equal chunks, the log weights [K,B] joined and reduced with one logsumexp. Image i's draws
-    are fixed by `seed` and i alone (see _image_noise). `progress`: a bar advanced per decode."""
+    in equal chunks, the log weights [K,B] joined and reduced with one logsumexp. x's images are
+    test images first, first + 1, ...: image i's draws are fixed by `seed` and i alone (see
+    _image_noise), so the bounds of x[m:] with first=m are those of x's last images. `log_weights`:
+    what computes a pass's log weights (default: log_weights_of(model)). `progress`: a bar advanced
+    per decode; `on_pass(bounds)`: told each pass's bounds [B] as they are scored."""
+    log_weights = log_weights or log_weights_of(model)
     per_pass = max(1, decode_batch // k)                            # images per pass
     chunks = -(-k // decode_batch)                                  # draws split in this many chunks
     chunk = -(-k // chunks)                                         # draws per decode, per image
@@ -142,21 +154,23 @@ def iwae_bounds(model, x: torch.Tensor, k: int, seed: int = 0, decode_batch: int
     for start in range(0, len(x), per_pass):
         xb = x[start:start + per_pass]
         yb = None if labels is None else labels[start:start + per_pass]
-        eps = _image_noise(seed, start, len(xb), k, model.noise_dim, x.device)   # [K,B,noise_dim]
+        eps = _image_noise(seed, first + start, len(xb), k, model.noise_dim, x.device)   # [K,B,noise_dim]
         log_w = []
         for done in range(0, k, chunk):
             draws = eps[done:done + chunk]                                         # [kc,B,noise_dim]
-            kc = len(draws)
-            log_w.append(model(xb, eps=draws, y=yb).log_w)                        # [kc,B]
+            log_w.append(log_weights(xb, draws, yb))                              # [kc,B]
             if progress is not None:
-                progress.update(kc * len(xb))
+                progress.update(len(draws) * len(xb))
         bounds.append(iwae_bound(torch.cat(log_w)))
-    return torch.cat(bounds)
+        if on_pass is not None:
+            on_pass(bounds[-1])
+    return torch.cat(bounds) if bounds else x.new_zeros(0)
 
 
 @torch.inference_mode()
 def likelihood_report(model, x: torch.Tensor, binarization: str, runtime: Runtime, generator: torch.Generator,
-             k: int = 5000, decode_batch: int = 2000, seed: int = 0, labels: torch.Tensor | None = None) -> dict:
+             k: int = 5000, decode_batch: int = 2000, seed: int = 0, labels: torch.Tensor | None = None,
+             log_weights=None, partial=None) -> dict:
     """Everything `vaekit eval` reports, in nats per image over all of x ([N,C,H,W], preprocessed
     as `binarization` says with `generator`, seeded by `seed`; the ELBO's z come from it after):
     the ELBO (single-sample and analytic-KL, with rate and distortion apart), the IWAE bound
@@ -164,17 +178,23 @@ def likelihood_report(model, x: torch.Tensor, binarization: str, runtime: Runtim
     units and the rate of each latent dimension; for grey levels also both in bits per dimension;
     and what it cost (seconds, decodes per second, precision, decode batch). `labels` [N]: for a
     conditional model. Every pass scores those same x; image i's importance draws come from
-    `seed` + 1 and i alone (see iwae_bounds). Meant for a prepared model; a training model is run
-    under the runtime's autocast (see the module docstring)."""
+    `seed` + 1 and i alone (see iwae_bounds), computed by `log_weights` (default: the model's
+    forward). `partial` (runs.PartialEval, resumed): the bounds of the first images, scored in
+    earlier sittings, which it is told the new ones to keep. Meant for a prepared model; a
+    training model is run under the runtime's autocast (see the module docstring)."""
     start = time.perf_counter()
     n = len(x)
-    with _runtime_precision(model, runtime), tqdm(total=n * (k + 1), desc=f"eval K={k}", unit="decode", unit_scale=True,
-                                  disable=None, smoothing=0.05) as bar:
+    before = partial.bounds if partial is not None else torch.zeros(0, dtype=torch.float64)
+    m = len(before)                                                  # images scored in earlier sittings
+    with _runtime_precision(model, runtime), tqdm(total=n * (k + 1), initial=m * k, desc=f"eval K={k}", unit="decode",
+                                  unit_scale=True, disable=None, smoothing=0.05) as bar:
         elbo = _elbo_record(elbo_per_image(model, x, generator, decode_batch, labels, bar))
         mean, logvar = model.posterior(x, decode_batch, labels)     # [N,D] each
         layers = active_units_per_layer(model, x, decode_batch) if isinstance(model, HierarchicalVAE) else {}
-        bounds = iwae_bounds(model, x, k, seed + 1, decode_batch, labels, bar)
-    seconds = time.perf_counter() - start
+        fresh = iwae_bounds(model, x[m:], k, seed + 1, decode_batch, None if labels is None else labels[m:], bar,
+                            first=m, log_weights=log_weights, on_pass=None if partial is None else partial.add)
+    bounds = torch.cat([before.to(fresh), fresh])
+    seconds = partial.seconds if partial is not None else time.perf_counter() - start
     bound, bound_stderr = mean_and_stderr(bounds)
     bits = {}
     if reports_bits(model, binarization):
@@ -190,6 +210,7 @@ def likelihood_report(model, x: torch.Tensor, binarization: str, runtime: Runtim
            if model.config.prior == "standard" and model.config.layers_of_z == 1 else {}),
         "precision": model.inference_precision or runtime.precision, "decode_batch": decode_batch,
         "decodes": n * (k + 1), "seconds": round(seconds, 1), "decodes_per_second": round(n * (k + 1) / seconds),
+        **({"sittings": partial.sittings} if partial is not None and partial.sittings > 1 else {}),
     }
 
 
@@ -211,6 +232,7 @@ TUNED_SIZES = tuple(2 ** i for i in range(8, 17))
 TIMED_DECODES = 4096                    # decodes each size is timed over, at least (one call of the largest)
 TUNING_PAYS = 1_000_000                 # decodes from which tuning (seconds) is worth its cost
 UNTUNED_DECODE_BATCH = 1024
+RESUMABLE_FROM = 1_000_000              # decodes from which `vaekit eval` keeps its bounds as it goes (runs.PartialEval)
 
 
 def _decode_random(model, n: int, device: torch.device) -> torch.Tensor:

@@ -49,7 +49,7 @@ class OpenRun:
 
 def open_for_inference(run: str | Path, device: str = "auto", precision: str = "auto", fall_back: bool = False,
                        prepared: bool = True, unconditional_task: str | None = None,
-                       continuous_task: str | None = None) -> OpenRun:
+                       continuous_task: str | None = None, compile: str | None = None) -> OpenRun:
     """The run RUN (its newest weights; with `fall_back`, the newest intact ones when newer ones
     are damaged), RUN@best (its best validation epoch's weights) or pretrained:NAME, ready for
     inference on `device` in `precision` (auto: bf16 where the hardware runs it natively, as in
@@ -59,9 +59,11 @@ def open_for_inference(run: str | Path, device: str = "auto", precision: str = "
     the command asking, when it is one for unconditional models only (a class-conditional run is
     refused); `continuous_task`:
     the command asking, when it works on a continuous z (a vq run, whose codes are discrete, is
-    refused)."""
+    refused). `compile`: auto, on or off (compiling.py), instead of the run's own --compile setting."""
     opened = Run.open(run)
     config = opened.config()
+    if compile is not None:
+        config.train.compile = compile
     if unconditional_task and config.model.conditional:
         raise ConfigError(f"`vaekit {unconditional_task}` is for unconditional models and {run} is "
                           "class-conditional: use `vaekit sample --label` or `vaekit reconstruct`")

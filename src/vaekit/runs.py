@@ -10,6 +10,7 @@ RUN/
   checkpoints/                 epoch and step checkpoints, `latest`, set-aside/, best/ (checkpoints.py)
   samples/                     the pictures the generation commands write (Run.samples_path)
   eval.json                    what `vaekit eval` measured, one entry per protocol (Run.save_eval)
+  eval-partial/KEY.safetensors the IWAE bounds of an evaluation under way, and its lock (PartialEval)
   .lock, .lock.pid             an OS file lock held by the one training process writing here; its pid
   .eval.lock                   an OS file lock held while eval.json is read, merged and replaced
   tensorboard/                 event files for TensorBoard (train --tensorboard)
@@ -31,11 +32,13 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from filelock import FileLock, Timeout
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import pretrained
@@ -50,6 +53,8 @@ PRETRAINED_PREFIX = "pretrained:"  # pretrained:NAME: a model shipped with vaeki
 EVAL_FILE = "eval.json"
 EVAL_LOCK = ".eval.lock"           # beside eval.json, held while it is read, merged and replaced
 EVAL_LOCK_SECONDS = 600            # how long a `vaekit eval` waits for another one saving its entry
+PARTIAL_EVALS = "eval-partial"     # the bounds of evaluations under way (PartialEval)
+PARTIAL_SAVE_SECONDS = 60.0        # how often an evaluation under way saves them: a kill loses at most this
 
 
 PRIOR_FOLDER = "prior"             # the vq family's code prior, trained second (vaekit train-prior)
@@ -344,10 +349,13 @@ class Run:
 
 
 def eval_key(record: dict) -> str:
-    """The key of an evaluation's entry in eval.json: its protocol, BINARIZATION_kK_nN_seedS (e.g.
-    dynamic_k5000_n10000_seed0), so that evaluations with another K, on fewer images or with
-    another seed (another draw of z, and of the binarization when dynamic) sit beside it."""
-    return f"{record['binarization']}_k{record['k']}_n{record['n']}_seed{record['seed']}"
+    """The key of an evaluation's entry in eval.json: its protocol and precision,
+    BINARIZATION_kK_nN_seedS_PRECISION (e.g. dynamic_k5000_n10000_seed0_bf16), so that evaluations
+    with another K, on fewer images, with another seed (another draw of z, and of the binarization
+    when dynamic) or in another precision (bf16's offset against fp32 on the same draws) sit beside
+    it. An entry an older vaekit saved without its precision keeps the key without it."""
+    key = f"{record['binarization']}_k{record['k']}_n{record['n']}_seed{record['seed']}"
+    return f"{key}_{record['precision']}" if "precision" in record else key
 
 
 def _stored_key(key: str, entry) -> str:
@@ -358,3 +366,89 @@ def _stored_key(key: str, entry) -> str:
         return eval_key({"seed": 0, **entry})
     except (KeyError, TypeError):
         return key
+
+
+class PartialEval:
+    """The IWAE bounds an evaluation under way has scored, so that one of hours, stopped (killed, a
+    sitting's end, a full disk), goes on where it stopped: RUN/eval-partial/KEY.safetensors (KEY:
+    eval_key), the bounds of the first M test images in order with the seconds spent on them,
+    replaced whole every PARTIAL_SAVE_SECONDS and when an exception (Ctrl-C) stops the evaluation
+    (a kill loses at most PARTIAL_SAVE_SECONDS of work).
+    Image i's importance draws depend on the seed and i alone (evaluate._image_noise), so the
+    bounds a resumed evaluation adds are those one sitting would have computed. Saved bounds are
+    used only by an evaluation of the same protocol (KEY), weights and data (`identity`); others
+    start over. Used as a context manager it holds an OS lock beside the file, so one evaluation
+    of a protocol runs on a run at a time; `done` removes the file once eval.json holds the result."""
+
+    def __init__(self, run: Run, key: str, identity: dict) -> None:
+        self.path = run.out / PARTIAL_EVALS / f"{key}.safetensors"
+        self.identity = json.dumps(identity, sort_keys=True)
+        self.scored: list[torch.Tensor] = []
+        self.unsaved = False                     # bounds added since the last save
+        self.seconds_before = 0.0
+        self.sittings = 1
+        self.started = self.saved = time.perf_counter()
+        self._lock = FileLock(self.path.with_suffix(".lock"))
+
+    def __enter__(self) -> "PartialEval":
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            raise RunError(f"another `vaekit eval` of this protocol is running on {self.path.parent.parent} (it "
+                           f"holds {self._lock.lock_file}): wait for it to end, or evaluate with another --seed") from None
+        except OSError as e:
+            raise RunError(f"cannot write {self.path.parent}: {e.strerror}; fix its permissions") from None
+        return self
+
+    def __exit__(self, error_type, *_) -> None:
+        """Releases the lock; an evaluation stopped by an exception (Ctrl-C) first saves what it scored."""
+        try:
+            if error_type is not None and self.unsaved:
+                self.save()
+        finally:
+            self._lock.release()
+
+    def resume(self) -> str | None:
+        """Takes up the bounds saved by an earlier sitting of this evaluation, if any: says what it
+        took up (or why it starts over) in a line, None when there was nothing."""
+        if not self.path.exists():
+            return None
+        try:
+            with safe_open(str(self.path), "pt") as f:
+                meta, bounds = f.metadata() or {}, f.get_tensor("bounds")
+        except (OSError, SafetensorError) as e:
+            return f"starting over: the saved bounds {self.path} are unreadable ({e})"
+        if meta.get("identity") != self.identity:
+            return f"starting over: {self.path} scored other weights or data than these"
+        self.scored, self.seconds_before = [bounds], float(meta["seconds"])
+        self.sittings = int(meta["sittings"]) + 1
+        self.started = self.saved = time.perf_counter()
+        return (f"resuming: {len(bounds):,} images scored in {self.seconds_before / 60:.1f} min before "
+                f"(sitting {self.sittings}), kept in {self.path}")
+
+    @property
+    def bounds(self) -> torch.Tensor:
+        """The bounds scored so far, first test image first: [M] float64."""
+        return torch.cat(self.scored) if self.scored else torch.zeros(0, dtype=torch.float64)
+
+    @property
+    def seconds(self) -> float:
+        """The seconds this evaluation has taken, in every sitting."""
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def add(self, bounds: torch.Tensor) -> None:
+        """The bounds of the next images scored; saved when PARTIAL_SAVE_SECONDS passed since the last save."""
+        self.scored.append(bounds.detach().double().cpu())
+        self.unsaved = True
+        if time.perf_counter() - self.saved >= PARTIAL_SAVE_SECONDS:
+            self.save()
+
+    def save(self) -> None:
+        meta = {"identity": self.identity, "seconds": repr(self.seconds), "sittings": str(self.sittings)}
+        with replacing(self.path) as tmp:
+            save_file({"bounds": self.bounds.contiguous()}, str(tmp), metadata=meta)
+        self.saved, self.unsaved = time.perf_counter(), False
+
+    def done(self) -> None:
+        self.path.unlink(missing_ok=True)
