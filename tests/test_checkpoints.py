@@ -150,3 +150,25 @@ def test_checkpoint_files_have_the_mode_of_the_rest_of_the_run(reference):
     assert len(files) > 5
     assert {stat.S_IMODE(p.stat().st_mode) for p in [*files, reference / "fixed_z.safetensors"]} == {mode}
 
+
+
+def test_keep_every_keeps_those_epochs_whose_weights_run_at_epoch_n_reads(tmp_path, capsys):
+    from conftest import sample_config
+    from vaekit import eval_to_json, train
+    from vaekit.errors import ConfigError
+    from vaekit.files import sha256
+
+    run = train(sample_config(epochs=5, keep_checkpoints=1, keep_every=2, batch_size=100), out=tmp_path / "run",
+                log=lambda *_: None).path
+    assert sorted(p.name for p in (run / "checkpoints").glob("epoch_*")) == ["epoch_0002", "epoch_0004", "epoch_0005"]
+    record = eval_to_json(f"{run}@epoch_2", k=1, n=5, device="cpu", precision="fp32")
+    assert record["weights_sha256"] == sha256(run / "checkpoints" / "epoch_0002" / "model.safetensors")
+    assert (run / "epoch_0002" / "eval.json").is_file() and not (run / "eval.json").exists()   # beside the run's own
+    newest = eval_to_json(run, k=1, n=5, device="cpu", precision="fp32")
+    assert newest["weights_sha256"] == sha256(run / "checkpoints" / "epoch_0005" / "model.safetensors")
+    capsys.readouterr()
+    assert main(["eval", f"{run}@epoch_3", "--k", "1", "--n", "5", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == (f"vaekit: error: {run} keeps no checkpoint of epoch 3 (it keeps epochs: 2, 4, 5); "
+                                       "`vaekit train --keep-every N` keeps every Nth epoch's\n")
+    with pytest.raises(ConfigError, match="without @epoch_2"):
+        train(resume=f"{run}@epoch_2", log=lambda *_: None)

@@ -97,10 +97,10 @@ class CheckpointStore:
         self.shipped_weights = run / "model.safetensors"
 
     # -- writing ---------------------------------------------------------------------------
-    def save(self, ckpt: Checkpoint, keep: int) -> Path:
+    def save(self, ckpt: Checkpoint, keep: int, keep_every: int = 0) -> Path:
         """Writes a complete checkpoint directory, then moves `latest` to it; both steps atomic,
         so a crash at any point leaves the previous checkpoint as `latest`. Then keeps the newest
-        `keep` epoch checkpoints. The caller holds the run's lock, so any `.tmp-*` directory is a
+        `keep` epoch checkpoints, and every `keep_every`'th epoch's (0: none). The caller holds the run's lock, so any `.tmp-*` directory is a
         crashed write's leftover."""
         name = ckpt.progress.checkpoint_name
         final = self.path / name
@@ -133,14 +133,16 @@ class CheckpointStore:
             kept = f"the last checkpoint, {previous.name}, is intact" if previous else "no checkpoint was written yet"
             raise RunError(f"cannot write a checkpoint in {self.path}: {reason}; free disk space or fix "
                            f"permissions, then `vaekit train --resume {self.run}` ({kept})") from None
-        self._prune(keep, latest=name)
+        self._prune(keep, keep_every, latest=name)
         return final
 
-    def _prune(self, keep: int, latest: str) -> None:
-        """Keeps the newest `keep` epoch checkpoints, and of the within-epoch ones only `latest`."""
+    def _prune(self, keep: int, keep_every: int, latest: str) -> None:
+        """Keeps the newest `keep` epoch checkpoints and every `keep_every`'th, and of the
+        within-epoch ones only `latest`."""
         epochs = sorted(p for p in self.path.glob("epoch_*") if p.is_dir())
         steps = [p for p in self.path.glob("step_*") if p.is_dir() and p.name != latest]
-        for old in epochs[:-keep] + steps:
+        kept = {p for p in epochs if keep_every and _epoch_of(p) % keep_every == 0}
+        for old in [p for p in epochs[:-keep] if p not in kept] + steps:
             shutil.rmtree(old, ignore_errors=True)
 
     def set_aside(self, path: Path) -> Path:
@@ -273,12 +275,14 @@ class CheckpointStore:
                            f"was altered after it was written; restore it, or move it out of {self.path} "
                            "to go on from an older one") from None
 
-    def weights_file(self, best: bool = False, fall_back: bool = False) -> Path:
+    def weights_file(self, best: bool = False, fall_back: bool = False, epoch: int | None = None) -> Path:
         """The model weights file that generation and evaluation read, verified: the newest
         checkpoint's (with `fall_back`, the newest intact one's), the best validation epoch's
-        (`best`), or a shipped model's."""
+        (`best`), epoch `epoch`'s checkpoint's, or a shipped model's."""
         if best:
             return self._best_weights_file()
+        if epoch is not None:
+            return self._epoch_weights_file(epoch)
         if self.shipped_weights.is_file() and not self.path.is_dir():
             return self.shipped_weights
         return self._newest(fall_back) / "model.safetensors"
@@ -292,6 +296,15 @@ class CheckpointStore:
             return json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise RunError(f"{path} is damaged ({e}); the run directory was altered") from None
+
+    def _epoch_weights_file(self, epoch: int) -> Path:
+        path = self.path / f"epoch_{epoch:04d}"
+        if not path.is_dir():
+            kept = ", ".join(str(_epoch_of(p)) for p in sorted(self.path.glob("epoch_*")) if p.is_dir()) or "none"
+            raise RunError(f"{self.run} keeps no checkpoint of epoch {epoch} (it keeps epochs: {kept}); "
+                           "`vaekit train --keep-every N` keeps every Nth epoch's")
+        self.verify(path)
+        return path / "model.safetensors"
 
     def _best_weights_file(self) -> Path:
         best = self.best()
@@ -333,3 +346,8 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
         idx, key = flat.split(".", 1)
         state.setdefault(int(idx), {})[key] = value
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _epoch_of(path: Path) -> int:
+    """The epoch of an epoch checkpoint's directory, epoch_NNNN."""
+    return int(path.name[len("epoch_"):])

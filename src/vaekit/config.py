@@ -111,6 +111,8 @@ class TrainConfig:
     eval_batch_size: int = setting(500, "images per pass of the per-epoch test ELBO (no gradients; 500 keeps "
                                    "activations under the mmap threshold, see allocator.py)")
     keep_checkpoints: int = setting(2, "epoch checkpoints kept on disk (the newest ones)")
+    keep_every: int = setting(0, "also keep every Nth epoch's checkpoint (0: none), for a long run's curve: "
+                                 "`vaekit eval RUN@epoch_N` reads one (about 3 times the weights' size each)")
     checkpoint_every: int = setting(0, "also checkpoint every N steps within epochs (0: at epoch ends only)")
     tensorboard: bool = setting(False, "also log each epoch's metrics and grid image for TensorBoard in "
                                        "RUN/tensorboard/ "
@@ -123,8 +125,9 @@ class TrainConfig:
         _choice("compile", self.compile, COMPILE_MODES)
         _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _choice("kl", self.kl, KL_ESTIMATORS)
-        for name in ("epochs", "batch_size", "eval_batch_size", "keep_checkpoints", "checkpoint_every", "early_stop"):
-            minimum = 0 if name in ("epochs", "checkpoint_every", "early_stop") else 1
+        for name in ("epochs", "batch_size", "eval_batch_size", "keep_checkpoints", "keep_every", "checkpoint_every",
+                     "early_stop"):
+            minimum = 0 if name in ("epochs", "keep_every", "checkpoint_every", "early_stop") else 1
             if getattr(self, name) < minimum:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{name} must be >= {minimum}, got {getattr(self, name)}: fix {flag}")

@@ -72,7 +72,7 @@ def open_for_inference(run: str | Path, device: str = "auto", precision: str = "
                           "are discrete: use `vaekit sample`, `reconstruct`, `interpolate` or `inpaint`")
     runtime = setup(device, "fp32" if config.model.family == "vq" else precision)
     model = build_model(config.model)
-    weights = opened.checkpoints.weights_file(best=opened.best, fall_back=fall_back)
+    weights = opened.checkpoints.weights_file(best=opened.best, fall_back=fall_back, epoch=opened.epoch)
     load_weights_into(model, load_tensors(weights), opened.path)
     if prepared and config.model.family != "vq":   # the vq family runs as trained, in fp32 (its codes' distances)
         model = for_inference(prepare_for_inference(model, runtime), config.train.compile, runtime.device)

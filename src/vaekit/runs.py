@@ -9,6 +9,7 @@ RUN/
   training.gif
   checkpoints/                 epoch and step checkpoints, `latest`, set-aside/, best/ (checkpoints.py)
   samples/                     the pictures the generation commands write (Run.samples_path)
+  best/, epoch_NNNN/           what commands make of RUN@best and RUN@epoch_N (their samples/, eval.json)
   eval.json                    what `vaekit eval` measured, one entry per protocol (Run.save_eval)
   eval-partial/KEY.safetensors the IWAE bounds of an evaluation under way, and its lock (PartialEval)
   .lock, .lock.pid             an OS file lock held by the one training process writing here; its pid
@@ -21,6 +22,8 @@ This module is also the one home of the RUN syntax every command takes (parse_ru
   RUN              the run directory: its newest intact checkpoint's weights
   RUN@best         its best validation epoch's weights (checkpoints/best/); commands write what they
                    make of it under RUN/best
+  RUN@epoch_N      the weights of its epoch N checkpoint, while the run keeps it (the newest
+                   --keep-checkpoints ones, and every --keep-every'th); commands write under RUN/epoch_NNNN
   pretrained:NAME  a model shipped in vaekit/pretrained: a run reduced to config.json, metrics.jsonl
                    and model.safetensors (no checkpoints/), read-only, so commands write under
                    ./pretrained-NAME
@@ -30,6 +33,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -49,6 +53,7 @@ from .files import atomic_write_text, load_tensors, replacing
 
 BEST_SUFFIX = "@best"              # RUN@best: the run's best validation epoch
 BEST_OUT = "best"                  # where commands write what they make of RUN@best: RUN/best
+EPOCH_SUFFIX = re.compile(r"@epoch_?(\d+)$")   # RUN@epoch_N: the weights of a kept epoch checkpoint (RUN/epoch_NNNN)
 PRETRAINED_PREFIX = "pretrained:"  # pretrained:NAME: a model shipped with vaekit
 EVAL_FILE = "eval.json"
 EVAL_LOCK = ".eval.lock"           # beside eval.json, held while it is read, merged and replaced
@@ -65,11 +70,18 @@ STAGE_FILE = "stage.json"        # in RUN/prior/: which first-stage weights the 
 class RunName:
     """A RUN argument, parsed once (parse_run_name): `text` as the command was given it, `path` the
     directory to read, `best` whether it names the best validation epoch's weights (RUN@best),
-    `shipped` the NAME of pretrained:NAME (else None)."""
+    `epoch` the epoch whose checkpoint's weights it names (RUN@epoch_N, else None), `shipped` the
+    NAME of pretrained:NAME (else None)."""
     text: str
     path: Path
     best: bool = False
     shipped: str | None = None
+    epoch: int | None = None
+
+    @property
+    def at_checkpoint(self) -> str | None:
+        """The @ suffix naming weights other than the newest (@best, @epoch_N), or None."""
+        return self.text[len(str(self.path)):] if self.best or self.epoch is not None else None
 
     @property
     def out(self) -> Path:
@@ -77,15 +89,19 @@ class RunName:
         directory; RUN/best for RUN@best; ./pretrained-NAME for a shipped model (read-only)."""
         if self.shipped is not None:
             return Path("pretrained-" + self.shipped)
+        if self.epoch is not None:
+            return self.path / f"epoch_{self.epoch:04d}"
         return self.path / BEST_OUT if self.best else self.path
 
 
 def parse_run_name(text: str | Path) -> RunName:
-    """RUN, RUN@best or pretrained:NAME as a RunName; RunError naming the shipped models when NAME
-    is not one of them."""
+    """RUN, RUN@best, RUN@epoch_N or pretrained:NAME as a RunName; RunError naming the shipped
+    models when NAME is not one of them."""
     text = str(text)
     if text.endswith(BEST_SUFFIX):
         return RunName(text, Path(text[:-len(BEST_SUFFIX)]), best=True)
+    if epoch := EPOCH_SUFFIX.search(text):
+        return RunName(text, Path(text[:epoch.start()]), epoch=int(epoch.group(1)))
     if text.startswith(PRETRAINED_PREFIX):
         name = text[len(PRETRAINED_PREFIX):]
         if name not in pretrained.names():
@@ -106,6 +122,7 @@ class Run:
         self.name = name or RunName(str(path), self.path)
         self.out = self.name.out
         self.best = self.name.best
+        self.epoch = self.name.epoch
         self.images = self.path / "images"
         self.checkpoints = CheckpointStore(self.path)
         self.config_path = self.path / "config.json"

@@ -91,8 +91,9 @@ def train(config: Config | None = None, out: str | Path | None = None, resume: s
         resume, out = out, None
     if resume is not None:
         name = parse_run_name(resume)
-        if name.best:
-            raise ConfigError(f"--resume goes on from a run's newest checkpoint: pass {name.path} without {BEST_SUFFIX}")
+        if name.at_checkpoint:
+            raise ConfigError(f"--resume goes on from a run's newest checkpoint: pass {name.path} without "
+                              f"{name.at_checkpoint}")
         run = Run.open(resume)
         config = run.config()
         if epochs is not None:
@@ -331,7 +332,7 @@ def _train_loop(run: Run, config: Config, rt: Runtime, log, state: TrainState, d
         if unsaved_config:
             run.save_config(config)
             unsaved_config = False
-        run.checkpoints.save(state.checkpoint(), keep=tc.keep_checkpoints)
+        run.checkpoints.save(state.checkpoint(), keep=tc.keep_checkpoints, keep_every=tc.keep_every)
 
     with _StopSignals(rt) as stop:
         for epoch in range(state.at.epoch + 1, tc.epochs + 1):

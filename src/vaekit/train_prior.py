@@ -26,7 +26,7 @@ from .evaluate import vq_report
 from .files import sha256
 from .loading import check_prior_fits, open_for_inference
 from .models.code_prior import CodePrior, PriorConfig, prior_train_step
-from .runs import BEST_SUFFIX, Run, parse_run_name
+from .runs import Run, parse_run_name
 from .train import NUM_EXAMPLES_TO_GENERATE, epoch_seed, say
 from .viz import save_grid
 
@@ -35,8 +35,8 @@ def train_prior(run: str | Path, epochs: int | None = None, log=say) -> Run:
     (default: what it was started with, else the run's own --epochs), with the run's batch size,
     learning rate, seed and device. Returns the prior's stage (a Run in RUN/prior/)."""
     name = parse_run_name(run)
-    if name.best:
-        raise ConfigError(f"the prior is fitted to a run's newest weights: pass {name.path} without {BEST_SUFFIX}")
+    if name.at_checkpoint:
+        raise ConfigError(f"the prior is fitted to a run's newest weights: pass {name.path} without {name.at_checkpoint}")
     opened = open_for_inference(run, device=Run.open(name).config().train.device, precision="fp32")
     config, vq, rt = opened.config, opened.model, opened.runtime
     if config.model.family != "vq":
