@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from .allocator import keep_freed_memory
+from .files import atomic_write_text
 from .config import DEVICES, PRECISIONS
 from .errors import ConfigError
 
@@ -158,15 +159,55 @@ def setup(device: str = "auto", precision: str = "auto", distributed: bool = Fal
     return Runtime(dev, autocast_dtype, dist.get_rank(), local_rank, dist.get_world_size(), cpu_group)
 
 
+SEPARATE_STORES = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"   # =1: each rendezvous round a store of its own
+
+
 def _attempt_store() -> dict:
-    """torchrun's store (env://) under a prefix of its own for each restart. torchrun keeps one
-    store across restarts, so without it a restarted group finds the addresses its failed
-    predecessor left there and its connections are refused (pytorch/pytorch#167288)."""
+    """The store (env://) the group forms in, under a prefix of its own for each restart when
+    torchrun shares one store across restarts (see store_prefix)."""
     store, rank, world_size = next(dist.rendezvous("env://"))
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return {"store": dist.PrefixStore(f"vaekit/attempt_{attempt}", store), "rank": rank, "world_size": world_size}
+    prefix = store_prefix(os.environ)
+    return {"store": store if prefix is None else dist.PrefixStore(prefix, store), "rank": rank,
+            "world_size": world_size}
 
 
-def restarted() -> bool:
-    """Whether torchrun started this process again after a failure (--max-restarts)."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+def store_prefix(env) -> str | None:
+    """The prefix the process group's keys take in torchrun's store, from the rank's environment.
+
+    By default torchrun hands every rendezvous round the same store (the agent's), so a restarted
+    group would find the addresses its failed predecessor left there and its connections would be
+    refused (pytorch/pytorch#167288): each restart takes keys of its own, named by the agent's
+    restart count. That count is agreed only on one machine: with several launchers, one restarted
+    because a rank of another failed counts no restart (torchrun: "membership changes do not count
+    as retries"), its ranks take other keys than the failed machine's and the two never meet (the
+    job hangs). So a job of several machines that may restart is refused here unless its
+    launchers run with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, under which each round has a store of
+    its own (a new port) and no prefix is needed."""
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return None                                       # a store of its own: nothing left in it
+    if int(env.get("GROUP_WORLD_SIZE", "1")) > 1 and int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+        raise ConfigError(f"a job of several machines with --max-restarts needs {SEPARATE_STORES}=1 in every "
+                          f"launcher's environment (torchrun's shared store cannot tell the machines which restart "
+                          f"is current): export {SEPARATE_STORES}=1 on each machine and start again")
+    return f"vaekit/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
+JOB_FILE = ".torchrun-job"      # in a run made under torchrun: the id of the job (rendezvous) that made it
+
+
+def made_by_this_job(run_path) -> bool:
+    """Whether the run at `run_path` was made by this torchrun job (its --rdzv-id; `--nproc`: a
+    new one per launch), so that a rank restarted by the job goes on with it: after a failure, or
+    because a rank of another machine failed (torchrun counts no restart then)."""
+    job = os.environ.get("TORCHELASTIC_RUN_ID")
+    try:
+        return job is not None and (run_path / JOB_FILE).read_text() == job
+    except OSError:
+        return False
+
+
+def record_job(run_path) -> None:
+    """Notes, in a run just made under torchrun, which job made it (see made_by_this_job)."""
+    job = os.environ.get("TORCHELASTIC_RUN_ID")
+    if job is not None:
+        atomic_write_text(run_path / JOB_FILE, job)

@@ -14,6 +14,7 @@ RUN/
   eval-partial/KEY.safetensors the IWAE bounds of an evaluation under way, and its lock (PartialEval)
   .lock, .lock.pid             an OS file lock held by the one training process writing here; its pid
   .eval.lock                   an OS file lock held while eval.json is read, merged and replaced
+  .torchrun-job                made under torchrun: the job's id, so its restarted ranks resume the run
   tensorboard/                 event files for TensorBoard (train --tensorboard)
   prior/                       the vq family's code prior (`vaekit train-prior`): config-less, with its own
                                checkpoints/, metrics.jsonl, images/ and stage.json (the first stage's weights)
