@@ -119,7 +119,7 @@ def test_a_kill_9_while_exporting_never_leaves_a_mixed_pair(run, tmp_path):
     vaekit("export", run, "--out", out)
     took = time.monotonic() - began
     sources = {str(run), str(other)}
-    for fraction in (0.6, 0.8, 0.95):      # killed at points in the writing of the pair
+    for fraction in (0.7, 0.95):           # killed at points in the writing of the pair
         proc = subprocess.Popen([sys.executable, "-m", "vaekit", "export", str(other), "--out", str(out)],
                                 env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(took * fraction)
