@@ -250,9 +250,11 @@ def test_a_stopped_evaluation_goes_on_where_it_stopped_and_ends_as_one_sitting_w
                          for name in ("stopped", "straight"))                  # without the other tests' results
     protocol = dict(k=20, n=60, decode_batch=200, device="cpu", precision="fp32")   # 10 images a pass, 6 passes
     keep = _stop_after(3, monkeypatch)
+    said = []
     with pytest.raises(KeyboardInterrupt):
-        eval_to_json(stopped, **protocol)
+        eval_to_json(stopped, **protocol, log=said.append)
     saved = stopped / "eval-partial" / "static_k20_n60_seed0_fp32.safetensors"
+    assert said == [f"stopped: the bounds of 30 images are kept in {saved}; the same command goes on from there"]
     assert load_file(saved)["bounds"].shape == (30,)                  # the three passes of ten images scored
     assert not (stopped / "eval.json").exists()
     monkeypatch.setattr(PartialEval, "add", keep)

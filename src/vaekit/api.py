@@ -170,7 +170,7 @@ def eval_to_json(run: str | Path, k: int = 5000, binarization: str | None = None
     with contextlib.ExitStack() as stack:
         partial = None
         if n * (k + 1) >= RESUMABLE_FROM:
-            partial = stack.enter_context(PartialEval(opened.run, eval_key(measured), {**measured, **weights}))
+            partial = stack.enter_context(PartialEval(opened.run, eval_key(measured), {**measured, **weights}, log))
             if said := partial.resume():
                 log(said)
         result = likelihood_report(model, x, binarization, rt, gen, k, decode_batch, seed,

@@ -398,8 +398,9 @@ class PartialEval:
     start over. Used as a context manager it holds an OS lock beside the file, so one evaluation
     of a protocol runs on a run at a time; `done` removes the file once eval.json holds the result."""
 
-    def __init__(self, run: Run, key: str, identity: dict) -> None:
+    def __init__(self, run: Run, key: str, identity: dict, log=lambda line: None) -> None:
         self.path = run.out / PARTIAL_EVALS / f"{key}.safetensors"
+        self.log = log
         self.identity = json.dumps(identity, sort_keys=True)
         self.scored: list[torch.Tensor] = []
         self.unsaved = False                     # bounds added since the last save
@@ -420,10 +421,17 @@ class PartialEval:
         return self
 
     def __exit__(self, error_type, *_) -> None:
-        """Releases the lock; an evaluation stopped by an exception (Ctrl-C) first saves what it scored."""
+        """Releases the lock; an evaluation stopped by an exception (Ctrl-C) first saves what it
+        scored, and says where it is kept."""
         try:
-            if error_type is not None and self.unsaved:
-                self.save()
+            if error_type is not None and self.scored:
+                if self.unsaved:
+                    self.save()
+                self.log(f"stopped: the bounds of {len(self.bounds):,} images are kept in {self.path}; the same "
+                         "command goes on from there")
+        except OSError as e:        # the stop's own cause is what the user must see; the last save stays
+            self.log(f"stopped: could not save the newest bounds in {self.path} ({e.strerror}); the same command "
+                     "goes on from the last save")
         finally:
             self._lock.release()
 
