@@ -166,7 +166,7 @@ def eval_to_json(run: str | Path, k: int = 5000, binarization: str | None = None
     weights = {"data": opened.data_fingerprint, "weights_sha256": sha256(opened.weights)}
     measured = {"binarization": binarization, "k": k, "n": n, "seed": seed,
                 "precision": model.inference_precision or rt.precision}
-    weigh = log_weights(model, config.train.compile, rt.device, log)
+    weigh = log_weights(model, config.train.compile, rt.device, log, n * (k + 1))
     with contextlib.ExitStack() as stack:
         partial = None
         if n * (k + 1) >= RESUMABLE_FROM:

@@ -31,6 +31,7 @@ WRONG_GRADIENTS = "torch.compile (inductor, torch 2.13) computes wrong gradients
 # against 2,895 draws/s eager (1.46x). Not the ladder (11,835 against 11,147: 1.06x, for log weights
 # 0.14 nats away from eager's in bf16) nor the seed's conv family (18,497 against 19,985).
 COMPILED_EVALUATION = ("spatial",)
+COMPILE_PAYS = 1_000_000    # decodes from which auto compiles there: about 4 min eager, against a compile of 5-30 s
 
 
 def compiling(setting: str, device: torch.device) -> bool:
@@ -107,10 +108,12 @@ class _LogWeights(nn.Module):
         return self.model(x, eps=eps, y=y).log_w
 
 
-def log_weights(model: nn.Module, setting: str, device: torch.device, log):
+def log_weights(model: nn.Module, setting: str, device: torch.device, log, decodes: int = COMPILE_PAYS):
     """What the IWAE pass (evaluate.iwae_bounds) calls for a pass's log weights: the prepared
     `model`'s whole forward under torch.compile when `setting` says so on `device` (auto: on CUDA,
-    and on CPU for the families in COMPILED_EVALUATION), else None (the eager forward)."""
-    if compiling(setting, device) or (setting == "auto" and model.config.family in COMPILED_EVALUATION):
+    and on CPU for the families in COMPILED_EVALUATION in an evaluation of COMPILE_PAYS `decodes`
+    or more), else None (the eager forward)."""
+    pays = model.config.family in COMPILED_EVALUATION and decodes >= COMPILE_PAYS
+    if compiling(setting, device) or (setting == "auto" and pays):
         return Compiled(_LogWeights(model), log)
     return None
