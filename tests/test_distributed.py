@@ -298,8 +298,25 @@ def test_the_group_keys_of_a_restart_are_its_own_and_a_shared_store_on_several_m
     assert store_prefix({**shared, "GROUP_WORLD_SIZE": "2", "TORCHELASTIC_MAX_RESTARTS": "0"}) == "vaekit/attempt_2"
     assert store_prefix({"TORCHELASTIC_USE_AGENT_STORE": "False", "GROUP_WORLD_SIZE": "2",
                          "TORCHELASTIC_MAX_RESTARTS": "3"}) is None
-    with pytest.raises(ConfigError, match=f"export {SEPARATE_STORES}=1 on each machine"):
+    with pytest.raises(ConfigError, match=f"--rdzv-backend c10d and {SEPARATE_STORES}=1 exported on each machine"):
         store_prefix({**shared, "GROUP_WORLD_SIZE": "2", "TORCHELASTIC_MAX_RESTARTS": "1"})
+
+
+def test_a_restartable_job_names_the_runs_it_made_and_one_of_several_machines_must_be_named(monkeypatch):
+    from vaekit.distributed import restartable_job
+
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "mnist-1")
+    assert restartable_job() == "mnist-1"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")                 # torchrun's default: no name
+    with pytest.raises(ConfigError, match="pass the same --rdzv-id NAME to torchrun on each"):
+        restartable_job()
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "1")                        # one machine: its restart count tells
+    assert restartable_job() is None
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "mnist-1")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")                # no restarts: nothing to resume
+    assert restartable_job() is None
 
 
 def test_the_thread_count_of_the_ranks_leaves_the_launchers_environment_as_it_was(monkeypatch):

@@ -124,7 +124,7 @@ def eval_to_json(run: str | Path, k: int = 5000, binarization: str | None = None
     images (default: all) binarised as `binarization` (default: as the run was trained), in
     `precision`. `decode_batch` decodes at once (default: the fastest measured on this device, within
     `max_memory_mb`; see models/inference.py). The record is also kept in RUN/eval.json, one entry
-    per protocol (BINARIZATION_kK_nN; see Run.save_eval); returns it. `report(result)` is called
+    per protocol (BINARIZATION_kK_nN_seedS_PRECISION; see Run.save_eval); returns it. `report(result)` is called
     before the file is written (the CLI prints its table), so a failed write loses nothing.
     A vq run reports its two-stage bound instead (evaluate.vq_eval_report), with K = 1 whatever
     `k` says: its posterior is one-hot, so importance sampling cannot tighten the bound.
@@ -152,9 +152,10 @@ def eval_to_json(run: str | Path, k: int = 5000, binarization: str | None = None
     if n is not None and n > len(test):
         raise ConfigError(f"--n {n} is more than the {len(test)} test images")
     n = n or len(test)
+    weights = {"data": opened.data_fingerprint, "weights_sha256": sha256(opened.weights)}
     if mc.family == "vq":
         x = preprocess(test.images[:n].to(rt.device), binarization, rt.generator(seed))
-        result = vq_eval_report(model, load_prior(opened), x, binarization, seed)
+        result = {**vq_eval_report(model, load_prior(opened), x, binarization, seed), **weights}
         if report:
             report(result)
         opened.run.save_eval(result)
@@ -163,14 +164,14 @@ def eval_to_json(run: str | Path, k: int = 5000, binarization: str | None = None
     decode_batch = decode_batch or decode_batch_for(model, rt.device, n * (k + 1), max_memory_mb)
     gen = rt.generator(seed)
     x = preprocess(test.images[:n].to(rt.device), binarization, gen)    # gen goes on to draw the ELBO's z
-    weights = {"data": opened.data_fingerprint, "weights_sha256": sha256(opened.weights)}
     measured = {"binarization": binarization, "k": k, "n": n, "seed": seed,
                 "precision": model.inference_precision or rt.precision}
     weigh = log_weights(model, config.train.compile, rt.device, log, n * (k + 1))
     with contextlib.ExitStack() as stack:
         partial = None
-        if n * (k + 1) >= RESUMABLE_FROM:
-            partial = stack.enter_context(PartialEval(opened.run, eval_key(measured), {**measured, **weights}, log))
+        if n * (k + 1) >= RESUMABLE_FROM:   # the draws (the device's generator) and the pass's form must match too
+            identity = {**measured, **weights, "device": rt.device.type, "compiled": weigh is not None}
+            partial = stack.enter_context(PartialEval(opened.run, eval_key(measured), identity, log))
             if said := partial.resume():
                 log(said)
         result = likelihood_report(model, x, binarization, rt, gen, k, decode_batch, seed,

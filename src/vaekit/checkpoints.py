@@ -139,7 +139,7 @@ class CheckpointStore:
     def _prune(self, keep: int, keep_every: int, latest: str) -> None:
         """Keeps the newest `keep` epoch checkpoints and every `keep_every`'th, and of the
         within-epoch ones only `latest`."""
-        epochs = sorted(p for p in self.path.glob("epoch_*") if p.is_dir())
+        epochs = self._epoch_dirs()
         steps = [p for p in self.path.glob("step_*") if p.is_dir() and p.name != latest]
         kept = {p for p in epochs if keep_every and _epoch_of(p) % keep_every == 0}
         for old in [p for p in epochs[:-keep] if p not in kept] + steps:
@@ -297,10 +297,14 @@ class CheckpointStore:
         except (OSError, ValueError) as e:
             raise RunError(f"{path} is damaged ({e}); the run directory was altered") from None
 
+    def _epoch_dirs(self) -> list[Path]:
+        """The epoch checkpoints' directories (epoch_NNNN), oldest first."""
+        return sorted(p for p in self.path.glob("epoch_*") if CHECKPOINT_NAME.fullmatch(p.name) and p.is_dir())
+
     def _epoch_weights_file(self, epoch: int) -> Path:
         path = self.path / f"epoch_{epoch:04d}"
         if not path.is_dir():
-            kept = ", ".join(str(_epoch_of(p)) for p in sorted(self.path.glob("epoch_*")) if p.is_dir()) or "none"
+            kept = ", ".join(str(_epoch_of(p)) for p in self._epoch_dirs()) or "none"
             raise RunError(f"{self.run} keeps no checkpoint of epoch {epoch} (it keeps epochs: {kept}); "
                            "`vaekit train --keep-every N` keeps every Nth epoch's")
         self.verify(path)

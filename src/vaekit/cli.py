@@ -279,8 +279,8 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-memory", type=float, metavar="MB", help="memory the decodes may use (default 1024 MB on "
                    "CPU, half the free memory of a GPU); the seed's model needs about 0.34 MB per decode")
     p.add_argument("--compile", choices=COMPILE_MODES, help="torch.compile the importance-sampling pass: auto "
-                   "(where it measured faster: on a GPU, and the spatial family on a CPU), on or off (default: "
-                   "the run's --compile)")
+                   "(where it measured faster: on a GPU, and for the spatial family on a CPU when 10^6 decodes or "
+                   "more), on or off (default: the run's --compile)")
 
 
 def _eval(args) -> None:

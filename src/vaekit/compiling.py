@@ -3,7 +3,8 @@
 - on: training steps run the model through torch.compile (DDP wraps the compiled module from
   outside; checkpoints hold the plain model's weights), and a prepared model (eval, sample) runs
   each of its networks compiled.
-- auto: on for CUDA, off on CPU, but for the IWAE pass of the families in COMPILED_EVALUATION.
+- auto: on for CUDA, off on CPU, but for the IWAE pass of the families in COMPILED_EVALUATION in
+  evaluations of COMPILE_PAYS decodes or more.
   On CPU the compiled training step measured about 10% slower than eager and the prepared decode
   the same (docs/benchmarks.md): inductor calls the same oneDNN convolutions eager does and fuses
   only their elementwise tails. Where those tails are much of the work, as in the spatial
@@ -108,7 +109,7 @@ class _LogWeights(nn.Module):
         return self.model(x, eps=eps, y=y).log_w
 
 
-def log_weights(model: nn.Module, setting: str, device: torch.device, log, decodes: int = COMPILE_PAYS):
+def log_weights(model: nn.Module, setting: str, device: torch.device, log, decodes: int):
     """What the IWAE pass (evaluate.iwae_bounds) calls for a pass's log weights: the prepared
     `model`'s whole forward under torch.compile when `setting` says so on `device` (auto: on CUDA,
     and on CPU for the families in COMPILED_EVALUATION in an evaluation of COMPILE_PAYS `decodes`

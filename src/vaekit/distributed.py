@@ -16,7 +16,6 @@ import torch
 import torch.distributed as dist
 
 from .allocator import keep_freed_memory
-from .files import atomic_write_text
 from .config import DEVICES, PRECISIONS
 from .errors import ConfigError
 
@@ -186,28 +185,31 @@ def store_prefix(env) -> str | None:
     if env.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
         return None                                       # a store of its own: nothing left in it
     if int(env.get("GROUP_WORLD_SIZE", "1")) > 1 and int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
-        raise ConfigError(f"a job of several machines with --max-restarts needs {SEPARATE_STORES}=1 in every "
-                          f"launcher's environment (torchrun's shared store cannot tell the machines which restart "
-                          f"is current): export {SEPARATE_STORES}=1 on each machine and start again")
+        raise ConfigError(f"a job of several machines with --max-restarts needs a store per restart (torchrun's "
+                          f"shared store cannot tell the machines which restart is current): start torchrun with "
+                          f"--rdzv-backend c10d and {SEPARATE_STORES}=1 exported on each machine")
     return f"vaekit/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
 
-JOB_FILE = ".torchrun-job"      # in a run made under torchrun: the id of the job (rendezvous) that made it
-
-
-def made_by_this_job(run_path) -> bool:
-    """Whether the run at `run_path` was made by this torchrun job (its --rdzv-id; `--nproc`: a
-    new one per launch), so that a rank restarted by the job goes on with it: after a failure, or
-    because a rank of another machine failed (torchrun counts no restart then)."""
+def restartable_job() -> str | None:
+    """The id of the torchrun job this rank belongs to when the job may restart its ranks
+    (--max-restarts) and the id names it (--rdzv-id; `--nproc` and --standalone draw a new one per
+    launch; torchrun's default, "none", names no job): a run such a job made is resumed by its
+    restarted ranks, after a failure or because a rank of another machine failed (torchrun counts
+    no restart then), where any other start is refused a run directory that exists. None
+    otherwise; on one machine `restarted` then tells a restart. A job of several machines that may
+    restart must name itself: ConfigError otherwise."""
     job = os.environ.get("TORCHELASTIC_RUN_ID")
-    try:
-        return job is not None and (run_path / JOB_FILE).read_text() == job
-    except OSError:
-        return False
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) == 0:
+        return None
+    if job in (None, "", "none"):
+        if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1:
+            raise ConfigError("a job of several machines with --max-restarts needs a name, so that a restarted "
+                              "machine knows the run its job made: pass the same --rdzv-id NAME to torchrun on each")
+        return None
+    return job
 
 
-def record_job(run_path) -> None:
-    """Notes, in a run just made under torchrun, which job made it (see made_by_this_job)."""
-    job = os.environ.get("TORCHELASTIC_RUN_ID")
-    if job is not None:
-        atomic_write_text(run_path / JOB_FILE, job)
+def restarted() -> bool:
+    """Whether torchrun started this process again after a failure on this machine (--max-restarts)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0

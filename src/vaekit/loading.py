@@ -51,7 +51,8 @@ def open_for_inference(run: str | Path, device: str = "auto", precision: str = "
                        prepared: bool = True, unconditional_task: str | None = None,
                        continuous_task: str | None = None, compile: str | None = None) -> OpenRun:
     """The run RUN (its newest weights; with `fall_back`, the newest intact ones when newer ones
-    are damaged), RUN@best (its best validation epoch's weights) or pretrained:NAME, ready for
+    are damaged), RUN@best (its best validation epoch's weights), RUN@epoch_N (a kept epoch
+    checkpoint's) or pretrained:NAME, ready for
     inference on `device` in `precision` (auto: bf16 where the hardware runs it natively, as in
     training; see models/inference.py). With `prepared=False`, the model as training builds it
     (plain parameters, e.g. to export it). A vq model runs as trained, in fp32, whatever
@@ -93,7 +94,7 @@ def check_prior_fits(run: Run, weights: Path) -> None:
     record = run.stage_record()
     if record is not None and record["first_stage_sha256"] != sha256(weights):
         raise RunError(f"the prior in {run.prior_stage.path} was fitted to other first-stage weights than {weights} "
-                       f"(the first stage trained on since, or @best was asked): move {run.prior_stage.path} "
+                       f"(the first stage trained on since, or @best or @epoch_N was asked): move {run.prior_stage.path} "
                        f"away and train it again: vaekit train-prior {run.path}")
 
 

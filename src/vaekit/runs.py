@@ -54,7 +54,7 @@ from .files import atomic_write_text, load_tensors, replacing
 
 BEST_SUFFIX = "@best"              # RUN@best: the run's best validation epoch
 BEST_OUT = "best"                  # where commands write what they make of RUN@best: RUN/best
-EPOCH_SUFFIX = re.compile(r"@epoch_?(\d+)$")   # RUN@epoch_N: the weights of a kept epoch checkpoint (RUN/epoch_NNNN)
+EPOCH_SUFFIX = re.compile(r"@epoch_(\d+)$")   # RUN@epoch_N: the weights of a kept epoch checkpoint (RUN/epoch_NNNN)
 PRETRAINED_PREFIX = "pretrained:"  # pretrained:NAME: a model shipped with vaekit
 EVAL_FILE = "eval.json"
 EVAL_LOCK = ".eval.lock"           # beside eval.json, held while it is read, merged and replaced
@@ -65,6 +65,7 @@ PARTIAL_SAVE_SECONDS = 60.0        # how often an evaluation under way saves the
 
 PRIOR_FOLDER = "prior"             # the vq family's code prior, trained second (vaekit train-prior)
 STAGE_FILE = "stage.json"        # in RUN/prior/: which first-stage weights the prior was fitted to
+JOB_FILE = ".torchrun-job"         # the id of the torchrun job that made the run (Run.made_by)
 
 
 @dataclass(frozen=True)
@@ -78,11 +79,7 @@ class RunName:
     best: bool = False
     shipped: str | None = None
     epoch: int | None = None
-
-    @property
-    def at_checkpoint(self) -> str | None:
-        """The @ suffix naming weights other than the newest (@best, @epoch_N), or None."""
-        return self.text[len(str(self.path)):] if self.best or self.epoch is not None else None
+    at_checkpoint: str | None = None    # the suffix naming weights other than the newest: "@best", "@epoch_N"
 
     @property
     def out(self) -> Path:
@@ -99,10 +96,12 @@ def parse_run_name(text: str | Path) -> RunName:
     """RUN, RUN@best, RUN@epoch_N or pretrained:NAME as a RunName; RunError naming the shipped
     models when NAME is not one of them."""
     text = str(text)
+    if (Path(text) / "config.json").is_file():            # a run whose own folder name ends like a suffix
+        return RunName(text, Path(text))
     if text.endswith(BEST_SUFFIX):
-        return RunName(text, Path(text[:-len(BEST_SUFFIX)]), best=True)
+        return RunName(text, Path(text[:-len(BEST_SUFFIX)]), best=True, at_checkpoint=BEST_SUFFIX)
     if epoch := EPOCH_SUFFIX.search(text):
-        return RunName(text, Path(text[:epoch.start()]), epoch=int(epoch.group(1)))
+        return RunName(text, Path(text[:epoch.start()]), epoch=int(epoch.group(1)), at_checkpoint=epoch.group(0))
     if text.startswith(PRETRAINED_PREFIX):
         name = text[len(PRETRAINED_PREFIX):]
         if name not in pretrained.names():
@@ -182,21 +181,32 @@ class Run:
         except OSError as e:
             raise RunError(f"cannot write the run directory {self.path}: {e.strerror}; choose a writable --out") from None
 
-    def make(self, config: Config, data: dict | None = None) -> None:
+    def make(self, config: Config, data: dict | None = None, job: str | None = None) -> None:
         """Makes the run directory with its config.json (and `data`, the fingerprint of its data,
-        as data.json). Training calls this only once the data and the model are known good, so a
-        start that fails on them leaves nothing behind."""
+        as data.json; `job`, the torchrun job making it, as .torchrun-job before config.json, see
+        made_by). Training calls this only once the data and the model are known good, so a start
+        that fails on them leaves nothing behind."""
         self.check_new()
         made_folder = not self.path.exists()
         try:
             self.images.mkdir(parents=True, exist_ok=True)
             self.created = "folder" if made_folder else "contents"
             self.checkpoints.path.mkdir(exist_ok=True)
+            if job is not None:
+                atomic_write_text(self.path / JOB_FILE, job)
             self.save_config(config)
             if data is not None:
                 atomic_write_text(self.data_path, json.dumps(data, indent=1) + "\n")
         except OSError as e:
             raise RunError(f"cannot write the run directory {self.path}: {e.strerror}; choose a writable --out") from None
+
+    def made_by(self, job: str | None) -> bool:
+        """Whether torchrun job `job` (distributed.restartable_job) made this run: its restarted
+        ranks then go on with it rather than being refused it."""
+        try:
+            return job is not None and (self.path / JOB_FILE).read_text() == job and self.config_path.is_file()
+        except OSError:
+            return False
 
     def remove_unstarted(self) -> None:
         """Undoes `make` when training failed before its first checkpoint: nothing of value is in
@@ -232,7 +242,7 @@ class Run:
 
     @classmethod
     def open(cls, run: str | Path | RunName) -> "Run":
-        """The run RUN, RUN@best or pretrained:NAME (see parse_run_name)."""
+        """The run RUN, RUN@best, RUN@epoch_N or pretrained:NAME (see parse_run_name)."""
         name = run if isinstance(run, RunName) else parse_run_name(run)
         run = cls(name.path, name)
         if not run.config_path.is_file():
@@ -429,8 +439,8 @@ class PartialEval:
                     self.save()
                 self.log(f"stopped: the bounds of {len(self.bounds):,} images are kept in {self.path}; the same "
                          "command goes on from there")
-        except OSError as e:        # the stop's own cause is what the user must see; the last save stays
-            self.log(f"stopped: could not save the newest bounds in {self.path} ({e.strerror}); the same command "
+        except (OSError, SafetensorError) as e:   # the stop's own cause is what the user must see
+            self.log(f"stopped: could not save the newest bounds in {self.path} ({_reason(e)}); the same command "
                      "goes on from the last save")
         finally:
             self._lock.release()
@@ -468,7 +478,12 @@ class PartialEval:
         self.scored.append(bounds.detach().double().cpu())
         self.unsaved = True
         if time.perf_counter() - self.saved >= PARTIAL_SAVE_SECONDS:
-            self.save()
+            try:
+                self.save()
+            except (OSError, SafetensorError) as e:   # the evaluation goes on; only a stop would lose more
+                self.saved = time.perf_counter()
+                self.log(f"warning: could not keep the bounds scored so far in {self.path} ({_reason(e)}); "
+                         "the evaluation goes on, but a stop now would lose them")
 
     def save(self) -> None:
         meta = {"identity": self.identity, "seconds": repr(self.seconds), "sittings": str(self.sittings)}
@@ -478,3 +493,8 @@ class PartialEval:
 
     def done(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def _reason(error: Exception) -> str:
+    """An OSError's or a safetensors write error's reason, in a few words."""
+    return getattr(error, "strerror", None) or str(error)

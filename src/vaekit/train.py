@@ -37,7 +37,7 @@ from .checkpoints import Checkpoint, Progress
 from .compiling import for_training
 from .config import Config
 from .data import ImageData, Splits, check_data_fits, fingerprint, hold_out, preprocess, splits_for
-from .distributed import Runtime, made_by_this_job, record_job, setup
+from .distributed import Runtime, restartable_job, restarted, setup
 from .errors import ConfigError, RunError
 from .evaluate import elbo_report, iwae_bounds, vq_report
 from .models import ModelConfig, build_model
@@ -82,13 +82,15 @@ def train(config: Config | None = None, out: str | Path | None = None, resume: s
 
     Under torchrun every rank calls this; rank 0 alone writes the run directory. When torchrun
     restarts the ranks (--max-restarts: after a failure here or on another machine), `out` holding
-    a run of this very config that this job made (distributed.made_by_this_job) is resumed
-    rather than refused. Raises RunError, ConfigError or DataError with a one-line
+    a run of this very config that this job made (Run.made_by; on one machine, any restart) is
+    resumed rather than refused. Raises RunError, ConfigError or DataError with a one-line
     message, and Interrupted after a stop signal (a checkpoint is written first)."""
     if (resume is None) == (out is None):
         raise ValueError("train() needs exactly one of out= (a new run) or resume= (an existing run)")
     config = config.checked_copy() if config is not None else Config()     # the caller's is left as it was
-    if out is not None and made_by_this_job(Path(out)) and _same_config(Run(out).config(), config):
+    job = restartable_job()
+    if out is not None and (Run(out).made_by(job) or restarted() and Run(out).config_path.is_file()) \
+            and _same_config(Run(out).config(), config):
         resume, out = out, None
     if resume is not None:
         name = parse_run_name(resume)
@@ -285,8 +287,7 @@ def _start(run: Run, config: Config, rt: Runtime, resuming: bool, fall_back: boo
         run.check_data(data_fingerprint, config.data.data_dir or config.data.dataset)
     if rt.is_main:
         if not resuming:
-            run.make(config, data_fingerprint)   # the data and the model are known good: now the run directory
-            record_job(run.path)
+            run.make(config, data_fingerprint, restartable_job())   # data and model known good: now the run directory
             run.lock()
         for path in damaged:                     # --fall-back: the damaged checkpoints go out of the way, kept
             warn(f"warning: set {path.name} aside as {run.checkpoints.set_aside(path)} (damaged); "
