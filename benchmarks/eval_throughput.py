@@ -78,7 +78,7 @@ def main() -> None:
     else:
         evaluated = for_inference(prepare_for_inference(model, rt), setting, rt.device)
         context = torch.inference_mode
-    weigh = log_weights(evaluated, setting, rt.device, print, len(x) * args.k)
+    weigh = log_weights(evaluated, setting, rt.device, print, args.images * args.k)
     x = preprocess(load_splits("mnist", SAMPLE).test.images[:args.images].to(rt.device), "static")
     flops = flops_per_draw(model, x[:1])
     decode_batch = args.decode_batch or decode_batch_for(evaluated, rt.device, 10 ** 9)

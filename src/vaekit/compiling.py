@@ -27,10 +27,11 @@ from .models.inference import Precision
 WRONG_GRADIENTS = "torch.compile (inductor, torch 2.13) computes wrong gradients for the resnet family in bf16"
 
 
-# The families whose IWAE pass `--compile auto` compiles on CPU too, A/B in one process
-# (benchmarks/eval_throughput.py --compile, 2-core AMD EPYC with AVX512-BF16, bf16): spatial 4,237
-# against 2,895 draws/s eager (1.46x). Not the ladder (11,835 against 11,147: 1.06x, for log weights
-# 0.14 nats away from eager's in bf16) nor the seed's conv family (18,497 against 19,985).
+# The families whose IWAE pass `--compile auto` compiles on CPU too: `benchmarks/eval_throughput.py
+# --model M [--compile]`, run ABAB on a quiet 2-core AMD EPYC with AVX512-BF16, bf16, decodes/s:
+# spatial (frontier) 3,779 and 3,370 compiled against 2,890 and 2,438 eager (1.31x, 1.38x). Not the
+# ladder (best: 11,190 and 10,595 against 11,773 and 8,765, no steady gain, and its bf16 log weights
+# move by up to 0.14 nats compiled) nor the seed's conv family (16,199 and 14,666 against 17,809 and 16,862).
 COMPILED_EVALUATION = ("spatial",)
 COMPILE_PAYS = 1_000_000    # decodes from which auto compiles there: about 4 min eager, against a compile of 5-30 s
 
