@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 from vaekit.compiling import log_weights
 from vaekit.data import load_splits, preprocess
 from vaekit.distributed import setup
-from vaekit.evaluate import log_weights_of
+from vaekit.evaluate import LogWeights
 from vaekit.models.inference import prepare_for_inference
 
 SAMPLE = Path(__file__).resolve().parent.parent / "tests" / "data" / "mnist-sample"
@@ -45,7 +45,7 @@ def main() -> None:
 
     rt = setup("cpu", args.precision)
     model = prepare_for_inference(models()[args.model].to(memory_format=torch.channels_last).eval(), rt)
-    weigh = log_weights(model, "on", rt.device, print, args.draws) if args.compile else log_weights_of(model)
+    weigh = log_weights(model, "on", rt.device, print, args.draws) if args.compile else LogWeights(model)
     x = preprocess(load_splits("mnist", SAMPLE).test.images[:1], "static")
     eps = torch.randn(args.draws, 1, model.noise_dim)
     with torch.inference_mode():

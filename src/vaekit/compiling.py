@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, RunError
+from .evaluate import LogWeights
 from .models.inference import Precision
 
 WRONG_GRADIENTS = "torch.compile (inductor, torch 2.13) computes wrong gradients for the resnet family in bf16"
@@ -98,18 +99,6 @@ def for_inference(prepared: nn.Module, setting: str, device: torch.device) -> nn
     return prepared
 
 
-class _LogWeights(nn.Module):
-    """The log importance weights [kc,B] of a pass of `model` (x [B,...], eps [kc,B,noise_dim], y),
-    as a module, so that torch.compile sees the whole pass and drops what the bound does not read."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor, eps: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        return self.model(x, eps=eps, y=y).log_w
-
-
 def log_weights(model: nn.Module, setting: str, device: torch.device, log, decodes: int):
     """What the IWAE pass (evaluate.iwae_bounds) calls for a pass's log weights: the prepared
     `model`'s whole forward under torch.compile when `setting` says so on `device` (auto: on CUDA,
@@ -117,5 +106,5 @@ def log_weights(model: nn.Module, setting: str, device: torch.device, log, decod
     or more), else None (the eager forward)."""
     pays = model.config.family in COMPILED_EVALUATION and decodes >= COMPILE_PAYS
     if compiling(setting, device) or (setting == "auto" and pays):
-        return Compiled(_LogWeights(model), log)
+        return Compiled(LogWeights(model), log)
     return None

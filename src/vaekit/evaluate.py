@@ -126,11 +126,18 @@ def _image_noise(seed: int, first: int, count: int, k: int, dim: int, device: to
     return torch.stack(draws, dim=1)
 
 
-def log_weights_of(model):
-    """The log importance weights of a pass, log p(x,z) - log q(z|x) [kc,B], as the model's forward
-    computes them: (x [B,C,H,W], eps [kc,B,noise_dim], y) -> [kc,B]; what iwae_bounds calls unless
-    given a compiled one (compiling.log_weights)."""
-    return lambda x, eps, y: model(x, eps=eps, y=y).log_w
+class LogWeights(torch.nn.Module):
+    """The log importance weights of a pass of `model`, log p(x,z) - log q(z|x), as its forward
+    computes them: (x [B,C,H,W], eps [kc,B,noise_dim], y) -> [kc,B]. What iwae_bounds calls; a
+    module, so that torch.compile can take the whole pass (compiling.log_weights) and drop what
+    the bound does not read."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        return self.model(x, eps=eps, y=y).log_w
 
 
 @torch.inference_mode()
@@ -144,9 +151,9 @@ def iwae_bounds(model, x: torch.Tensor, k: int, seed: int = 0, decode_batch: int
     in equal chunks, the log weights [K,B] joined and reduced with one logsumexp. x's images are
     test images first, first + 1, ...: image i's draws are fixed by `seed` and i alone (see
     _image_noise), so the bounds of x[m:] with first=m are those of x's last images. `log_weights`:
-    what computes a pass's log weights (default: log_weights_of(model)). `progress`: a bar advanced
+    what computes a pass's log weights (default: LogWeights(model), eager). `progress`: a bar advanced
     per decode; `on_pass(bounds)`: told each pass's bounds [B] as they are scored."""
-    log_weights = log_weights or log_weights_of(model)
+    log_weights = log_weights or LogWeights(model)
     per_pass = max(1, decode_batch // k)                            # images per pass
     chunks = -(-k // decode_batch)                                  # draws split in this many chunks
     chunk = -(-k // chunks)                                         # draws per decode, per image
