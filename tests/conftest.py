@@ -3,6 +3,17 @@ from pathlib import Path
 
 import pytest
 
+
+def share_the_cores_between_workers() -> None:
+    """Under pytest-xdist (pyproject's addopts) each worker, and each process a test starts, takes its share
+    of the cores: two workers of two threads each on two cores spin against each other. Set here, before
+    torch is imported; an OMP_NUM_THREADS of the user's own is kept."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // workers))
+
+
+share_the_cores_between_workers()
 SAMPLE = Path(__file__).parent / "data" / "mnist-sample"   # real MNIST: 2,000 train / 500 test images
 
 
