@@ -7,6 +7,18 @@ import platform
 import resource
 from pathlib import Path
 
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+RECIPES = ("ladder", "frontier")     # the models read from configs/mnist-NAME.json (recipe())
+MODELS = ("seed", *RECIPES)          # the choices of every script's --model / --models
+MODELS_HELP = ("the seed's, configs/mnist-ladder.json's (ladder, VampPrior; pretrained:mnist-best's "
+               "until it was replaced by the spatial frontier model) or configs/mnist-frontier.json's "
+               "(spatial; pretrained:mnist-best's architecture now)")
+
+
+def recipe(name: str) -> dict:
+    """configs/mnist-NAME.json for NAME in RECIPES: a full Config dict ({"data", "model", "train"})."""
+    return json.loads((CONFIGS / f"mnist-{name}.json").read_text())
+
 
 def cpu() -> dict:
     """The processor's model name and whether it has AMX (bf16 matrix units): on x86 Linux from

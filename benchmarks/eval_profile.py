@@ -1,7 +1,7 @@
 """Where the time of an IWAE pass goes: torch.profiler over `vaekit eval`'s pass of one model.
 
     python benchmarks/eval_profile.py --model frontier --compile     # inductor's fused kernels named
-    python benchmarks/eval_profile.py --model best --draws 1000
+    python benchmarks/eval_profile.py --model ladder --draws 1000
 
 The model (`--model`, as benchmarks/peak.py builds it: weights do not change speed) is prepared
 for inference as `vaekit eval` prepares it; one test image of the shipped MNIST sample is scored
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import emit, machine
+from common import MODELS, MODELS_HELP, emit, machine
 from peak import models
 from torch.profiler import ProfilerActivity, profile
 
@@ -32,7 +32,7 @@ SAMPLE = Path(__file__).resolve().parent.parent / "tests" / "data" / "mnist-samp
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="frontier", choices=["seed", "best", "frontier"])
+    p.add_argument("--model", default="frontier", choices=MODELS, help=f"the model (default frontier): {MODELS_HELP}")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--draws", type=int, default=1000, help="importance draws a pass (default 1000)")
     p.add_argument("--passes", type=int, default=4, help="passes profiled (default 4)")

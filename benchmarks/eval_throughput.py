@@ -6,8 +6,10 @@ matrix-multiply peaks of this machine measured in the same process.
     python benchmarks/eval_throughput.py --compile            # the IWAE pass under torch.compile
     python benchmarks/eval_throughput.py --model frontier --compile
 
-The seed's model, `--model best` or `--model frontier` (configs/mnist-frontier.json; speed does not
-depend on the weights) scores the shipped MNIST sample's test
+The seed's model, `--model ladder` (configs/mnist-ladder.json: ladder, VampPrior;
+pretrained:mnist-best's until it was replaced by the spatial frontier model) or `--model frontier`
+(configs/mnist-frontier.json, pretrained:mnist-best's architecture now; speed does not depend on
+the weights) scores the shipped MNIST sample's test
 images, K draws each. `--training-form` times the model as training runs it (no weights laid out
 once, the one-channel output layer as it is) instead of `prepare_for_inference`'s form: the
 before and after of the same evaluation. One JSON line: decodes/s, the precision, the decode
@@ -24,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import emit, machine, peak_memory_mb
+from common import MODELS, MODELS_HELP, emit, machine, peak_memory_mb
 from peak import models, peaks
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -61,9 +63,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=40, help="test images per repeat (default 40)")
     p.add_argument("--decode-batch", type=int, help="decodes at once (default: tuned, as vaekit eval does)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--model", default="seed", choices=["seed", "best", "frontier"],
-                   help="the seed's model, pretrained:mnist-best's architecture (ladder, VampPrior) or "
-                        "configs/mnist-frontier.json's (spatial)")
+    p.add_argument("--model", default="seed", choices=MODELS, help=f"the model: {MODELS_HELP}")
     p.add_argument("--training-form", action="store_true", help="time the model as training runs it")
     p.add_argument("--compile", action="store_true",
                    help="the IWAE pass under torch.compile, as `vaekit eval --compile on` runs it (the "

@@ -12,8 +12,9 @@
 #     --device cpu), so the real entry points run on the GPU instead: `vaekit train` (1 epoch of
 #     the shipped MNIST sample, bf16) then `vaekit eval` of that run (K=50): pass/fail lines;
 #  2. the bf16 and fp32 matmul peaks (benchmarks/peak.py --no-layers);
-#  3. training throughput of the seed's model and of the best model's recipe, bf16, one full-MNIST
-#     epoch each (benchmarks/train_throughput.py); the seed's line carries minutes_per_100_epochs
+#  3. training throughput of the seed's model and of the best model's recipe (--model frontier:
+#     configs/mnist-frontier.json, pretrained:mnist-best's, spatial), bf16, one full-MNIST epoch
+#     each (benchmarks/train_throughput.py); the seed's line carries minutes_per_100_epochs
 #     (100 x (epoch + test pass), estimated from the measured epoch) and the peak GPU memory;
 #  4. evaluation throughput (decodes/s of the IWAE bound, fraction of the peak) of both models.
 set -euo pipefail
@@ -52,11 +53,11 @@ bench() {   # bench SECONDS SCRIPT ARGS...: its JSON lines, or one line saying i
     timeout "$seconds" "$PYTHON" "$script" "$@" | grep '^{' ||
         echo "{\"benchmark\": \"$script\", \"args\": \"$*\", \"error\": \"failed or ran past ${seconds} s\"}"
 }
-# 2. the peaks; 3. training (seed: 2 fresh one-epoch runs, best: 1); 4. evaluation. Worst case,
+# 2. the peaks; 3. training (seed: 2 fresh one-epoch runs, frontier: 1); 4. evaluation. Worst case,
 # every timeout reached: 2 x 60 + 45 + 120 + 90 + 2 x 45 = 465 s.
 bench 45 peak.py --device cuda --no-layers
 bench 120 train_throughput.py --device cuda --precision bf16 --repeats 2 --data-dir "$MNIST_DIR"
-bench 90 train_throughput.py --device cuda --precision bf16 --repeats 1 --model best --data-dir "$MNIST_DIR"
-for model in seed best; do
+bench 90 train_throughput.py --device cuda --precision bf16 --repeats 1 --model frontier --data-dir "$MNIST_DIR"
+for model in seed frontier; do
     bench 45 eval_throughput.py --device cuda --precision bf16 --model "$model" --k 1000 --images 40
 done

@@ -1,9 +1,11 @@
 """Where a decode's time goes, layer by layer: FLOPs, milliseconds and the fraction of the matmul peak.
 
-    python benchmarks/layer_table.py                         # seed and best model, bf16 and fp32, batch 512
-    python benchmarks/layer_table.py --models best --precisions bf16 --batch 1000
+    python benchmarks/layer_table.py                         # seed and ladder, bf16 and fp32, batch 512
+    python benchmarks/layer_table.py --models ladder --precisions bf16 --batch 1000
 
-Each model (the seed's, and pretrained:mnist-best's architecture: ladder, VampPrior) is prepared
+Each model (the seed's, configs/mnist-ladder.json's: ladder, VampPrior, pretrained:mnist-best's
+until it was replaced by the spatial frontier model, or configs/mnist-frontier.json's: spatial,
+pretrained:mnist-best's architecture now) is prepared
 for inference as `vaekit eval` runs it (models/inference.py), and `decode` runs on --batch codes.
 Every leaf module the decode calls is then timed alone on the input it received, in the
 autocast state it ran under (the best of repeats lasting --seconds), and beside it its useful
@@ -21,7 +23,7 @@ import argparse
 import time
 
 import torch
-from common import emit, machine
+from common import MODELS, MODELS_HELP, emit, machine
 from peak import DTYPES, conv_gemms, models, square_rates
 
 from vaekit.distributed import setup
@@ -103,7 +105,8 @@ def markdown(rows: list[dict], total_ms: float, peak: float) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["seed", "best"], choices=["seed", "best", "frontier"])
+    p.add_argument("--models", nargs="+", default=["seed", "ladder"], choices=MODELS,
+                   help=f"the models (default seed ladder): {MODELS_HELP}")
     p.add_argument("--precisions", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
     p.add_argument("--batch", type=int, default=512, help="codes decoded at once (default 512, "
                    "the decode batch `vaekit eval` tunes to on 2 AVX512-BF16 cores)")

@@ -23,7 +23,7 @@ import argparse
 import time
 
 import torch
-from common import emit, machine
+from common import RECIPES, emit, machine, recipe
 
 SQUARE_SIZES = (1024, 2048, 3072, 4096)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -116,18 +116,12 @@ def layer_gemms(model: torch.nn.Module, z: torch.Tensor, call=None) -> list[dict
 
 
 def models() -> dict:
-    """The seed's model, the best pretrained model's architecture and configs/mnist-frontier.json's
-    (weights do not change speed)."""
-    import json
-    from importlib.resources import files
-    from pathlib import Path
-
+    """The seed's model and those of configs/mnist-ladder.json and configs/mnist-frontier.json
+    (common.recipe; weights do not change speed), by name."""
     from vaekit.models import ModelConfig, build_model
 
-    best = json.loads(files("vaekit.pretrained").joinpath("mnist-best/config.json").read_text())["model"]
-    frontier = Path(__file__).resolve().parent.parent / "configs" / "mnist-frontier.json"
-    return {"seed": build_model(ModelConfig()), "best": build_model(ModelConfig(**best)),
-            "frontier": build_model(ModelConfig(**json.loads(frontier.read_text())["model"]))}
+    return {"seed": build_model(ModelConfig()),
+            **{name: build_model(ModelConfig(**recipe(name)["model"])) for name in RECIPES}}
 
 
 def main() -> None:

@@ -2,23 +2,24 @@
 
     python benchmarks/train_throughput.py --precision bf16 --repeats 3
     python benchmarks/train_throughput.py --precision fp32 --device cpu
-    python benchmarks/train_throughput.py --model best --repeats 1     # pretrained:mnist-best's recipe, one epoch
+    python benchmarks/train_throughput.py --model frontier --repeats 1     # pretrained:mnist-best's recipe, one epoch
+    python benchmarks/train_throughput.py --model ladder --repeats 1       # configs/mnist-ladder.json's
 
 Each repeat is a fresh one-epoch run (60,000 images plus the test pass) in a temporary run
 directory; the JSON line reports the median over repeats, read from the runs' metrics.jsonl, and
-the minutes 100 epochs (each with its test pass) take at that speed. `--model best` trains the
-recipe of pretrained:mnist-best (ladder, VampPrior; its config.json) instead of the seed's.
+the minutes 100 epochs (each with its test pass) take at that speed. `--model frontier` trains
+configs/mnist-frontier.json's recipe (spatial; pretrained:mnist-best's architecture now) instead of
+the seed's, `--model ladder` configs/mnist-ladder.json's (ladder, VampPrior; pretrained:mnist-best's
+until it was replaced by the spatial frontier model).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
-from importlib.resources import files
 from pathlib import Path
 
-from common import emit, machine, peak_memory_mb
+from common import MODELS, MODELS_HELP, emit, machine, peak_memory_mb, recipe
 
 import vaekit
 from vaekit.distributed import setup
@@ -28,18 +29,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--model", default="seed", choices=["seed", "best"],
-                   help="the seed's recipe, or pretrained:mnist-best's (ladder, VampPrior)")
+    p.add_argument("--model", default="seed", choices=MODELS, help=f"the recipe: {MODELS_HELP}")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--epochs", type=int, default=1, help="epochs per repeat (GPU: more, to time a long run)")
     p.add_argument("--data-dir", help="IDX files to use instead of the cache / fetch chain")
     args = p.parse_args()
 
-    if args.model == "best":
-        config = vaekit.Config.from_dict(json.loads(files("vaekit.pretrained").joinpath("mnist-best/config.json").read_text()))
-    else:
-        config = vaekit.Config()
+    config = vaekit.Config() if args.model == "seed" else vaekit.Config.from_dict(recipe(args.model))
     config.train.precision, config.train.device = args.precision, args.device
     config.train.batch_size, config.train.epochs = args.batch_size, args.epochs
     config.data.data_dir = args.data_dir
