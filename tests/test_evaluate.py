@@ -2,7 +2,9 @@
 ELBO, exact sums over every test image, reproducible dynamic binarization, the CLI end to end."""
 import json
 import math
+import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -17,7 +19,7 @@ from vaekit.api import eval_to_json
 from vaekit.cli import main
 from vaekit.data import preprocess
 from vaekit.evaluate import elbo_per_image, elbo_report, iwae_bounds
-from vaekit.errors import RunError
+from vaekit.errors import Interrupted, RunError
 from vaekit.objectives import analytic_kl
 from vaekit.runs import PartialEval, Run
 from vaekit.evaluate import fastest_decode_batch, max_decodes
@@ -229,8 +231,8 @@ def test_seeds_are_checked_once_and_the_largest_one_runs_every_derivation(model_
     assert bounds.shape == (2,) and torch.isfinite(bounds).all()
 
 
-def _stop_after(passes: int, monkeypatch):
-    """Makes evaluations stop (Ctrl-C) once `passes` passes' bounds are kept."""
+def _stop_after(passes: int, stop, monkeypatch):
+    """Makes evaluations stop, by calling `stop`, once `passes` passes' bounds are kept."""
     keep = PartialEval.add
     kept = []
 
@@ -238,21 +240,33 @@ def _stop_after(passes: int, monkeypatch):
         keep(self, bounds)
         kept.append(len(bounds))
         if len(kept) == passes:
-            raise KeyboardInterrupt
+            stop()
     monkeypatch.setattr(PartialEval, "add", add)
     return keep
 
 
-def test_a_stopped_evaluation_goes_on_where_it_stopped_and_ends_as_one_sitting_would(run, tmp_path, monkeypatch):
+def _ctrl_c():
+    raise KeyboardInterrupt
+
+
+def _sigterm():
+    os.kill(os.getpid(), signal.SIGTERM)     # a real signal to this process: PartialEval's handler stops it
+
+
+@pytest.mark.parametrize("stop, stopped_by", [(_ctrl_c, KeyboardInterrupt), (_sigterm, Interrupted)])
+def test_a_stopped_evaluation_goes_on_where_it_stopped_and_ends_as_one_sitting_would(run, tmp_path, monkeypatch,
+                                                                                      stop, stopped_by):
     monkeypatch.setattr(api, "RESUMABLE_FROM", 0)             # every evaluation keeps its bounds
     monkeypatch.setattr(runs, "PARTIAL_SAVE_SECONDS", 1e9)    # saved only when stopped
     stopped, straight = (shutil.copytree(run, tmp_path / name, ignore=shutil.ignore_patterns("eval.json"))
                          for name in ("stopped", "straight"))                  # without the other tests' results
     protocol = dict(k=20, n=60, decode_batch=200, device="cpu", precision="fp32")   # 10 images a pass, 6 passes
-    keep = _stop_after(3, monkeypatch)
+    keep = _stop_after(3, stop, monkeypatch)
     said = []
-    with pytest.raises(KeyboardInterrupt):
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(stopped_by):
         eval_to_json(stopped, **protocol, log=said.append)
+    assert signal.getsignal(signal.SIGTERM) == handler                # this process's own handler again
     saved = stopped / "eval-partial" / "static_k20_n60_seed0_fp32.safetensors"
     assert said == [f"stopped: the bounds of 30 images are kept in {saved}; the same command goes on from there"]
     assert load_file(saved)["bounds"].shape == (30,)                  # the three passes of ten images scored

@@ -19,11 +19,10 @@ from pathlib import Path
 
 from . import api, pretrained
 from .config import COMPILE_MODES, DEVICES, FOLDER, FOLDER_SETTINGS, IDX_DATASETS, PRECISIONS, Config, DataConfig, check_seed
-from .errors import ConfigError, VaekitError
+from .errors import ConfigError, Interrupted, VaekitError
 from .evaluate import eval_table
 from .launch import launch, launched_by_torchrun
 from .runs import Run, parse_run_name
-from .train import Interrupted
 
 
 # -- the flags several commands take, each declared once ------------------------------------------
@@ -513,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     except VaekitError as e:
         print(f"vaekit: error: {e}", file=sys.stderr)
         return 2
-    except Interrupted as e:   # training saved a checkpoint and said how to go on
+    except Interrupted as e:   # training saved a checkpoint, an evaluation its bounds, and said how to go on
         return 128 + e.signum
     except OSError as e:      # a read-only or full disk under a picture or a result: one line, not a traceback
         where = f"{e.filename}: " if e.filename else ""

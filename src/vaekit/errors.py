@@ -19,3 +19,12 @@ class DataError(VaekitError):
 
 class RunError(VaekitError):
     """A run directory or checkpoint that cannot be used."""
+
+
+class Interrupted(Exception):
+    """A long command stopped on a signal after keeping its work (training: a checkpoint; an
+    evaluation: the bounds it scored), having said how to go on; `signum` says which signal."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum

@@ -36,7 +36,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +51,7 @@ from safetensors.torch import save_file
 from . import pretrained
 from .checkpoints import CheckpointStore
 from .config import Config
-from .errors import ConfigError, DataError, RunError
+from .errors import ConfigError, DataError, Interrupted, RunError
 from .files import atomic_write_text, load_tensors, replacing
 
 BEST_SUFFIX = "@best"              # RUN@best: the run's best validation epoch
@@ -401,7 +403,9 @@ class PartialEval:
     sitting's end, a full disk), goes on where it stopped: RUN/eval-partial/KEY.safetensors (KEY:
     eval_key), the bounds of the first M test images in order with the seconds spent on them,
     replaced whole every PARTIAL_SAVE_SECONDS and when an exception (Ctrl-C) stops the evaluation
-    (a kill loses at most PARTIAL_SAVE_SECONDS of work).
+    (a kill -9 loses at most PARTIAL_SAVE_SECONDS of work). SIGTERM, what `kill`, a scheduler or a
+    sitting's end sends (a job a script starts with `&` ignores SIGINT), is made such an exception:
+    errors.Interrupted, raised once the bounds are kept.
     Image i's importance draws depend on the seed and i alone (evaluate._image_noise), so the
     bounds a resumed evaluation adds are those one sitting would have computed. Saved bounds are
     used only by an evaluation of the same protocol (KEY), weights and data (`identity`); others
@@ -418,6 +422,7 @@ class PartialEval:
         self.sittings = 1
         self.started = self.saved = time.perf_counter()
         self._lock = FileLock(self.path.with_suffix(".lock"))
+        self._sigterm_before: list = []       # SIGTERM's handler before __enter__, while this one is set
 
     def __enter__(self) -> "PartialEval":
         try:
@@ -428,7 +433,15 @@ class PartialEval:
                            f"holds {self._lock.lock_file}): wait for it to end, or evaluate with another --seed") from None
         except OSError as e:
             raise RunError(f"cannot write {self.path.parent}: {e.strerror}; fix its permissions") from None
+        if threading.current_thread() is threading.main_thread():    # only it may set a signal's handler
+            self._sigterm_before = [signal.signal(signal.SIGTERM, self._stop)]
         return self
+
+    def _stop(self, signum: int, frame) -> None:
+        """SIGTERM: stop where the evaluation is, as Ctrl-C does (__exit__ keeps the bounds); a second
+        one ends the process at once."""
+        signal.signal(signum, signal.SIG_DFL)
+        raise Interrupted(signum, f"stopped by {signal.Signals(signum).name}")
 
     def __exit__(self, error_type, *_) -> None:
         """Releases the lock; an evaluation stopped by an exception (Ctrl-C) first saves what it
@@ -443,6 +456,8 @@ class PartialEval:
             self.log(f"stopped: could not save the newest bounds in {self.path} ({_reason(e)}); the same command "
                      "goes on from the last save")
         finally:
+            if self._sigterm_before:
+                signal.signal(signal.SIGTERM, self._sigterm_before.pop())
             self._lock.release()
 
     def resume(self) -> str | None:

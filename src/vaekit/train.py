@@ -38,7 +38,7 @@ from .compiling import for_training
 from .config import Config
 from .data import ImageData, Splits, check_data_fits, fingerprint, hold_out, preprocess, splits_for
 from .distributed import Runtime, restartable_job, restarted, setup
-from .errors import ConfigError, RunError
+from .errors import ConfigError, Interrupted, RunError
 from .evaluate import elbo_report, iwae_bounds, vq_report
 from .models import ModelConfig, build_model
 from .models.vq_vae import codebook_usage, update_codebook, vq_loss
@@ -61,14 +61,6 @@ def say(message: str) -> None:
 def warn(message: str) -> None:
     """train's warnings (the data's, a damaged checkpoint set aside): stderr, leaving stdout to the log."""
     print(message, file=sys.stderr, flush=True)
-
-
-class Interrupted(Exception):
-    """Training stopped on SIGINT or SIGTERM after writing a checkpoint; `signum` says which."""
-
-    def __init__(self, signum: int, message: str) -> None:
-        super().__init__(message)
-        self.signum = signum
 
 
 def train(config: Config | None = None, out: str | Path | None = None, resume: str | Path | None = None,
