@@ -16,7 +16,7 @@ MODELS_HELP = ("the seed's, configs/mnist-ladder.json's (ladder, VampPrior; pret
 
 
 def recipe(name: str) -> dict:
-    """configs/mnist-NAME.json for NAME in RECIPES: a full Config dict ({"data", "model", "train"})."""
+    """configs/mnist-NAME.json for NAME in RECIPES: the settings it changes, as a Config dict ({"data", "model", "train"})."""
     return json.loads((CONFIGS / f"mnist-{name}.json").read_text())
 
 

@@ -162,6 +162,19 @@ def test_spatial_resume_is_bit_exact(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_the_ladder_recipe_builds_the_ladder_that_was_pretrained_mnist_best():
+    from pathlib import Path
+
+    from vaekit.config import Config
+    from vaekit.models import build_model
+
+    recipe = Path(__file__).parent.parent / "configs" / "mnist-ladder.json"
+    config = Config.from_dict(json.loads(recipe.read_text()))
+    model = build_model(config.model)
+    assert type(model).__name__ == "LadderVAE" and config.model.layers_of_z == 2 and len(model.pseudo_inputs) == 500
+    assert (config.train.epochs, config.train.lr, config.data.validation) == (120, 1e-3, 10000)
+
+
 def test_the_frontier_recipe_builds_a_spatial_model_with_a_vamp_prior():
     from pathlib import Path
 

@@ -176,12 +176,12 @@ def eval_to_json(run: str | Path, k: int = 5000, binarization: str | None = None
                 log(said)
         result = likelihood_report(model, x, binarization, rt, gen, k, decode_batch, seed,
                                    None if labels is None else labels[:n], weigh, partial)
-        result.update(weights)
-        if report:
-            report(result)
-        opened.run.save_eval(result)
-        if partial is not None:
-            partial.done()
+    result.update(weights)        # scored: a stop from here on leaves the saved bounds, and SIGTERM its default
+    if report:
+        report(result)
+    opened.run.save_eval(result)
+    if partial is not None:
+        partial.done()
     return result
 
 

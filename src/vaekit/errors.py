@@ -21,9 +21,11 @@ class RunError(VaekitError):
     """A run directory or checkpoint that cannot be used."""
 
 
-class Interrupted(Exception):
+class Interrupted(KeyboardInterrupt):
     """A long command stopped on a signal after keeping its work (training: a checkpoint; an
-    evaluation: the bounds it scored), having said how to go on; `signum` says which signal."""
+    evaluation: the bounds it scored), having said how to go on; `signum` says which signal. A
+    KeyboardInterrupt, as Ctrl-C's: raised from a signal handler at any line, it passes every
+    `except Exception` (torch.compile's wrapping of errors in a compile among them)."""
 
     def __init__(self, signum: int, message: str) -> None:
         super().__init__(message)

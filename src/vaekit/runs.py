@@ -433,7 +433,8 @@ class PartialEval:
                            f"holds {self._lock.lock_file}): wait for it to end, or evaluate with another --seed") from None
         except OSError as e:
             raise RunError(f"cannot write {self.path.parent}: {e.strerror}; fix its permissions") from None
-        if threading.current_thread() is threading.main_thread():    # only it may set a signal's handler
+        # only the main thread may set a handler; a SIGTERM the process was told to ignore stays ignored
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) != signal.SIG_IGN:
             self._sigterm_before = [signal.signal(signal.SIGTERM, self._stop)]
         return self
 
@@ -443,21 +444,23 @@ class PartialEval:
         signal.signal(signum, signal.SIG_DFL)
         raise Interrupted(signum, f"stopped by {signal.Signals(signum).name}")
 
-    def __exit__(self, error_type, *_) -> None:
-        """Releases the lock; an evaluation stopped by an exception (Ctrl-C) first saves what it
-        scored, and says where it is kept."""
+    def __exit__(self, error_type, error, _) -> None:
+        """Releases the lock and SIGTERM; an evaluation stopped by an exception (Ctrl-C, SIGTERM) first
+        saves what it scored, and says where it is kept."""
         try:
+            if self._sigterm_before:               # None: a handler set outside Python, which cannot be set again
+                signal.signal(signal.SIGTERM, self._sigterm_before.pop() or signal.SIG_DFL)
             if error_type is not None and self.scored:
                 if self.unsaved:
                     self.save()
                 self.log(f"stopped: the bounds of {len(self.bounds):,} images are kept in {self.path}; the same "
                          "command goes on from there")
+            elif isinstance(error, Interrupted):
+                self.log(f"{error} before the first bounds were scored")
         except (OSError, SafetensorError) as e:   # the stop's own cause is what the user must see
             self.log(f"stopped: could not save the newest bounds in {self.path} ({_reason(e)}); the same command "
                      "goes on from the last save")
         finally:
-            if self._sigterm_before:
-                signal.signal(signal.SIGTERM, self._sigterm_before.pop())
             self._lock.release()
 
     def resume(self) -> str | None:
