@@ -1,5 +1,9 @@
 """vaekit's errors, in one place. Each carries a one-line message that names the problem and
-the fix; the command line prints it as it is (no traceback). VaekitError is the one to catch."""
+the fix; the command line prints it as it is (no traceback). VaekitError is the one to catch.
+Beside them, the stop of a long command on a signal (Interrupted) and the handling of its signals."""
+import contextlib
+import signal
+import threading
 
 
 class VaekitError(Exception):
@@ -30,3 +34,18 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int, message: str) -> None:
         super().__init__(message)
         self.signum = signum
+
+
+@contextlib.contextmanager
+def handling(signums, handler):
+    """Sets `handler` for each signal of `signums` while the block runs, and the previous handlers
+    back after it (one set outside Python, which Python cannot set again: the default). Only in the
+    main thread, the only one Python lets set handlers; elsewhere the block runs as it is."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, handler) for s in signums}
+    try:
+        yield
+    finally:
+        for s, before in previous.items():
+            signal.signal(s, signal.SIG_DFL if before is None else before)

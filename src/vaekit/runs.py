@@ -38,7 +38,6 @@ import re
 import shutil
 import signal
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +50,7 @@ from safetensors.torch import save_file
 from . import pretrained
 from .checkpoints import CheckpointStore
 from .config import Config
-from .errors import ConfigError, DataError, Interrupted, RunError
+from .errors import ConfigError, DataError, Interrupted, RunError, handling
 from .files import atomic_write_text, load_tensors, replacing
 
 BEST_SUFFIX = "@best"              # RUN@best: the run's best validation epoch
@@ -422,7 +421,8 @@ class PartialEval:
         self.sittings = 1
         self.started = self.saved = time.perf_counter()
         self._lock = FileLock(self.path.with_suffix(".lock"))
-        self._sigterm_before: list = []       # SIGTERM's handler before __enter__, while this one is set
+        # SIGTERM stops the evaluation as Ctrl-C does, unless the process was told to ignore it
+        self._sigterm = handling([s for s in [signal.SIGTERM] if signal.getsignal(s) != signal.SIG_IGN], self._stop)
 
     def __enter__(self) -> "PartialEval":
         try:
@@ -433,9 +433,7 @@ class PartialEval:
                            f"holds {self._lock.lock_file}): wait for it to end, or evaluate with another --seed") from None
         except OSError as e:
             raise RunError(f"cannot write {self.path.parent}: {e.strerror}; fix its permissions") from None
-        # only the main thread may set a handler; a SIGTERM the process was told to ignore stays ignored
-        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) != signal.SIG_IGN:
-            self._sigterm_before = [signal.signal(signal.SIGTERM, self._stop)]
+        self._sigterm.__enter__()
         return self
 
     def _stop(self, signum: int, frame) -> None:
@@ -448,8 +446,7 @@ class PartialEval:
         """Releases the lock and SIGTERM; an evaluation stopped by an exception (Ctrl-C, SIGTERM) first
         saves what it scored, and says where it is kept."""
         try:
-            if self._sigterm_before:               # None: a handler set outside Python, which cannot be set again
-                signal.signal(signal.SIGTERM, self._sigterm_before.pop() or signal.SIG_DFL)
+            self._sigterm.__exit__(None, None, None)
             if error_type is not None and self.scored:
                 if self.unsaved:
                     self.save()

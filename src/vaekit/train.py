@@ -22,7 +22,6 @@ import importlib.util
 import math
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -38,7 +37,7 @@ from .compiling import for_training
 from .config import Config
 from .data import ImageData, Splits, check_data_fits, fingerprint, hold_out, preprocess, splits_for
 from .distributed import Runtime, restartable_job, restarted, setup
-from .errors import ConfigError, Interrupted, RunError
+from .errors import ConfigError, Interrupted, RunError, handling
 from .evaluate import elbo_report, iwae_bounds, vq_report
 from .models import ModelConfig, build_model
 from .models.vq_vae import codebook_usage, update_codebook, vq_loss
@@ -583,16 +582,14 @@ class _StopSignals:
         self.rt = rt
         self.received = 0    # the signal this process had (set by the handler, at any moment)
         self.signum = 0      # the signal the ranks agreed on after the last step: what the loop acts on
-        self._previous = {}
+        self._handling = handling(STOP_SIGNALS, self._on_signal)
 
     def __enter__(self) -> "_StopSignals":
-        if threading.current_thread() is threading.main_thread():   # the only thread Python lets set handlers
-            self._previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        self._handling.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
+        self._handling.__exit__(*exc)
 
     def _on_signal(self, signum: int, frame) -> None:
         for s in STOP_SIGNALS:
