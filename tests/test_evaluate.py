@@ -18,10 +18,10 @@ from vaekit import load_model, load_splits, train
 from vaekit.api import eval_to_json
 from vaekit.cli import main
 from vaekit.data import preprocess
-from vaekit.evaluate import elbo_per_image, elbo_report, iwae_bounds
+from vaekit.evaluate import elbo_per_image, elbo_report, eval_table, iwae_bounds
 from vaekit.errors import Interrupted, RunError
 from vaekit.objectives import analytic_kl
-from vaekit.runs import PartialEval, Run
+from vaekit.runs import PartialEval, Run, read_bounds
 from vaekit.evaluate import fastest_decode_batch, max_decodes
 
 
@@ -275,12 +275,34 @@ def test_a_stopped_evaluation_goes_on_where_it_stopped_and_ends_as_one_sitting_w
     lines = []
     resumed = eval_to_json(stopped, **protocol, log=lines.append)
     assert len(lines) == 1 and lines[0].startswith("resuming: 30 images scored in") and "sitting 2" in lines[0]
-    assert not saved.exists()                                         # eval.json holds the result now
+    assert not saved.exists()                                         # eval.json holds the result now,
+    assert read_bounds(stopped / "eval-bounds" / saved.name)[0].shape == (60,)   # and eval-bounds/ every bound
     whole = eval_to_json(straight, **protocol)
     timing = {"seconds", "decodes_per_second", "sittings"}
     assert resumed["sittings"] == 2 and "sittings" not in whole
     assert {k: v for k, v in resumed.items() if k not in timing} == {k: v for k, v in whole.items() if k not in timing}
     assert json.loads((stopped / "eval.json").read_text())["static_k20_n60_seed0_fp32"] == resumed
+
+
+def test_a_finished_evaluation_states_its_difference_from_another_precision_on_the_same_images_and_draws(
+        run, tmp_path, monkeypatch):
+    monkeypatch.setattr(api, "RESUMABLE_FROM", 0)             # every evaluation keeps its bounds
+    copy = shutil.copytree(run, tmp_path / "run", ignore=shutil.ignore_patterns("eval.json", "eval-bounds"))
+    protocol = dict(k=20, decode_batch=200, device="cpu")
+    fp32 = eval_to_json(copy, n=40, precision="fp32", **protocol)
+    bf16 = eval_to_json(copy, n=60, precision="bf16", **protocol)
+    kept_fp32, identity = read_bounds(copy / "eval-bounds" / "static_k20_n40_seed0_fp32.safetensors")
+    kept_bf16, _ = read_bounds(copy / "eval-bounds" / "static_k20_n60_seed0_bf16.safetensors")
+    assert identity["precision"] == "fp32" and kept_fp32.shape == (40,) and kept_bf16.shape == (60,)
+    assert kept_fp32.mean().item() == pytest.approx(fp32["iwae_bound"], rel=1e-12) and "same_draws" not in fp32
+    pair = bf16["same_draws"]["static_k20_n40_seed0_fp32"]                 # over the 40 images both scored
+    assert pair["images"] == 40 and pair["difference"] == pytest.approx((kept_bf16[:40] - kept_fp32).mean().item())
+    # the same draws: what differs is bf16's rounding, far smaller than the spread of the bounds over images
+    assert pair["difference"] != 0 and pair["difference_stderr"] < 0.1 * fp32["iwae_bound_stderr"]
+    assert "minus static_k20_n40_seed0_fp32's (first 40)" in eval_table(bf16)
+    assert json.loads((copy / "eval.json").read_text())["static_k20_n60_seed0_bf16"]["same_draws"] == bf16["same_draws"]
+    other_draws = eval_to_json(copy, n=40, precision="fp32", seed=1, **protocol)
+    assert "same_draws" not in other_draws                          # another seed: other images and draws
 
 
 def test_saved_bounds_are_taken_up_only_for_the_same_weights_and_one_evaluation_runs_at_a_time(tmp_path, monkeypatch):

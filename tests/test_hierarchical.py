@@ -50,7 +50,8 @@ def reference_log_w(model: LadderVAE, x: torch.Tensor, eps: torch.Tensor) -> tor
     s = model.lift(z)
     for i in range(len(model.prior_heads)):
         p = gaussian(model.prior_heads[i](s))
-        delta = model.posterior_heads[i](torch.cat([s, features[len(model.prior_heads) - 1 - i]], -1))
+        elu, linear = model.posterior_heads[i]                       # one layer of the concatenation
+        delta = linear(elu(torch.cat([s, features[len(model.prior_heads) - 1 - i]], -1)))
         dm, dl = delta.chunk(2, -1)
         q = Independent(Normal(p.mean + dm, torch.exp(0.5 * (2 * p.base_dist.scale.log() + dl))), 1)
         z = q.mean + q.base_dist.scale * eps[:, (i + 1) * d:(i + 2) * d]
@@ -68,9 +69,11 @@ def test_hierarchical_importance_weights_match_a_float64_reference():
     with torch.no_grad():
         terms = model(x, eps=eps)
         expected = reference_log_w(model, x, eps)
-        draws = model(x, eps=torch.stack([eps, eps]))          # K = 2 draws: the same noise twice
+        other = torch.randn_like(eps)
+        draws = model(x, eps=torch.stack([eps, other]))        # K = 2 draws of each image, the features read once
+        expected_draws = torch.stack([expected, reference_log_w(model, x, other)])
     torch.testing.assert_close(terms.log_w.double(), expected, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(draws.log_w.double(), expected.expand(2, 5), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(draws.log_w.double(), expected_draws, rtol=1e-5, atol=1e-4)
 
 
 def test_each_layers_closed_form_rate_is_the_expected_log_ratio():

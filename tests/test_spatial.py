@@ -47,7 +47,8 @@ def reference_log_w(model: SpatialVAE, x: torch.Tensor, eps: torch.Tensor) -> to
             s = model.upsample[0](s)
         s = model.cells[g](s)
         p = gaussian(model.prior_heads[g](s))
-        delta = gaussian(model.posterior_heads[g](torch.cat([s, h], 1)))
+        relu, conv = model.posterior_heads[g]                         # one convolution of the concatenation
+        delta = gaussian(conv(relu(torch.cat([s, h], 1))))
         q = Independent(Normal(p.mean + delta.mean, p.base_dist.scale * delta.base_dist.scale), 1)
         n = p.mean.shape[1]
         z = q.mean + q.base_dist.scale * eps[:, used:used + n]
@@ -68,9 +69,11 @@ def test_spatial_importance_weights_match_a_float64_reference():
     with torch.no_grad():
         terms = model(x, eps=eps)
         expected = reference_log_w(model, x, eps)
-        draws = model(x, eps=torch.stack([eps, eps]))          # K = 2 draws: the same noise twice
+        other = torch.randn_like(eps)
+        draws = model(x, eps=torch.stack([eps, other]))        # K = 2 draws of each image, the features read once
+        expected_draws = torch.stack([expected, reference_log_w(model, x, other)])
     torch.testing.assert_close(terms.log_w, expected, rtol=1e-6, atol=1e-4)
-    torch.testing.assert_close(draws.log_w, expected.expand(2, 5), rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(draws.log_w, expected_draws, rtol=1e-6, atol=1e-4)
     assert terms.rate.shape == (5, 5)
 
 

@@ -11,7 +11,8 @@ from .compiling import log_weights
 from .config import BINARIZATIONS, COMPILE_MODES
 from .data import dataset_info, fetch, preprocess
 from .errors import ConfigError
-from .evaluate import RESUMABLE_FROM, decode_batch_for, likelihood_report, protocol, vq_eval_report
+from .evaluate import (RESUMABLE_FROM, decode_batch_for, likelihood_report, paired_differences, protocol,
+                       vq_eval_report)
 from .export import export_run
 from .generate import (INPAINT_METHODS, MASKS, PATHS, LatentPlane, apply_attribute, attribute_vector, check_index,
                        code_prior_samples, inpaint, inpaint_refusal, inpainting_log_likelihood, inpainting_mask,
@@ -23,7 +24,7 @@ from .models.code_prior import inpaint_codes
 from .objectives import mean_and_stderr
 from .plot import plot_runs
 from .files import sha256
-from .runs import PartialEval, Run, eval_key
+from .runs import PartialEval, Run, bounds_on_the_same_draws, eval_key
 from .train import train
 from .train_prior import train_prior
 from .viz import gif_from_pngs, grid_image, save_gif, save_grid, save_image, scatter_image
@@ -177,6 +178,8 @@ def eval_to_json(run: str | Path, k: int = 5000, binarization: str | None = None
         result = likelihood_report(model, x, binarization, rt, gen, k, decode_batch, seed,
                                    None if labels is None else labels[:n], weigh, partial)
     result.update(weights)        # scored: a stop from here on leaves the saved bounds, and SIGTERM its default
+    if partial is not None:
+        result.update(paired_differences(partial.bounds, bounds_on_the_same_draws(opened.run, identity)))
     if report:
         report(result)
     opened.run.save_eval(result)

@@ -221,6 +221,21 @@ def likelihood_report(model, x: torch.Tensor, binarization: str, runtime: Runtim
     }
 
 
+def paired_differences(bounds: torch.Tensor, others: dict[str, torch.Tensor]) -> dict:
+    """`bounds` [N] minus each of `others` ({eval key: bounds [M]}) image by image, over the
+    images both scored (the first min(N, M)): {"same_draws": {key: {images, difference,
+    difference_stderr}}} in nats, or {} without others. On the same images and draws the
+    difference is the precision's alone, and its standard error a small fraction of either bound's."""
+    if not others:
+        return {}
+    pairs = {}
+    for key, other in others.items():
+        n = min(len(bounds), len(other))
+        difference, stderr = mean_and_stderr(bounds[:n] - other[:n].to(bounds))
+        pairs[key] = {"images": n, "difference": difference, "difference_stderr": stderr}
+    return {"same_draws": pairs}
+
+
 def active_units_per_layer(model, x: torch.Tensor, batch_size: int) -> dict:
     """For a hierarchy, each layer's active units (top first): its units whose posterior mean
     varies over the images x (Cov > ACTIVE_UNIT_THRESHOLD), each lower layer's mean taken given
@@ -333,6 +348,10 @@ def eval_table(result: dict) -> str:
     if "active_units_per_layer" in result:
         rows.append(("  per layer, top first", " ".join(f"{a}/{u}" for a, u in
                                                       zip(result["active_units_per_layer"], result["units_per_layer"])), ""))
+    nll = next(i for i, row in enumerate(rows) if row[0].startswith("NLL"))
+    rows[nll:nll] = [(f"  minus {key}'s (first {pair['images']:,})", f"{pair['difference']:+.3f}",   # same draws
+                      "" if pair["difference_stderr"] is None else f"± {pair['difference_stderr']:.3f}")
+                     for key, pair in result.get("same_draws", {}).items()]
     lines = [f"{result['n']} test images, binarization {result['protocol']}; {result['seconds']} s, "
              f"{result['decodes_per_second']:,} decodes/s ({result['precision']}, {result['decode_batch']} at once)",
              f"{'':40}{'nats/image':>12}  {'std. error':<10}  binarization"]

@@ -12,6 +12,7 @@ RUN/
   best/, epoch_NNNN/           what commands make of RUN@best and RUN@epoch_N (their samples/, eval.json)
   eval.json                    what `vaekit eval` measured, one entry per protocol (Run.save_eval)
   eval-partial/KEY.safetensors the IWAE bounds of an evaluation under way, and its lock (PartialEval)
+  eval-bounds/KEY.safetensors  those of a finished one, image by image (read_bounds)
   .lock, .lock.pid             an OS file lock held by the one training process writing here; its pid
   .eval.lock                   an OS file lock held while eval.json is read, merged and replaced
   .torchrun-job                made under torchrun: the job's id, so its restarted ranks resume the run
@@ -61,6 +62,7 @@ EVAL_FILE = "eval.json"
 EVAL_LOCK = ".eval.lock"           # beside eval.json, held while it is read, merged and replaced
 EVAL_LOCK_SECONDS = 600            # how long a `vaekit eval` waits for another one saving its entry
 PARTIAL_EVALS = "eval-partial"     # the bounds of evaluations under way (PartialEval)
+EVAL_BOUNDS = "eval-bounds"        # the per-image bounds of finished ones (PartialEval.done)
 PARTIAL_SAVE_SECONDS = 60.0        # how often an evaluation under way saves them: a kill loses at most this
 
 
@@ -409,7 +411,9 @@ class PartialEval:
     bounds a resumed evaluation adds are those one sitting would have computed. Saved bounds are
     used only by an evaluation of the same protocol (KEY), weights and data (`identity`); others
     start over. Used as a context manager it holds an OS lock beside the file, so one evaluation
-    of a protocol runs on a run at a time; `done` removes the file once eval.json holds the result."""
+    of a protocol runs on a run at a time; `done`, once eval.json holds the result, moves the bounds
+    to RUN/eval-bounds/KEY.safetensors, where two protocols that scored the same images and draws
+    (bf16 and fp32, say) can be compared image by image (read_bounds)."""
 
     def __init__(self, run: Run, key: str, identity: dict, log=lambda line: None) -> None:
         self.path = run.out / PARTIAL_EVALS / f"{key}.safetensors"
@@ -507,7 +511,44 @@ class PartialEval:
         self.saved, self.unsaved = time.perf_counter(), False
 
     def done(self) -> None:
-        self.path.unlink(missing_ok=True)
+        """The result is in eval.json: the bounds, all of them, move to RUN/eval-bounds/KEY.safetensors."""
+        kept = self.path.parent.parent / EVAL_BOUNDS / self.path.name
+        try:
+            self.save()
+            kept.parent.mkdir(exist_ok=True)
+            os.replace(self.path, kept)
+        except (OSError, SafetensorError) as e:   # the result is saved; only the image-by-image record is lost
+            self.log(f"warning: could not keep the bounds image by image in {kept} ({_reason(e)})")
+            self.path.unlink(missing_ok=True)
+
+
+SAME_DRAWS = ("binarization", "k", "seed", "device", "weights_sha256", "data")   # what fixes the images and draws
+
+
+def bounds_on_the_same_draws(run: Run, identity: dict) -> dict[str, torch.Tensor]:
+    """The kept bounds (RUN/eval-bounds/) of the finished evaluations of `run` that scored the
+    images and draws an evaluation of `identity` (PartialEval's) scores, in another precision:
+    {eval key: bounds [M]}, image i's bound beside image i's, so their difference is precision's alone."""
+    found = {}
+    for path in sorted((run.out / EVAL_BOUNDS).glob("*.safetensors")):
+        try:
+            bounds, other = read_bounds(path)
+        except RunError:
+            continue
+        if other.get("precision") != identity["precision"] and all(other.get(f) == identity[f] for f in SAME_DRAWS):
+            found[path.stem] = bounds
+    return found
+
+
+def read_bounds(path: str | Path) -> tuple[torch.Tensor, dict]:
+    """A finished evaluation's bounds (RUN/eval-bounds/KEY.safetensors), first test image first,
+    [N] float64, and what scored them (protocol, weights and data: PartialEval's identity)."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.get_tensor("bounds"), json.loads((f.metadata() or {})["identity"])
+    except (OSError, SafetensorError, KeyError, ValueError) as e:
+        raise RunError(f"cannot read the bounds {path} ({_reason(e)}): give a file a finished `vaekit eval` kept "
+                       f"in RUN/{EVAL_BOUNDS}/") from None
 
 
 def _reason(error: Exception) -> str:

@@ -7,7 +7,9 @@ A family supplies three pieces:
   _top_down(z_top, features=None, eps=None, means=None) -> (s, log p, log q, rates)
       every layer below the top, drawn from its posterior (with features) or its prior (without;
       at the prior's means when eps is None); with `means`, a list that each layer's posterior
-      mean [N,units] is appended to.
+      mean [N,units] is appended to. z_top may hold K draws of each image the features [B,...]
+      came from (N = K*B, draw-major): the posterior heads read each image's features once
+      (layers.SharedInputHead).
 The tools see the top layer: `encode` gives q(z_top|x), `decode(z_top)` takes the layers below
 at their prior means, and `decode_prior` draws every layer from the prior.
 """
@@ -64,9 +66,8 @@ class HierarchicalVAE(VAE):
             eps = torch.randn(len(x), self.noise_dim, generator=generator, device=x.device)
         draws = eps.shape[:-2]                                                          # () or (K,)
         x_flat = x
-        if draws:                                                     # K draws per image: [K*B, ...]
-            features, mean, logvar, x_flat = ([f.expand(*draws, *f.shape).flatten(0, 1) for f in features],
-                                              *(t.expand(*draws, *t.shape).flatten(0, 1) for t in (mean, logvar, x)))
+        if draws:                           # K draws per image: [K*B, ...]; features stay [B, ...] (_top_down)
+            mean, logvar, x_flat = (t.expand(*draws, *t.shape).flatten(0, 1) for t in (mean, logvar, x))
             eps = eps.flatten(0, 1)
         d = self.config.latent_dim
         z_top = self.reparameterize(mean, logvar, eps=eps[:, :d])

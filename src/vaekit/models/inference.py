@@ -3,7 +3,8 @@ it computes in training.
 
 `prepare_for_inference(model, runtime)` returns a frozen copy in which
 - every convolution's weights (in every network of the model) are laid out once for the backend (on CPU, oneDNN's blocked
-  layout, which it would otherwise build again on every call) in the precision of the run;
+  layout, which it would otherwise build again on every call) in the precision of the run, a
+  hierarchy's posterior heads in their two parts (layers.SharedInputHead);
 - a stride-1 output layer with few channels (the seed's ConvTranspose 32 -> 1) becomes the same
   function computed without waste: oneDNN pads the output channels of a convolution to its
   vector block (8 floats with AVX2, 16 with AVX-512), so one output channel costs as much as 16.
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import ConvTranspose2d, onednn_runs
+from .layers import ConvTranspose2d, SharedInputHead, add_per_image, onednn_runs
 
 VECTOR_BLOCK = 16       # output channels the subpixel form aims to fill: oneDNN's AVX-512 block (AVX2's is 8)
 SUBPIXEL_STRIDES = (4, 2)
@@ -131,6 +132,22 @@ def pack(module: nn.Module, dtype: torch.dtype, out_size: int | None = None) -> 
     return PackedConv(weight, bias, s, padding, shuffle=s, dtype=dtype)
 
 
+class PackedSharedInputHead(nn.Module):
+    """A SharedInputHead (layers.py) of a convolution with each part's weights packed: the part on
+    a without the bias, the one on b (once per image) with it."""
+
+    def __init__(self, head: SharedInputHead, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.activation, conv = head
+        stride, padding = _square(conv.stride), _square(conv.padding)
+        w_a, w_b = head.split_weight()
+        self.a_part = PackedConv(w_a, None, stride, padding, dtype=dtype)
+        self.b_part = PackedConv(w_b, conv.bias, stride, padding, dtype=dtype)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return add_per_image(self.a_part(self.activation(a)), self.b_part(self.activation(b)))
+
+
 class Precision(nn.Module):
     """Runs `module` under autocast to `dtype` (None: fp32, any autocast around it switched off)
     and hands back float32: one network of a prepared model in the model's precision."""
@@ -139,9 +156,9 @@ class Precision(nn.Module):
         super().__init__()
         self.module, self.device_type, self.dtype = module, device_type, dtype
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-            return self.module(x).float()
+            return self.module(*inputs).float()
 
 
 def _in_precision(model: nn.Module, device_type: str, dtype: torch.dtype | None) -> None:
@@ -155,15 +172,22 @@ def _in_precision(model: nn.Module, device_type: str, dtype: torch.dtype | None)
             setattr(model, name, Precision(child, device_type, dtype))
 
 
+def _replace(model: nn.Module, replacement) -> None:
+    """Each module m of `model` for which replacement(m) is not None replaced by it, in place."""
+    for name, module in list(model.named_modules()):
+        if (new := replacement(module)) is not None:
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+
+
 def _replace_convs(model: nn.Module, dtype: torch.dtype, last: nn.Module, out_size: int) -> None:
     """Every convolution of `model` (encoder, decoder, a hierarchy's top-down blocks) packed in
-    place; `last`, the decoder's output layer, in subpixel form when it is a stride-1 convolution
-    (its output's side is the image's, `out_size`)."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, attr, pack(module, dtype, out_size if module is last else None))
+    place: a SharedInputHead's in its two parts; `last`, the decoder's output layer, in subpixel
+    form when it is a stride-1 convolution (its output's side is the image's, `out_size`)."""
+    _replace(model, lambda m: PackedSharedInputHead(m, dtype)
+             if isinstance(m, SharedInputHead) and isinstance(m[1], nn.Conv2d) else None)
+    _replace(model, lambda m: pack(m, dtype, out_size if m is last else None)
+             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) else None)
 
 
 @torch.no_grad()

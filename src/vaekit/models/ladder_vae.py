@@ -23,7 +23,7 @@ from torch import nn
 from ..objectives import gaussian_kl, log_normal_pdf
 from .model_config import ModelConfig
 from .conv_vae import UpConvReLU
-from .layers import FlattenHWC, UnflattenHWC, full_precision
+from .layers import FlattenHWC, SharedInputHead, UnflattenHWC, full_precision
 from .hierarchy import HierarchicalVAE
 
 WIDTH = 512                # the deterministic features of each layer, bottom-up and top-down
@@ -66,7 +66,7 @@ class LadderVAE(HierarchicalVAE):
         # top-down: s from z_L, then for each lower layer its prior, posterior correction and update of s
         self.lift = nn.Sequential(nn.Linear(d, WIDTH), Residual(WIDTH))
         self.prior_heads = nn.ModuleList(nn.Sequential(nn.ELU(), nn.Linear(WIDTH, 2 * d)) for _ in range(layers - 1))
-        self.posterior_heads = nn.ModuleList(nn.Sequential(nn.ELU(), nn.Linear(2 * WIDTH, 2 * d))
+        self.posterior_heads = nn.ModuleList(SharedInputHead(nn.ELU(), nn.Linear(2 * WIDTH, 2 * d), a_features=WIDTH)
                                              for _ in range(layers - 1))
         self.merges = nn.ModuleList(nn.Sequential(nn.Linear(WIDTH + d, WIDTH), Residual(WIDTH))
                                     for _ in range(layers - 1))
@@ -88,10 +88,10 @@ class LadderVAE(HierarchicalVAE):
     def _top_down(self, z_top: torch.Tensor, features: list[torch.Tensor] | None = None,
                   eps: torch.Tensor | None = None, means: list | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The top-down path from top codes z_top [N,D]. With `features` (bottom-up d_1..d_L, [N,WIDTH]
-        each) each lower layer is drawn from its posterior with noise eps [N,(L-1)*D], its posterior
-        mean appended to `means` when given; without, from its prior with that noise, or at the
-        prior's mean when eps is None.
+        """The top-down path from top codes z_top [N,D]. With `features` (bottom-up d_1..d_L, [B,WIDTH]
+        each, one per image; N = K*B: K draws of each, draw-major) each lower layer is drawn from
+        its posterior with noise eps [N,(L-1)*D], its posterior mean appended to `means` when given;
+        without, from its prior with that noise, or at the prior's mean when eps is None.
         Returns (the decoder's input s [N,WIDTH], log p, log q of the lower layers [N] (q: 0 without
         features), their rates [N,L-1])."""
         s = self.lift(z_top)
@@ -105,7 +105,7 @@ class LadderVAE(HierarchicalVAE):
                 z = mean_p if noise is None else self.reparameterize(mean_p, logvar_p, eps=noise)
             else:
                 layer = len(self.prior_heads) - 1 - i                     # d_l of this layer, counted from the bottom
-                delta = self.posterior_heads[i](torch.cat([s, features[layer]], -1))
+                delta = self.posterior_heads[i](s, features[layer])
                 delta_mean, delta_logvar = full_precision(delta).chunk(2, -1)
                 mean_q, logvar_q = mean_p + delta_mean, logvar_p + delta_logvar
                 z = self.reparameterize(mean_q, logvar_q, eps=noise)

@@ -1,6 +1,8 @@
 """Layers shared by the model files."""
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -88,6 +90,41 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.conv2(torch.relu(self.conv1(torch.relu(x))))
+
+
+class SharedInputHead(nn.Sequential):
+    """An activation, then a linear layer (nn.Linear, or an nn.Conv2d) of the concatenation [a, b]
+    of two inputs along dim 1, where b is shared by draws: a [K*B, ...] holds K draws of each of B
+    images, draw-major (as HierarchicalVAE.forward lays out K draws), b [B, ...] one row per image.
+
+    The layer's weight is split by input, [W_a | W_b], and the head computes W_a act(a) +
+    (W_b act(b) + bias), b's part once per image and added to each of its K draws: in an IWAE bound
+    of K draws the work on the bottom-up features drops K-fold, and they are never copied per draw.
+    Outputs are float32 (each part's sum in it). A Sequential (activation, layer) holding the whole
+    weight, so that its parameters and state_dict are those of the Sequential it replaces, which
+    ran on torch.cat([a, b], 1): saved runs and their optimiser states load as they are."""
+
+    def __init__(self, activation: nn.Module, layer: nn.Linear | nn.Conv2d, a_features: int) -> None:
+        super().__init__(activation, layer)
+        self.a_features = a_features
+
+    def split_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_a, W_b): the layer's weight split along its input features."""
+        weight = self[1].weight
+        return weight.split([self.a_features, weight.shape[1] - self.a_features], dim=1)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        activation, layer = self
+        w_a, w_b = self.split_weight()
+        linear = partial(F.conv2d, stride=layer.stride, padding=layer.padding) if isinstance(layer, nn.Conv2d) else F.linear
+        return add_per_image(linear(activation(a), w_a), linear(activation(b), w_b, layer.bias))
+
+
+def add_per_image(per_draw: torch.Tensor, per_image: torch.Tensor) -> torch.Tensor:
+    """per_draw [K*B, ...] (K draws of each of B images, draw-major) plus per_image [B, ...], each
+    image's row added to its K draws: [K*B, ...] float32."""
+    per_draw, per_image = full_precision(per_draw), full_precision(per_image)
+    return (per_draw.unflatten(0, (-1, per_image.shape[0])) + per_image).flatten(0, 1)
 
 
 def full_precision(t: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ of config.latent_channels channels; one top layer z_top [latent_dim], the code t
                   p(z_g | z_>g)    = N(prior_heads[g](s))           (a 3x3 convolution)
                   q(z_g | x, z_>g) = N(prior mean + delta, prior logvar + delta'),
                                      delta from posterior_heads[g]([s, h at this scale])
+                                     (h's half once per image: layers.SharedInputHead)
                   s = s + merges[g](z_g)                            (a 1x1 convolution)
   decoder:    s -> ConvTranspose s2 -> ReLU -> Conv3x3 -> p(x | all layers)
 The posteriors are residual corrections of their priors (NVAE's form; they start equal to them),
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 
 from ..objectives import gaussian_kl, log_normal_pdf
-from .layers import ConvTranspose2d, FlattenHWC, ResBlock, UnflattenHWC, full_precision
+from .layers import ConvTranspose2d, FlattenHWC, ResBlock, SharedInputHead, UnflattenHWC, full_precision
 from .model_config import ModelConfig
 from .hierarchy import HierarchicalVAE
 
@@ -87,7 +88,8 @@ class SpatialVAE(HierarchicalVAE):
         self.prior_heads = nn.ModuleList(_zero_last(nn.Sequential(nn.ReLU(), nn.Conv2d(w, 2 * cz, 3, padding=1)))
                                          for w in group_widths)
         self.posterior_heads = nn.ModuleList(
-            _zero_last(nn.Sequential(nn.ReLU(), nn.Conv2d(2 * w, 2 * cz, 3, padding=1))) for w in group_widths)
+            _zero_last(SharedInputHead(nn.ReLU(), nn.Conv2d(2 * w, 2 * cz, 3, padding=1), a_features=w))
+            for w in group_widths)
         self.merges = nn.ModuleList(nn.Conv2d(cz, w, 1) for w in group_widths)
 
     @property
@@ -115,9 +117,10 @@ class SpatialVAE(HierarchicalVAE):
                   eps: torch.Tensor | None = None, means: list | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The top-down path from top codes z_top [N,D]. With `features` (the bottom-up h of each
-        scale, [N,...]) each group is drawn from its posterior with noise eps [N,noise_dim - D],
-        its posterior mean [N,units] appended to `means` when given; without, from its prior with
-        that noise, or at the prior's mean when eps is None.
+        scale, [B,...], one per image; N = K*B: K draws of each, draw-major) each group is drawn
+        from its posterior with noise eps [N,noise_dim - D], its posterior mean [N,units] appended
+        to `means` when given; without, from its prior with that noise, or at the prior's mean
+        when eps is None.
         Returns (the decoder's input s, log p and log q of the groups [N] (q: 0 without
         features), their rates [N,groups])."""
         s = self.lift(z_top)
@@ -135,7 +138,7 @@ class SpatialVAE(HierarchicalVAE):
             if features is None:
                 z = mean_p if noise is None else self.reparameterize(mean_p, logvar_p, eps=noise)
             else:
-                delta_mean, delta_logvar = bounded_gaussian(self.posterior_heads[g](torch.cat([s, features[scale]], 1)))
+                delta_mean, delta_logvar = bounded_gaussian(self.posterior_heads[g](s, features[scale]))
                 mean_q, logvar_q = mean_p + delta_mean, logvar_p + delta_logvar
                 z = self.reparameterize(mean_q, logvar_q, eps=noise)
                 if means is not None:
