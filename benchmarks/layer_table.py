@@ -1,7 +1,7 @@
 """Where a decode's time goes, layer by layer: FLOPs, milliseconds and the fraction of the matmul peak.
 
-    python benchmarks/layer_table.py                         # seed and ladder, bf16 and fp32, batch 512
-    python benchmarks/layer_table.py --models ladder --precisions bf16 --batch 1000
+    python benchmarks/layer_table.py                         # seed and frontier, bf16 and fp32, batch 512
+    python benchmarks/layer_table.py --models seed frontier --precisions bf16 --batch 1000
 
 Each model (the seed's, configs/mnist-ladder.json's: ladder, VampPrior, pretrained:mnist-best's
 until it was replaced by the spatial frontier model, or configs/mnist-frontier.json's: spatial,
@@ -43,10 +43,11 @@ def _best_ms(fn, seconds: float) -> float:
 
 
 def _leaves(module: torch.nn.Module):
-    """The modules without children, with their names (the wrapper `Precision` left out of them)."""
+    """The modules without children, with their names (the wrapper `Precision`'s `module` left out of
+    them: `merges.0.module` is the model's `merges.0`)."""
     for name, m in module.named_modules():
         if not list(m.children()):
-            yield name.replace("module.", ""), m
+            yield ".".join(part for part in name.split(".") if part != "module"), m
 
 
 def useful_flops(model, z: torch.Tensor) -> dict[str, int]:
@@ -105,8 +106,8 @@ def markdown(rows: list[dict], total_ms: float, peak: float) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["seed", "ladder"], choices=MODELS,
-                   help=f"the models (default seed ladder): {MODELS_HELP}")
+    p.add_argument("--models", nargs="+", default=["seed", "frontier"], choices=MODELS,
+                   help=f"the models (default seed frontier: the seed's and the best): {MODELS_HELP}")
     p.add_argument("--precisions", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
     p.add_argument("--batch", type=int, default=512, help="codes decoded at once (default 512, "
                    "the decode batch `vaekit eval` tunes to on 2 AVX512-BF16 cores)")
