@@ -108,8 +108,7 @@ class TrainConfig:
     compile: str = setting("auto", "torch.compile the model for training, and a prepared model for eval and sample: "
                                    "on, off, or auto: on for CUDA; off on CPU (measured no faster there, see "
                                    "docs/benchmarks.md) but for the spatial family's eval, 1.3-1.4x faster compiled")
-    eval_batch_size: int = setting(500, "images per pass of the per-epoch test ELBO (no gradients; 500 keeps "
-                                   "activations under the mmap threshold, see allocator.py)")
+    eval_batch_size: int = setting(500, "images per pass of the per-epoch held-out ELBO (no gradients)")
     keep_checkpoints: int = setting(2, "epoch checkpoints kept on disk (the newest ones)")
     keep_every: int = setting(0, "also keep every Nth epoch's checkpoint (0: none), for a long run's curve: "
                                  "`vaekit eval RUN@epoch_N` reads one (about 3 times the weights' size each)")
