@@ -5,6 +5,7 @@ matrix-multiply peaks of this machine measured in the same process.
     python benchmarks/eval_throughput.py --precision fp32 --decode-batch 2000 --training-form
     python benchmarks/eval_throughput.py --compile            # the IWAE pass under torch.compile
     python benchmarks/eval_throughput.py --model frontier --compile
+    python benchmarks/eval_throughput.py --workers 2          # the pass in 2 processes (vaekit eval --workers)
 
 The seed's model, `--model ladder` (configs/mnist-ladder.json: ladder, VampPrior;
 pretrained:mnist-best's until it was replaced by the spatial frontier model) or `--model frontier`
@@ -20,7 +21,9 @@ the decodes) and the fraction of each reached.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import functools
 import statistics
 import time
 from pathlib import Path
@@ -33,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from vaekit.compiling import for_inference, log_weights
 from vaekit.data import load_splits, preprocess
 from vaekit.distributed import setup
+from vaekit.eval_workers import EvalWorkers, check_workers, threads, threads_per_worker
 from vaekit.evaluate import decode_batch_for, iwae_bounds
 from vaekit.models.inference import prepare_for_inference
 
@@ -68,7 +72,11 @@ def main() -> None:
     p.add_argument("--compile", action="store_true",
                    help="the IWAE pass under torch.compile, as `vaekit eval --compile on` runs it (the "
                         "warm-up repeat compiles)")
+    p.add_argument("--workers", type=int, default=1, help="processes sharing the IWAE pass, each with its share "
+                   "of the threads, as `vaekit eval --workers N` runs it (default 1)")
     args = p.parse_args()
+    if args.workers > 1 and args.training_form:
+        p.error("--workers runs the inference form: leave out --training-form")
 
     rt = setup(args.device, args.precision)
     model = models()[args.model].to(rt.device, memory_format=torch.channels_last).eval()
@@ -81,20 +89,27 @@ def main() -> None:
     weigh = log_weights(evaluated, setting, rt.device, print, args.images * args.k)
     x = preprocess(load_splits("mnist", SAMPLE).test.images[:args.images].to(rt.device), "static")
     flops = flops_per_draw(model, x[:1])
-    decode_batch = args.decode_batch or decode_batch_for(evaluated, rt.device, 10 ** 9)
+    check_workers(args.workers, rt.device)
+    with threads(threads_per_worker(args.workers)):
+        decode_batch = args.decode_batch or decode_batch_for(evaluated, rt.device, 10 ** 9)
     rates = []
-    for r in range(args.repeats + 1):            # the first repeat warms up and is not counted
-        start = time.perf_counter()
-        with context():
-            iwae_bounds(evaluated, x, args.k, seed=r, decode_batch=decode_batch, log_weights=weigh)
-        if rt.device.type == "cuda":
-            torch.cuda.synchronize(rt.device)
-        if r:
-            rates.append(len(x) * args.k / (time.perf_counter() - start))
+    with contextlib.ExitStack() as stack:
+        score = functools.partial(iwae_bounds, evaluated, log_weights=weigh)
+        if args.workers > 1:
+            score = stack.enter_context(EvalWorkers(args.workers, model.config, model.state_dict(), rt.device,
+                                                    rt.precision, setting, args.images * args.k, print)).iwae_bounds
+        for r in range(args.repeats + 1):            # the first repeat warms up (and starts workers): not counted
+            start = time.perf_counter()
+            with context():
+                score(x, args.k, seed=r, decode_batch=decode_batch)
+            if rt.device.type == "cuda":
+                torch.cuda.synchronize(rt.device)
+            if r:
+                rates.append(len(x) * args.k / (time.perf_counter() - start))
     rate = statistics.median(rates)
     peak = peaks(rt.device)                      # the best square product up to 4096, this process
     emit({"benchmark": "eval_throughput", "model": args.model, "form": "training" if args.training_form
-          else "inference", "compiled": args.compile, "device": rt.device.type, "precision": rt.precision, "decode_batch": decode_batch,
+          else "inference", "compiled": args.compile, "workers": args.workers, "device": rt.device.type, "precision": rt.precision, "decode_batch": decode_batch,
           "k": args.k, "decodes_per_s": round(rate), "mflop_per_draw": round(flops / 1e6, 2),
           "gflops": round(rate * flops / 1e9, 1), "fp32_peak_gflops": round(peak["fp32"] / 1e9, 1),
           "bf16_peak_gflops": round(peak["bf16"] / 1e9, 1),

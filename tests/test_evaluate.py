@@ -161,6 +161,8 @@ def test_cli_eval_prints_a_table_with_the_protocol_beside_each_number(run):
     (["--n", "0"], "--n must be at least 1"),
     (["--n", "501"], "--n 501 is more than the 500 test images"),
     (["--max-memory", "0"], "--max-memory must be a positive number of MB"),
+    (["--workers", "0"], "--workers must be at least 1"),
+    (["--workers", "1000"], "--workers 1000 is more than the"),
 ])
 def test_bad_eval_input_gets_one_line(run, capsys, args, message):
     assert main(["eval", str(run), "--device", "cpu", *args]) == 2
@@ -253,9 +255,10 @@ def _sigterm():
     os.kill(os.getpid(), signal.SIGTERM)     # a real signal to this process: PartialEval's handler stops it
 
 
-@pytest.mark.parametrize("stop, stopped_by", [(_ctrl_c, KeyboardInterrupt), (_sigterm, Interrupted)])
+@pytest.mark.parametrize("stop, stopped_by, workers", [(_ctrl_c, KeyboardInterrupt, 1), (_sigterm, Interrupted, 1),
+                                                      (_sigterm, Interrupted, 2)])
 def test_a_stopped_evaluation_goes_on_where_it_stopped_and_ends_as_one_sitting_would(run, tmp_path, monkeypatch,
-                                                                                      stop, stopped_by):
+                                                                                      stop, stopped_by, workers):
     monkeypatch.setattr(api, "RESUMABLE_FROM", 0)             # every evaluation keeps its bounds
     monkeypatch.setattr(runs, "PARTIAL_SAVE_SECONDS", 1e9)    # saved only when stopped
     stopped, straight = (shutil.copytree(run, tmp_path / name, ignore=shutil.ignore_patterns("eval.json"))
@@ -265,7 +268,7 @@ def test_a_stopped_evaluation_goes_on_where_it_stopped_and_ends_as_one_sitting_w
     said = []
     handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(stopped_by):
-        eval_to_json(stopped, **protocol, log=said.append)
+        eval_to_json(stopped, **protocol, workers=workers, log=said.append)
     assert signal.getsignal(signal.SIGTERM) == handler                # this process's own handler again
     saved = stopped / "eval-partial" / "static_k20_n60_seed0_fp32.safetensors"
     assert said == [f"stopped: the bounds of 30 images are kept in {saved}; the same command goes on from there"]
@@ -273,14 +276,20 @@ def test_a_stopped_evaluation_goes_on_where_it_stopped_and_ends_as_one_sitting_w
     assert not (stopped / "eval.json").exists()
     monkeypatch.setattr(PartialEval, "add", keep)
     lines = []
-    resumed = eval_to_json(stopped, **protocol, log=lines.append)
+    resumed = eval_to_json(stopped, **protocol, workers=workers, log=lines.append)
     assert len(lines) == 1 and lines[0].startswith("resuming: 30 images scored in") and "sitting 2" in lines[0]
     assert not saved.exists()                                         # eval.json holds the result now,
     assert read_bounds(stopped / "eval-bounds" / saved.name)[0].shape == (60,)   # and eval-bounds/ every bound
     whole = eval_to_json(straight, **protocol)
-    timing = {"seconds", "decodes_per_second", "sittings"}
+    timing = {"seconds", "decodes_per_second", "sittings", "workers"}
     assert resumed["sittings"] == 2 and "sittings" not in whole
-    assert {k: v for k, v in resumed.items() if k not in timing} == {k: v for k, v in whole.items() if k not in timing}
+    if workers == 1:       # the same process: the same sums
+        assert {k: v for k, v in resumed.items() if k not in timing} == {k: v for k, v in whole.items() if k not in timing}
+    else:                  # the same draws, each worker's single thread summing in its own order
+        assert resumed["workers"] == 2 and "2 processes" in eval_table(resumed)
+        assert resumed.keys() - timing == whole.keys() - timing
+        assert read_bounds(stopped / "eval-bounds" / saved.name)[0] == pytest.approx(
+            read_bounds(straight / "eval-bounds" / saved.name)[0], abs=1e-4)
     assert json.loads((stopped / "eval.json").read_text())["static_k20_n60_seed0_fp32"] == resumed
 
 

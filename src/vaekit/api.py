@@ -11,6 +11,7 @@ from .compiling import log_weights
 from .config import BINARIZATIONS, COMPILE_MODES
 from .data import dataset_info, fetch, preprocess
 from .errors import ConfigError
+from .eval_workers import EvalWorkers, check_workers, threads, threads_per_worker
 from .evaluate import (RESUMABLE_FROM, decode_batch_for, likelihood_report, paired_differences, protocol,
                        vq_eval_report)
 from .export import export_run
@@ -23,7 +24,7 @@ from .loading import load_prior, open_for_inference
 from .models.code_prior import inpaint_codes
 from .objectives import mean_and_stderr
 from .plot import plot_runs
-from .files import sha256
+from .files import load_tensors, sha256
 from .runs import PartialEval, Run, bounds_on_the_same_draws, eval_key
 from .train import train
 from .train_prior import train_prior
@@ -119,7 +120,7 @@ def make_gif(run: str | Path) -> Path:
 def eval_to_json(run: str | Path, k: int = 5000, binarization: str | None = None, seed: int = 0,
                  n: int | None = None, decode_batch: int | None = None, max_memory_mb: float | None = None,
                  data_dir: str | Path | None = None, device: str = "auto", precision: str = "auto",
-                 compile: str | None = None, report=None, log=lambda line: None) -> dict:
+                 compile: str | None = None, workers: int = 1, report=None, log=lambda line: None) -> dict:
     """`vaekit eval`: test ELBO (rate, distortion), IWAE bound with `k` draws, active units (and bits
     per dimension, for grey levels), each mean with its standard error, over the first `n` test
     images (default: all) binarised as `binarization` (default: as the run was trained), in
@@ -131,8 +132,11 @@ def eval_to_json(run: str | Path, k: int = 5000, binarization: str | None = None
     `k` says: its posterior is one-hot, so importance sampling cannot tighten the bound.
     An evaluation of RESUMABLE_FROM decodes or more keeps its bounds as it goes (runs.PartialEval):
     run again after a stop, it goes on where it stopped. `compile`: auto, on or off (compiling.py;
-    default: the run's setting). `log(line)`: told what happens beside the result (a resume, a compile)."""
+    default: the run's setting). `workers`: processes that share the IWAE pass on a CPU, each with its
+    share of the threads (eval_workers.py; `max_memory_mb` is each one's). `log(line)`: told what
+    happens beside the result (a resume, a compile)."""
     _positive("k", k)
+    _positive("workers", workers)
     for flag, value, most in (("n", n, None), ("decode-batch", decode_batch, MAX_DECODE_BATCH)):
         if value is not None:
             _positive(flag, value, most)
@@ -144,6 +148,7 @@ def eval_to_json(run: str | Path, k: int = 5000, binarization: str | None = None
         raise ConfigError(f"--compile must be one of {', '.join(COMPILE_MODES)}; got {compile!r}")
     opened = open_for_inference(run, device, precision, compile=compile)
     model, config, rt, splits = opened.model, opened.config, opened.runtime, opened.data(data_dir)
+    check_workers(workers, rt.device)
     opened.run.check_eval_writable()     # before the work (hours at K = 5000), not after it
     binarization = binarization or config.data.binarization
     mc = config.model
@@ -162,7 +167,8 @@ def eval_to_json(run: str | Path, k: int = 5000, binarization: str | None = None
         opened.run.save_eval(result)
         return result
     labels = _labels(config, test, rt)
-    decode_batch = decode_batch or decode_batch_for(model, rt.device, n * (k + 1), max_memory_mb)
+    with threads(threads_per_worker(workers)):     # tuned for the threads each worker will have
+        decode_batch = decode_batch or decode_batch_for(model, rt.device, n * (k + 1), max_memory_mb)
     gen = rt.generator(seed)
     x = preprocess(test.images[:n].to(rt.device), binarization, gen)    # gen goes on to draw the ELBO's z
     measured = {"binarization": binarization, "k": k, "n": n, "seed": seed,
@@ -175,9 +181,14 @@ def eval_to_json(run: str | Path, k: int = 5000, binarization: str | None = None
             partial = stack.enter_context(PartialEval(opened.run, eval_key(measured), identity, log))
             if said := partial.resume():
                 log(said)
+        pool = None if workers == 1 else stack.enter_context(EvalWorkers(
+            workers, config.model, load_tensors(opened.weights), rt.device, measured["precision"],
+            config.train.compile, n * (k + 1), log))
         result = likelihood_report(model, x, binarization, rt, gen, k, decode_batch, seed,
-                                   None if labels is None else labels[:n], weigh, partial)
+                                   None if labels is None else labels[:n], weigh, partial, pool)
     result.update(weights)        # scored: a stop from here on leaves the saved bounds, and SIGTERM its default
+    if workers > 1:
+        result["workers"] = workers
     if partial is not None:
         result.update(paired_differences(partial.bounds, bounds_on_the_same_draws(opened.run, identity)))
     if report:

@@ -18,6 +18,7 @@ as they get it, so the training model in fp32 unless their caller holds an autoc
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 
 import torch
@@ -177,7 +178,7 @@ def iwae_bounds(model, x: torch.Tensor, k: int, seed: int = 0, decode_batch: int
 @torch.inference_mode()
 def likelihood_report(model, x: torch.Tensor, binarization: str, runtime: Runtime, generator: torch.Generator,
              k: int = 5000, decode_batch: int = 2000, seed: int = 0, labels: torch.Tensor | None = None,
-             log_weights=None, partial=None) -> dict:
+             log_weights=None, partial=None, workers=None) -> dict:
     """Everything `vaekit eval` reports, in nats per image over all of x ([N,C,H,W], preprocessed
     as `binarization` says with `generator`, seeded by `seed`; the ELBO's z come from it after):
     the ELBO (single-sample and analytic-KL, with rate and distortion apart), the IWAE bound
@@ -187,8 +188,9 @@ def likelihood_report(model, x: torch.Tensor, binarization: str, runtime: Runtim
     conditional model. Every pass scores those same x; image i's importance draws come from
     `seed` + 1 and i alone (see iwae_bounds), computed by `log_weights` (default: the model's
     forward). `partial` (runs.PartialEval, resumed): the bounds of the first images, scored in
-    earlier sittings, which it is told the new ones to keep. Meant for a prepared model; a
-    training model is run under the runtime's autocast (see the module docstring)."""
+    earlier sittings, which it is told the new ones to keep. `workers` (eval_workers.EvalWorkers):
+    processes of the same model that score the IWAE pass instead of this one. Meant for a prepared
+    model; a training model is run under the runtime's autocast (see the module docstring)."""
     start = time.perf_counter()
     n = len(x)
     before = partial.bounds if partial is not None else torch.zeros(0, dtype=torch.float64)
@@ -198,8 +200,10 @@ def likelihood_report(model, x: torch.Tensor, binarization: str, runtime: Runtim
         elbo = _elbo_record(elbo_per_image(model, x, generator, decode_batch, labels, bar))
         mean, logvar = model.posterior(x, decode_batch, labels)     # [N,D] each
         layers = active_units_per_layer(model, x, decode_batch) if isinstance(model, HierarchicalVAE) else {}
-        fresh = iwae_bounds(model, x[m:], k, seed + 1, decode_batch, None if labels is None else labels[m:], bar,
-                            first=m, log_weights=log_weights, on_pass=None if partial is None else partial.add)
+        score = workers.iwae_bounds if workers is not None else functools.partial(iwae_bounds, model,
+                                                                                    log_weights=log_weights)
+        fresh = score(x[m:], k, seed + 1, decode_batch, None if labels is None else labels[m:], bar,
+                      first=m, on_pass=None if partial is None else partial.add)
     bounds = torch.cat([before.to(fresh), fresh])
     seconds = partial.seconds if partial is not None else time.perf_counter() - start
     bound, bound_stderr = mean_and_stderr(bounds)
@@ -352,8 +356,10 @@ def eval_table(result: dict) -> str:
     rows[nll:nll] = [(f"  minus {key}'s (first {pair['images']:,})", f"{pair['difference']:+.3f}",   # same draws
                       "" if pair["difference_stderr"] is None else f"± {pair['difference_stderr']:.3f}")
                      for key, pair in result.get("same_draws", {}).items()]
+    processes = f", {result['workers']} processes" if "workers" in result else ""
     lines = [f"{result['n']} test images, binarization {result['protocol']}; {result['seconds']} s, "
-             f"{result['decodes_per_second']:,} decodes/s ({result['precision']}, {result['decode_batch']} at once)",
+             f"{result['decodes_per_second']:,} decodes/s ({result['precision']}, {result['decode_batch']} at once"
+             f"{processes})",
              f"{'':40}{'nats/image':>12}  {'std. error':<10}  binarization"]
     lines += [f"{name:40}{value:>12}  {stderr:<10}  {b}" for name, value, stderr in rows]
     return "\n".join(lines)
