@@ -7,8 +7,8 @@ import torch
 from vaekit.likelihoods import Bernoulli
 from vaekit.models import ConvVAE, ModelConfig
 from vaekit.models.vae import Terms
-from vaekit.objectives import (analytic_kl, importance_weights, iwae_bound, log_normal_pdf, mean_and_stderr,
-                               rate_per_dim, training_loss)
+from vaekit.objectives import (analytic_kl, gaussian_kl, importance_weights, iwae_bound, log_normal_pdf,
+                               log_normal_pdf_of_draw, mean_and_stderr, rate_per_dim, training_loss)
 
 
 def np_log_normal_pdf(sample, mean, logvar):
@@ -61,6 +61,19 @@ def test_parts_match_numpy():
                                -np_sigmoid_cross_entropy_with_logits(logits, x).reshape(7, -1).sum(1), rtol=1e-5)
     kl = 0.5 * np.sum(mean ** 2 + np.exp(logvar) - 1 - logvar, axis=1)
     np.testing.assert_allclose(analytic_kl(t(mean), t(logvar)).numpy(), kl)
+
+
+def test_a_grids_densities_sum_over_its_units_in_any_layout_and_a_draws_density_needs_only_its_noise():
+    torch.manual_seed(0)
+    mean, logvar, noise = (torch.randn(5, 8, 7, 7, dtype=torch.float64) for _ in range(3))
+    mean, logvar = mean.to(memory_format=torch.channels_last), logvar.to(memory_format=torch.channels_last)
+    z = mean + torch.exp(logvar / 2) * noise
+    flat = log_normal_pdf(z.flatten(1), mean.flatten(1), logvar.flatten(1))            # [5], the vector form
+    torch.testing.assert_close(log_normal_pdf(z, mean, logvar, dim=(1, 2, 3)), flat)
+    torch.testing.assert_close(log_normal_pdf_of_draw(noise, logvar, dim=(1, 2, 3)), flat)
+    other_mean, other_logvar = torch.randn(2, 5, 8, 7, 7, dtype=torch.float64)
+    torch.testing.assert_close(gaussian_kl(mean, logvar, other_mean, other_logvar, dim=(1, 2, 3)),
+                               gaussian_kl(*(t.flatten(1) for t in (mean, logvar, other_mean, other_logvar))))
 
 
 def test_analytic_kl_is_expectation_of_log_ratio():

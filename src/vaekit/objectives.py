@@ -15,11 +15,20 @@ import torch
 from .likelihoods import LOG_2PI, Bernoulli, log_prob_of_draws
 
 
-def log_normal_pdf(sample: torch.Tensor, mean, logvar) -> torch.Tensor:
-    """log N(sample; mean, exp(logvar)) summed over the last dim: [B,D] -> [B]. The seed's formula."""
+def log_normal_pdf(sample: torch.Tensor, mean, logvar, dim=-1) -> torch.Tensor:
+    """log N(sample; mean, exp(logvar)) summed over `dim` (the last: [B,D] -> [B]; a grid of
+    latents [B,C,H,W] sums over (1, 2, 3), whatever its memory layout). The seed's formula."""
     mean = torch.as_tensor(mean, dtype=sample.dtype, device=sample.device)
     logvar = torch.as_tensor(logvar, dtype=sample.dtype, device=sample.device)
-    return torch.sum(-0.5 * ((sample - mean) ** 2 * torch.exp(-logvar) + logvar + LOG_2PI), dim=-1)
+    return torch.sum(-0.5 * ((sample - mean) ** 2 * torch.exp(-logvar) + logvar + LOG_2PI), dim=dim)
+
+
+def log_normal_pdf_of_draw(noise: torch.Tensor, logvar: torch.Tensor, dim=-1) -> torch.Tensor:
+    """log N(z; mean, exp(logvar)) of the draw z = mean + exp(logvar / 2) * noise, summed over
+    `dim`: log_normal_pdf(z, mean, logvar), where (z - mean)^2 / exp(logvar) is noise^2 exactly.
+    One exponential and two reads fewer per unit (what the IWAE pass of a grid of latents spends
+    most of its time between convolutions on), and no rounding of z - mean."""
+    return torch.sum(-0.5 * (noise * noise + logvar + LOG_2PI), dim=dim)
 
 
 def analytic_kl_per_dim(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -32,9 +41,9 @@ def analytic_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return analytic_kl_per_dim(mean, logvar).sum(dim=-1)
 
 
-def gaussian_kl(mean_q, logvar_q, mean_p, logvar_p) -> torch.Tensor:
-    """KL(N(mean_q, exp(logvar_q)) || N(mean_p, exp(logvar_p))) summed over the last dim: [..., D] -> [...]."""
-    return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mean_q - mean_p) ** 2) * torch.exp(-logvar_p) - 1).sum(-1)
+def gaussian_kl(mean_q, logvar_q, mean_p, logvar_p, dim=-1) -> torch.Tensor:
+    """KL(N(mean_q, exp(logvar_q)) || N(mean_p, exp(logvar_p))) summed over `dim` (the last: [..., D] -> [...])."""
+    return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mean_q - mean_p) ** 2) * torch.exp(-logvar_p) - 1).sum(dim)
 
 
 def training_loss(terms, objective: str = "elbo", kl_weight: float = 1.0, kl: str = "sample",

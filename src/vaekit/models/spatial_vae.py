@@ -32,13 +32,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..objectives import gaussian_kl, log_normal_pdf
+from ..objectives import gaussian_kl, log_normal_pdf, log_normal_pdf_of_draw
 from .layers import ConvTranspose2d, FlattenHWC, ResBlock, SharedInputHead, UnflattenHWC, full_precision
 from .model_config import ModelConfig
 from .hierarchy import HierarchicalVAE
 
 MIN_WIDTH = 16      # the narrowest feature map, however many scales the image has
 BOUND = 5.0         # every head's means and log standard deviations lie in (-BOUND, BOUND)
+# A group's densities sum over all its units in one reduction, not over a flattened copy: its
+# tensors are channels_last, so a flatten(1) reads them out of order (compiled: a scalar loop).
+UNITS = (1, 2, 3)
 
 
 def bounded_gaussian(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,9 +146,9 @@ class SpatialVAE(HierarchicalVAE):
                 z = self.reparameterize(mean_q, logvar_q, eps=noise)
                 if means is not None:
                     means.append(mean_q.flatten(1))
-                log_q = log_q + log_normal_pdf(z.flatten(1), mean_q.flatten(1), logvar_q.flatten(1))
-                rates.append(gaussian_kl(mean_q.flatten(1), logvar_q.flatten(1), mean_p.flatten(1), logvar_p.flatten(1)))
-            log_p = log_p + log_normal_pdf(z.flatten(1), mean_p.flatten(1), logvar_p.flatten(1))
+                log_q = log_q + log_normal_pdf_of_draw(noise, logvar_q, dim=UNITS)
+                rates.append(gaussian_kl(mean_q, logvar_q, mean_p, logvar_p, dim=UNITS))
+            log_p = log_p + log_normal_pdf(z, mean_p, logvar_p, dim=UNITS)
             s = s + self.merges[g](z)
         rate = torch.stack(rates, dim=-1) if rates else z_top[:, :0]
         return s, log_p, log_q, rate
