@@ -281,8 +281,8 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
                    "(where it measured faster: on a GPU, and for the spatial family on a CPU when 10^6 decodes or "
                    "more), on or off (default: the run's --compile)")
     p.add_argument("--workers", type=int, default=1, metavar="N", help="processes that share the importance-"
-                   "sampling pass on a CPU, each with its share of the threads (default 1); on 2 cores, 2 scored "
-                   "10-19%% more draws per second than 1; --max-memory is each one's")
+                   "sampling pass on a CPU, each with its share of the threads (default 1; on a 2-core EPYC, 2 "
+                   "measured 0.97-1.12x of 1); --max-memory is each one's")
 
 
 def _eval(args) -> None:

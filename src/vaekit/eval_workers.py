@@ -2,11 +2,11 @@
 threads each (T: this process's threads), the test images dealt out in order.
 
 Why processes: the threads of one process meet after every layer, and a layer of a few thousand
-draws splits poorly over them; N processes each run whole passes alone. On a 2-core AMD EPYC,
-two one-thread `benchmarks/eval_throughput.py` side by side scored 10% (the seed's model) and 19%
-(the frontier) more draws per second in all than one with two threads (`--workers 2` against
-`--workers 1` measures the same within one command). Threads of one process cannot do the same:
-Python's lock serialises the glue between layers.
+draws splits poorly over them; N processes each run whole passes alone (threads of one process would
+share Python's lock for the glue between layers). What it gains depends on the
+machine: on a 2-core AMD EPYC, `benchmarks/eval_throughput.py --workers 2` against `--workers 1`
+measured 0.97x and 1.12x for the frontier model and 0.99x for the seed's (docs/evaluation.md), so
+it is not the default.
 
 Each worker builds the model from its config and weights (a prepared or compiled model does not
 pickle), prepares it in the parent's precision and compiles its pass as the parent would
