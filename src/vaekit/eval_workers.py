@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, RunError
+from .evaluate import images_per_pass, iwae_bounds
 
 _worker: dict = {}       # in a worker process: its pass, or the error that kept it from being built
 
@@ -90,7 +91,6 @@ def _score(images: np.ndarray, labels: np.ndarray | None, first: int, k: int, se
            decode_batch: int) -> tuple[np.ndarray, list[str]]:
     """A task: the bounds of `images` (test images first, first + 1, ...), and the lines the worker
     logged since its last task (its compile)."""
-    from .evaluate import iwae_bounds
     if "error" in _worker:
         raise _worker["error"]
     device = _worker["device"]
@@ -128,7 +128,7 @@ class EvalWorkers:
                     labels: torch.Tensor | None = None, progress=None, first: int = 0, on_pass=None) -> torch.Tensor:
         """evaluate.iwae_bounds of the workers' model: each pass's images a task, the bounds joined
         in order; `on_pass(bounds)` and `progress` are told each pass as it comes back in order."""
-        per_pass = max(1, decode_batch // k)
+        per_pass = images_per_pass(decode_batch, k)
         starts = range(0, len(x), per_pass)
         images = x.float().cpu().numpy()
         tags = None if labels is None else labels.cpu().numpy()

@@ -141,6 +141,11 @@ class LogWeights(torch.nn.Module):
         return self.model(x, eps=eps, y=y).log_w
 
 
+def images_per_pass(decode_batch: int, k: int) -> int:
+    """How many images' K draws one pass of at most `decode_batch` decodes scores (at least one)."""
+    return max(1, decode_batch // k)
+
+
 @torch.inference_mode()
 def iwae_bounds(model, x: torch.Tensor, k: int, seed: int = 0, decode_batch: int = 2000,
                 labels: torch.Tensor | None = None, progress=None, first: int = 0, log_weights=None,
@@ -155,7 +160,7 @@ def iwae_bounds(model, x: torch.Tensor, k: int, seed: int = 0, decode_batch: int
     what computes a pass's log weights (default: LogWeights(model), eager). `progress`: a bar advanced
     per decode; `on_pass(bounds)`: told each pass's bounds [B] as they are scored."""
     log_weights = log_weights or LogWeights(model)
-    per_pass = max(1, decode_batch // k)                            # images per pass
+    per_pass = images_per_pass(decode_batch, k)
     chunks = -(-k // decode_batch)                                  # draws split in this many chunks
     chunk = -(-k // chunks)                                         # draws per decode, per image
     bounds = []
