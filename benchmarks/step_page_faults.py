@@ -1,5 +1,5 @@
 """Minor page faults per training step of the seed's model, with glibc's allocator as it comes and
-tuned by `vaekit.allocator.keep_freed_memory` (what training and evaluation do at start-up).
+tuned by `vaekit.cpu.keep_freed_memory` (what training and evaluation do at start-up).
 
     python benchmarks/step_page_faults.py
 
@@ -24,7 +24,7 @@ def faults_per_step(tuned: bool) -> float:
     """Run in a process of its own: the minor page faults of one training step, averaged."""
     import torch
 
-    from vaekit.allocator import keep_freed_memory
+    from vaekit.cpu import keep_freed_memory
     from vaekit.distributed import bf16_is_fast
     from vaekit.models import ConvVAE, ModelConfig
     from vaekit.objectives import training_loss

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .allocator import keep_freed_memory
+from .cpu import keep_freed_memory
 from .config import DEVICES, PRECISIONS
 from .errors import ConfigError
 

@@ -28,15 +28,11 @@ from concurrent.futures.process import BrokenProcessPool
 import numpy as np
 import torch
 
+from .cpu import usable_cores
 from .errors import ConfigError, RunError
 from .evaluate import images_per_pass, iwae_bounds
 
 _worker: dict = {}       # in a worker process: its pass, or the error that kept it from being built
-
-
-def usable_cores() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def check_workers(workers: int, device: torch.device) -> None:

@@ -18,6 +18,8 @@ import sys
 import uuid
 from pathlib import Path
 
+from .cpu import usable_cores
+
 PEER_LOST = 75    # a rank's exit code when its communication with a lost rank failed
 _PR_SET_PDEATHSIG = 1   # linux/prctl.h
 
@@ -32,7 +34,7 @@ def _threads_per_process(nproc: int) -> tuple[int | None, str]:
     print a banner about it). Nothing here writes this process's environment."""
     if "OMP_NUM_THREADS" in os.environ:
         return None, f"{os.environ['OMP_NUM_THREADS']} thread(s) each (OMP_NUM_THREADS as set)"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     threads = max(1, cores // nproc)
     return threads, (f"{threads} thread{'s' * (threads > 1)} each: {cores} cores shared out (set OMP_NUM_THREADS "
                      "to choose)")

@@ -55,6 +55,7 @@ import PIL
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from ..cpu import usable_cores
 from ..errors import DataError
 from ..files import atomic_write_text, replacing
 from .sources import Log, cache_root, process_gone, to_stderr
@@ -100,7 +101,7 @@ def load_folder(folder: str | Path, size: int, channels: int, test_fraction: flo
     data = _read_cache(entry, log)
     if data is None:
         log(f"decoding {len(files)} images from {folder} (once: they are cached in {entry})")
-        decode = (folder, files, size, channels, test_fraction, split_seed, class_names, workers or _cores())
+        decode = (folder, files, size, channels, test_fraction, split_seed, class_names, workers or usable_cores())
         try:
             _decode_into(entry, *decode)
         except OSError as e:   # no cache to write to costs only speed: the next run decodes again
@@ -131,10 +132,6 @@ def _just_decoded(entry: Path, folder: Path, log: Log) -> FolderData:
         raise DataError(f"{entry}: the images just decoded from {folder} cannot be read back; "
                         "check the disk of the cache ($VAEKIT_CACHE)")
     return replace(data, source=f"decoded from {folder}")
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _named(data: FolderData) -> str:

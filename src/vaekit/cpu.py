@@ -1,4 +1,5 @@
-"""CPU memory allocator tuning, applied once per process before training or evaluation.
+"""The CPU this process runs on: the cores it may use, and glibc's allocator tuned to keep freed
+memory (applied once per process before training or evaluation).
 
 glibc's malloc serves blocks above its mmap threshold (128 KiB at first) with fresh mmap
 calls and returns freed memory to the OS eagerly, so each training step's activations
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 
 _M_TRIM_THRESHOLD = -1
@@ -36,3 +38,8 @@ def keep_freed_memory() -> bool:
         return False
     _tuned = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     return _tuned
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
