@@ -105,6 +105,8 @@ def test_the_recipe_end_to_end_on_the_sample(tmp_path):
     for command in ("traverse", "latent"):
         refused = vaekit(command, run, check=False)
         assert refused.returncode == 2 and "vq model, whose codes are discrete" in refused.stderr
+    refused = vaekit("eval", run, "--workers", 2, check=False)
+    assert refused.returncode == 2 and "no importance-sampling pass to share out: leave --workers out" in refused.stderr
     vaekit("train-prior", run, "--epochs", 1)
     prior_metrics = [json.loads(line) for line in (run / "prior" / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in prior_metrics] == [1]

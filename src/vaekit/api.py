@@ -160,6 +160,9 @@ def eval_to_json(run: str | Path, k: int = 5000, binarization: str | None = None
     n = n or len(test)
     weights = {"data": opened.data_fingerprint, "weights_sha256": sha256(opened.weights)}
     if mc.family == "vq":
+        if workers > 1:
+            raise ConfigError(f"{run} is a vq model, whose bound has no importance-sampling pass to share out: "
+                              "leave --workers out")
         x = preprocess(test.images[:n].to(rt.device), binarization, rt.generator(seed))
         result = {**vq_eval_report(model, load_prior(opened), x, binarization, seed), **weights}
         if report:
@@ -174,16 +177,16 @@ def eval_to_json(run: str | Path, k: int = 5000, binarization: str | None = None
     measured = {"binarization": binarization, "k": k, "n": n, "seed": seed,
                 "precision": model.inference_precision or rt.precision}
     weigh = log_weights(model, config.train.compile, rt.device, log, n * (k + 1))
-    with contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack:     # on a stop, the bounds are kept first, then the workers end
+        pool = None if workers == 1 else stack.enter_context(EvalWorkers(
+            workers, config.model, load_tensors(opened.weights), rt.device, measured["precision"],
+            config.train.compile, n * (k + 1), log))
         partial = None
         if n * (k + 1) >= RESUMABLE_FROM:   # the draws (the device's generator) and the pass's form must match too
             identity = {**measured, **weights, "device": rt.device.type, "compiled": weigh is not None}
             partial = stack.enter_context(PartialEval(opened.run, eval_key(measured), identity, log))
             if said := partial.resume():
                 log(said)
-        pool = None if workers == 1 else stack.enter_context(EvalWorkers(
-            workers, config.model, load_tensors(opened.weights), rt.device, measured["precision"],
-            config.train.compile, n * (k + 1), log))
         result = likelihood_report(model, x, binarization, rt, gen, k, decode_batch, seed,
                                    None if labels is None else labels[:n], weigh, partial, pool)
     result.update(weights)        # scored: a stop from here on leaves the saved bounds, and SIGTERM its default

@@ -1,9 +1,15 @@
 """vaekit's errors, in one place. Each carries a one-line message that names the problem and
 the fix; the command line prints it as it is (no traceback). VaekitError is the one to catch.
-Beside them, the stop of a long command on a signal (Interrupted) and the handling of its signals."""
+Beside them, the stop of a long command on a signal (Interrupted), the handling of its signals,
+and the signal that ends a helper process with its parent (die_with)."""
 import contextlib
+import ctypes
+import os
 import signal
+import sys
 import threading
+
+_PR_SET_PDEATHSIG = 1   # linux/prctl.h
 
 
 class VaekitError(Exception):
@@ -49,3 +55,16 @@ def handling(signums, handler):
     finally:
         for s, before in previous.items():
             signal.signal(s, signal.SIG_DFL if before is None else before)
+
+
+def die_with(parent: int) -> None:
+    """Linux: this process gets SIGKILL when its parent (pid `parent`) dies, even by kill -9, so no
+    helper process (a training rank, an evaluation worker) works on, re-parented to init, after the
+    command that started it is gone. If the parent died before this was set, leave now."""
+    if sys.platform != "linux":
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return   # not allowed here (a sandbox): the process outlives a killed parent, as without this
+    if os.getppid() != parent:
+        os._exit(128 + signal.SIGKILL)

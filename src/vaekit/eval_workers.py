@@ -1,5 +1,5 @@
 """`vaekit eval --workers N`: the IWAE pass of an evaluation on the CPU in N processes of T/N
-threads each (T: this process's threads), the test images dealt out in order.
+threads each (T: this process's threads; at least one each), the test images dealt out in order.
 
 Why processes: the threads of one process meet after every layer, and a layer of a few thousand
 draws splits poorly over them; N processes each run whole passes alone (threads of one process would
@@ -9,13 +9,14 @@ measured 0.97x and 1.12x for the frontier model and 0.99x for the seed's (docs/e
 it is not the default.
 
 Each worker builds the model from its config and weights (a prepared or compiled model does not
-pickle), prepares it in the parent's precision and compiles its pass as the parent would
-(compiling.log_weights). Workers are started with "spawn", not "fork": a forked child of a process
+pickle) as the parent opened it (loading.model_for_inference), in the parent's precision, and
+compiles its pass as the parent would (compiling.log_weights). Workers are started with "spawn", not "fork": a forked child of a process
 whose OpenMP threads have run can hang in its first parallel region. Image i's draws depend on
 the seed and i alone (evaluate._image_noise), so a worker scores the bounds the parent would
 (up to the order its threads sum in), and they come back in order, so the parent keeps them as
-one process does (runs.PartialEval). Workers ignore SIGINT: Ctrl-C stops the parent, which keeps
-its bounds and ends them."""
+one process does (runs.PartialEval). Workers ignore SIGINT and SIGTERM, which reach them too when
+sent to the whole process group (Ctrl-C, `timeout`, a closed terminal): the parent stops, keeps
+its bounds and then ends them. They die with the parent (errors.die_with), even by kill -9."""
 from __future__ import annotations
 
 import contextlib
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from .cpu import usable_cores
-from .errors import ConfigError, RunError
+from .errors import ConfigError, RunError, die_with
 from .evaluate import images_per_pass, iwae_bounds
 
 _worker: dict = {}       # in a worker process: its pass, or the error that kept it from being built
@@ -61,21 +62,22 @@ def threads(count: int):
         torch.set_num_threads(before)
 
 
-def _start(model_config, weights: dict, device: str, precision: str, compile_setting: str, decodes: int,
-           thread_count: int) -> None:
-    """A worker's start: its model prepared as the parent's. An error is kept and raised by its
-    first task: one raised here would make the pool start workers again and again."""
+def _start(parent: int, model_config, weights: dict, device: str, precision: str, compile_setting: str,
+           decodes: int, thread_count: int) -> None:
+    """A worker's start: it dies with its parent (`parent`, the pid), leaves SIGINT and SIGTERM to it
+    (the parent keeps the bounds, then ends the workers), and builds its model as the parent's. An
+    error is kept and raised by the first task, so the user reads it: raised here, it would only
+    break the pool ("a worker died")."""
+    die_with(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    torch.set_num_threads(thread_count)
-    from .compiling import for_inference, log_weights
-    from .distributed import setup
-    from .models import build_model
-    from .models.inference import prepare_for_inference
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
+        torch.set_num_threads(thread_count)
+        from .compiling import log_weights
+        from .distributed import setup
+        from .loading import model_for_inference
         runtime = setup(device, precision)
-        model = build_model(model_config)
-        model.load_state_dict(weights)
-        model = for_inference(prepare_for_inference(model, runtime), compile_setting, runtime.device)
+        model = model_for_inference(model_config, weights, "the evaluated model's weights", runtime, compile_setting)
         lines = _worker.setdefault("lines", [])
         _worker.update(model=model, device=runtime.device, log_weights=log_weights(
             model, compile_setting, runtime.device, lambda line: lines.append(f"worker {os.getpid()}: {line}"), decodes))
@@ -110,8 +112,8 @@ class EvalWorkers:
         self.log = log
         self.pool = ProcessPoolExecutor(
             workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start,
-            initargs=(model_config, {name: t.cpu() for name, t in weights.items()}, device.type, precision,
-                      compile_setting, decodes, threads_per_worker(workers)))
+            initargs=(os.getpid(), model_config, {name: t.cpu() for name, t in weights.items()}, device.type,
+                      precision, compile_setting, decodes, threads_per_worker(workers)))
 
     def __enter__(self) -> "EvalWorkers":
         return self
@@ -142,8 +144,8 @@ class EvalWorkers:
                 if on_pass is not None:
                     on_pass(bounds[-1])
         except BrokenProcessPool:
-            raise RunError("an evaluation worker died (out of memory?); the bounds scored so far are kept: run the "
-                           "same command again with fewer --workers or a smaller --max-memory") from None
+            raise RunError("an evaluation worker died (killed, or out of memory?); the bounds scored so far are kept: "
+                           "run the same command again with fewer --workers or a smaller --max-memory") from None
         finally:
             for task in tasks:
                 task.cancel()

@@ -10,7 +10,6 @@ quietly; the launcher prints one line naming the rank lost and how to go on.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -19,9 +18,9 @@ import uuid
 from pathlib import Path
 
 from .cpu import usable_cores
+from .errors import die_with
 
 PEER_LOST = 75    # a rank's exit code when its communication with a lost rank failed
-_PR_SET_PDEATHSIG = 1   # linux/prctl.h
 
 
 def launched_by_torchrun() -> bool:
@@ -98,23 +97,10 @@ def _how_to_go_on(args: list[str], nproc: int) -> str:
     return "no run directory was made: run the command again"
 
 
-def _die_with(launcher: int) -> None:
-    """Linux: this process gets SIGKILL when its parent, the launcher, dies (even by kill -9), so
-    no rank trains on, re-parented to init, holding the run's lock. If the launcher died before
-    this was set, the parent is no longer it: leave now."""
-    if sys.platform != "linux":
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        return   # not allowed here (a sandbox): the ranks outlive a killed launcher, as without this
-    if os.getppid() != launcher:
-        os._exit(128 + signal.SIGKILL)
-
-
 def _worker(argv: list[str]) -> int:
     """One rank: `LAUNCHER_PID THREADS ARGS` (THREADS 0: leave the thread count as the environment sets it)."""
     launcher, threads, *args = argv
-    _die_with(int(launcher))
+    die_with(int(launcher))   # no rank trains on, re-parented to init, holding the run's lock
     import torch
     import torch.distributed as dist
 

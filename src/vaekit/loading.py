@@ -72,14 +72,23 @@ def open_for_inference(run: str | Path, device: str = "auto", precision: str = "
         raise ConfigError(f"`vaekit {continuous_task}` works on a continuous z, and {run} is a vq model, whose codes "
                           "are discrete: use `vaekit sample`, `reconstruct`, `interpolate` or `inpaint`")
     runtime = setup(device, "fp32" if config.model.family == "vq" else precision)
-    model = build_model(config.model)
     weights = opened.checkpoints.weights_file(best=opened.best, fall_back=fall_back, epoch=opened.epoch)
-    load_weights_into(model, load_tensors(weights), opened.path)
-    if prepared and config.model.family != "vq":   # the vq family runs as trained, in fp32 (its codes' distances)
-        model = for_inference(prepare_for_inference(model, runtime), config.train.compile, runtime.device)
-    else:
-        model = model.to(runtime.device, memory_format=torch.channels_last).eval()
+    model = model_for_inference(config.model, load_tensors(weights), opened.path, runtime, config.train.compile,
+                                prepared)
     return OpenRun(opened, model, config, runtime, weights)
+
+
+def model_for_inference(model_config, weights: dict[str, torch.Tensor], source, runtime: Runtime,
+                        compile_setting: str, prepared: bool = True) -> torch.nn.Module:
+    """The model of `model_config` with `weights` (read from `source`, which a RunError names when
+    they do not fit) on `runtime`'s device in eval mode: prepared for inference and compiled as
+    `compile_setting` says, or (`prepared=False`, or a vq model, which runs as trained in fp32: its
+    codes' distances) as training builds it."""
+    model = build_model(model_config)
+    load_weights_into(model, weights, source)
+    if prepared and model_config.family != "vq":
+        return for_inference(prepare_for_inference(model, runtime), compile_setting, runtime.device)
+    return model.to(runtime.device, memory_format=torch.channels_last).eval()
 
 
 def load_model(path: str | Path, device: str = "auto", precision: str = "auto", fall_back: bool = False,
