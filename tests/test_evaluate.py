@@ -161,7 +161,9 @@ def test_cli_eval_prints_a_table_with_the_protocol_beside_each_number(run):
     (["--decode-batch", "0"], "--decode-batch must be at least 1"),
     (["--n", "0"], "--n must be at least 1"),
     (["--n", "501"], "--n 501 is more than the 500 test images"),
-    (["--max-memory", "0"], "--max-memory must be a positive number of MB"),
+    (["--max-memory", "0"], "--max-memory must be a positive, finite number of MB"),
+    (["--max-memory", "inf"], "--max-memory must be a positive, finite number of MB"),
+    (["--k", "100000000000"], "over the memory cap: ask for --k"),
     (["--workers", "0"], "--workers must be at least 1"),
     (["--workers", "1000"], "--workers 1000 is more than the"),
 ])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ from .config import BINARIZATIONS, COMPILE_MODES
 from .data import dataset_info, fetch, preprocess
 from .errors import ConfigError
 from .eval_workers import EvalWorkers, check_workers, threads, threads_per_worker
-from .evaluate import (RESUMABLE_FROM, decode_batch_for, likelihood_report, paired_differences, protocol,
+from .evaluate import (RESUMABLE_FROM, decode_batch_for, likelihood_report, max_draws, paired_differences, protocol,
                        vq_eval_report)
 from .export import export_run
 from .generate import (INPAINT_METHODS, MASKS, PATHS, LatentPlane, apply_attribute, attribute_vector, check_index,
@@ -140,8 +141,8 @@ def eval_to_json(run: str | Path, k: int = 5000, binarization: str | None = None
     for flag, value, most in (("n", n, None), ("decode-batch", decode_batch, MAX_DECODE_BATCH)):
         if value is not None:
             _positive(flag, value, most)
-    if max_memory_mb is not None and not max_memory_mb > 0:
-        raise ConfigError(f"--max-memory must be a positive number of MB, got {max_memory_mb}")
+    if max_memory_mb is not None and not 0 < max_memory_mb < math.inf:
+        raise ConfigError(f"--max-memory must be a positive, finite number of MB, got {max_memory_mb}")
     if binarization is not None and binarization not in BINARIZATIONS:
         raise ConfigError(f"--binarization must be one of {', '.join(BINARIZATIONS)}; got {binarization!r}")
     if compile is not None and compile not in COMPILE_MODES:
@@ -169,6 +170,9 @@ def eval_to_json(run: str | Path, k: int = 5000, binarization: str | None = None
             report(result)
         opened.run.save_eval(result)
         return result
+    if k > (most := max_draws(model, rt.device, max_memory_mb)):
+        raise ConfigError(f"--k {k}: one image's {k} draws would need {k * 4 * model.noise_dim / 2**20:,.0f} MB at "
+                          f"once, over the memory cap: ask for --k {most} or fewer, or raise --max-memory")
     labels = _labels(config, test, rt)
     with threads(threads_per_worker(workers)):     # tuned for the threads each worker will have
         decode_batch = decode_batch or decode_batch_for(model, rt.device, n * (k + 1), max_memory_mb)

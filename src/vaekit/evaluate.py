@@ -288,14 +288,23 @@ def bytes_per_decode(model, device: torch.device) -> int:
     return 2 * sum(sizes)
 
 
-def max_decodes(model, device: torch.device, max_memory_mb: float | None = None) -> int:
-    """The most decodes at once within `max_memory_mb` (default: DEFAULT_MAX_MEMORY_MB on CPU,
-    half the GPU's free memory on CUDA)."""
+def memory_budget(device: torch.device, max_memory_mb: float | None = None) -> float:
+    """The bytes an evaluation's passes may use: `max_memory_mb`, else DEFAULT_MAX_MEMORY_MB on CPU
+    and half the GPU's free memory on CUDA."""
     if max_memory_mb is None:
-        budget = torch.cuda.mem_get_info(device)[0] / 2 if device.type == "cuda" else DEFAULT_MAX_MEMORY_MB * 2 ** 20
-    else:
-        budget = max_memory_mb * 2 ** 20
-    return max(1, int(budget // bytes_per_decode(model, device)))
+        return torch.cuda.mem_get_info(device)[0] / 2 if device.type == "cuda" else DEFAULT_MAX_MEMORY_MB * 2 ** 20
+    return max_memory_mb * 2 ** 20
+
+
+def max_decodes(model, device: torch.device, max_memory_mb: float | None = None) -> int:
+    """The most decodes at once within the memory budget."""
+    return max(1, int(memory_budget(device, max_memory_mb) // bytes_per_decode(model, device)))
+
+
+def max_draws(model, device: torch.device, max_memory_mb: float | None = None) -> int:
+    """The most importance draws of one image within the memory budget: a pass holds all K of
+    an image's noise vectors (float32) at once (_image_noise)."""
+    return int(memory_budget(device, max_memory_mb) // (4 * model.noise_dim))
 
 
 def _decodes_per_second(model, size: int, calls: int, device: torch.device) -> float:
