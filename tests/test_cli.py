@@ -7,7 +7,7 @@ import sys
 import pytest
 from PIL import Image
 
-from conftest import cli_env
+from conftest import SAMPLE, cli_env
 
 
 def vaekit(*args, check=True):
@@ -20,8 +20,6 @@ def vaekit(*args, check=True):
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    from conftest import SAMPLE
-
     run = tmp_path_factory.mktemp("cli") / "run"
     result = vaekit("train", "--data-dir", SAMPLE, "--epochs", "2", "--lr", "1e-3", "--device", "cpu",
                     "--out", run)
@@ -72,10 +70,10 @@ def test_resume_via_cli_extends_the_run(trained_run, tmp_path):
     (["train", "--binarization", "fuzzy", "--out", "{tmp}/x"], "binarization"),
     (["train", "--resume", "{run}", "--latent-dim", "3"], "only --epochs"),
     (["sample", "{run}", "--n", "0"], "--n"),
-    (["sample", "{run}", "--n", "5000000"], "--n 5000000 make a grid of 5000000 images, over vaekit's limit of 2500"),
-    (["reconstruct", "{run}", "--n", "2000"], "make a grid of 4000 images, over vaekit's limit"),
-    (["interpolate", "{run}", "--steps", "100000"], "--steps 100000 (two paths, framed by their ends) make a grid"),
-    (["traverse", "{run}", "--dims", "50", "--steps", "100"], "--dims 50 x --steps 100 make a grid of 5000"),
+    (["sample", "{run}", "--n", "5000000"], "--n 5000000 makes a grid of 5000000 images, over vaekit's limit of 2500"),
+    (["reconstruct", "{run}", "--n", "2000"], "makes a grid of 4000 images, over vaekit's limit"),
+    (["interpolate", "{run}", "--steps", "100000"], "--steps 100000 (two paths, framed by their ends) makes a grid"),
+    (["traverse", "{run}", "--dims", "50", "--steps", "100"], "--dims 50 x --steps 100 makes a grid of 5000"),
     (["inpaint", "{run}", "--chains", "100000"], "--chains 100000 is over vaekit's limit of 1000"),
     (["eval", "{run}", "--decode-batch", "1000000000"], "--decode-batch 1000000000 is over vaekit's limit of 1000000"),
     (["train", "--resume", "{run}", "--data-dir", "{tmp}/nowhere", "--epochs", "3"], "does not exist"),
@@ -95,22 +93,55 @@ def test_bad_input_gets_one_line(trained_run, tmp_path, args, message):
 @pytest.mark.parametrize("args", [["sample", "RUN", "--device", "gpu"], ["trian"], ["train", "--epochs", "many"],
                                   ["sample", "RUN", "--out", "x.txt"],
                                   ["inpaint", "RUN", "--score-n", "many"], ["sample", "RUN", "--seed", str(2**64)],
-                                  ["eval", "RUN", "--seed", "1e16"], ["latent", "RUN", "--seed", "-1"]])
+                                  ["eval", "RUN", "--seed", "1e16"], ["latent", "RUN", "--seed", "-1"],
+                                  ["sample", "RUN", "--nn", "5"]])
 def test_usage_mistakes_are_one_line_too(args):
     result = vaekit(*args, check=False)
     assert result.returncode == 2
-    assert result.stderr.count("\n") == 1 and "error: " in result.stderr and "--help" in result.stderr
+    assert result.stderr.count("\n") == 1 and "error: " in result.stderr
+    command = "vaekit" if args == ["trian"] else f"vaekit {args[0]}"    # the help of the command that was given
+    assert result.stderr.startswith(f"{command}: error: ") and f"see `{command} --help`" in result.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "0"], "epochs must be >= 1, got 0: fix --epochs"),
+    (["--nproc", "1000", "--device", "cpu"], f"--nproc 1000 is more than the {len(os.sched_getaffinity(0))} cores "
+     f"this process may use: pass at most {len(os.sched_getaffinity(0))}"),
+    (["--max-restarts", "-1", "--nproc", "2"], "--max-restarts must be at least 0, got -1"),
+    (["--max-restarts", "1"], "--max-restarts applies to --nproc N only"),
+    (["--beta", "-1"], "beta must be > 0, got -1.0: fix --beta"),
+    (["--likelihood", "gaussian-fixed", "--fixed-scale", "0"], "fixed_scale must be > 0, got 0.0: fix --fixed-scale"),
+    (["--num-classes", "-1"], "num_classes must be >= 0 (0: the data's), got -1: fix --num-classes"),
+    (["--num-classes", "10"], "num_classes 10 is for conditional models: pass --conditional or drop --num-classes"),
+    (["--stochastic-layers", "-1"], "stochastic_layers must be >= 0 (0: the family's own), got -1: fix "
+     "--stochastic-layers"),
+    (["--family", "vq", "--ema-decay", "2"], "ema_decay must be in [0, 1), got 2.0: fix --ema-decay"),
+    (["--family", "vq", "--commitment", "-1"], "commitment must be >= 0, got -1.0: fix --commitment"),
+    (["--family", "vq", "--prior-heads", "3"], "prior_heads 3 does not divide prior_width 128: fix --prior-heads"),
+    (["--family", "vq", "--hidden-channels", "7"], "hidden_channels must be even, got 7: fix --hidden-channels"),
+    (["--family", "vq", "--res-blocks", "-1"], "res_blocks must be >= 0, got -1: fix --res-blocks"),
+])
+def test_a_bad_train_flag_is_named_alone_in_one_line_before_anything_starts(tmp_path, capsys, args, message):
+    """Refused by the command line itself (in this process: nothing is read, started or made first),
+    each setting on its own, named by its flag."""
+    from vaekit.cli import main
+
+    assert main(["train", "--data-dir", str(SAMPLE), *args, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("vaekit: error: ") and message in err, err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="--nproc 2 takes 2 cores")
 def test_nproc_states_the_threads_per_process_in_one_line_without_torchruns_banner(tmp_path):
-    from conftest import SAMPLE
-
     env = cli_env()
     env.pop("OMP_NUM_THREADS", None)            # what torchrun would print its banner about
-    result = subprocess.run([sys.executable, "-m", "vaekit", "train", "--nproc", "2", "--epochs", "0", "--data-dir",
-                             str(SAMPLE), "--device", "cpu", "--out", str(tmp_path / "run")],
+    # the ranks start, then refuse the batch (larger than the sample): the launch and no training
+    result = subprocess.run([sys.executable, "-m", "vaekit", "train", "--nproc", "2", "--batch-size", "5000",
+                             "--data-dir", str(SAMPLE), "--device", "cpu", "--out", str(tmp_path / "run")],
                             capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 2 and "vaekit: rank " in result.stderr, result.stderr
+    assert "larger than the 2000 training images" in result.stderr and not (tmp_path / "run").exists()
     threads = max(1, len(os.sched_getaffinity(0)) // 2)
     said = [line for line in result.stderr.splitlines() if line.startswith("vaekit: 2 processes")]
     assert said == [f"vaekit: 2 processes, {threads} thread{'s' * (threads > 1)} each: "

@@ -138,6 +138,15 @@ def test_an_export_replaces_only_an_export(run, tmp_path, capsys):
     assert capsys.readouterr().err == (f"vaekit: error: {tmp_path} holds other files than an export (notes.txt, ...), "
                                        "and an export replaces its folder whole; choose a new folder for --out\n")
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    mine = tmp_path / "mine"                  # a file of an export's name, but no manifest.json: not an export
+    mine.mkdir()
+    (mine / "encoder.onnx").write_text("my own encoder")
+    assert main(["export", str(run), "--out", str(mine)]) == 2
+    assert capsys.readouterr().err == (f"vaekit: error: {mine} holds encoder.onnx but no manifest.json, so it is not "
+                                       "an earlier export, and an export replaces its folder whole; choose a new "
+                                       "folder for --out (or move the file away)\n")
+    assert [p.name for p in mine.iterdir()] == ["encoder.onnx"]
+    assert (mine / "encoder.onnx").read_text() == "my own encoder"
 
 
 def test_bad_input_and_a_missing_extra_are_one_line(run, capsys, monkeypatch):

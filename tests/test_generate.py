@@ -192,7 +192,9 @@ def test_cli_commands_write_readable_pictures(run, tmp_path):
     interp = vaekit("interpolate", run, "--index", "3", "7", "--steps", "5", "--gif", "--device", "cpu").stdout.split()
     width, height = readable(interp[0]).size                # the grid, its rows and columns labelled
     assert width > 4 * (7 * 30 + 2) and height == 4 * (2 * 30 + 2) + LABEL_ROW and readable(interp[1]).n_frames == 8
-    trav = vaekit("traverse", run, "--dims", "3", "--steps", "5", "--device", "cpu").stdout.split()
+    mine = run / "mine" / "t.png"      # a new file of one's own inside the run: written, and its GIF named
+    trav = vaekit("traverse", run, "--dims", "3", "--steps", "5", "--out", mine, "--device", "cpu").stdout.split()
+    assert trav == [str(mine), str(mine.with_suffix(".gif"))]
     width, height = readable(trav[0]).size
     assert width > 4 * (5 * 30 + 2) and height == 4 * (3 * 30 + 2) + LABEL_ROW and readable(trav[1]).n_frames == 8
     attr = vaekit("attribute", run, "--from", "3", "--to", "8", "--n", "4", "--steps", "5", "--device", "cpu")
@@ -227,6 +229,28 @@ def assert_one_error_line(err: str, message: str) -> None:
     (["inpaint", "{run}", "--mask", "{black}"], "marks no pixel to fill"),
     (["inpaint", "{run}", "--method", "gibbs"], "--method must be one of pseudo-gibbs, metropolis"),
     (["latent", "{tmp}"], "not a vaekit run directory"),
+    (["sample", "{run}@bogus"], "'@bogus' is not a checkpoint name of the run {run}: pass {run} (its newest weights), "
+                                "{run}@best or {run}@epoch_N"),
+    # a picture never takes the place of a run's own files, nor does the GIF written beside it
+    (["traverse", "{run}", "--out", "{run}/training.png"], "--out {run}/training.png would write {run}/training.gif "
+     "beside it, part of the run {run}, which no command writes over; choose another --out, such as "
+     "{run}/samples/training.png"),
+    (["interpolate", "{run}", "--gif", "--out", "{run}/training.png"], "would write {run}/training.gif beside it"),
+    (["sample", "{run}", "--out", "{run}/images/image_at_epoch_0001.png"],
+     "--out {run}/images/image_at_epoch_0001.png, inside {run}/images, is part of the run {run}"),
+    (["latent", "{run}", "--out", "{run}/checkpoints/map.png"], ", inside {run}/checkpoints, is part of the run"),
+    (["attribute", "{run}", "--to", "3", "--strength", "nan"], "--strength must be a finite number (within "),
+    (["attribute", "{run}", "--to", "3", "--strength", "inf"], "--strength must be a finite number (within "),
+    (["inpaint", "{run}", "--n", "600"], "--n 600 is more than the 500 test images; ask for at most 500"),
+    # each command's own advice on a grid over the limit: the seed picks the images of `sample` alone
+    (["sample", "{run}", "--n", "3000"], "--n 3000 makes a grid of 3000 images, over vaekit's limit of 2500 in one "
+     "picture; ask for --n 2500 or fewer (several pictures: vary --seed)"),
+    (["interpolate", "{run}", "--steps", "2000"], "--steps 2000 (two paths, framed by their ends) makes a grid of "
+     "4004 images, over vaekit's limit of 2500 in one picture; ask for --steps 1248 or fewer"),
+    (["traverse", "{run}", "--dims", "50", "--steps", "100"], "makes a grid of 5000 images, over vaekit's limit of "
+     "2500 in one picture; ask for fewer --dims or --steps"),
+    (["attribute", "{run}", "--to", "3", "--n", "400"], "--n 400 x (--steps 7 + the original) makes a grid of 3200 "
+     "images, over vaekit's limit of 2500 in one picture; ask for fewer --n or --steps"),
 ])
 def test_bad_input_gets_one_line(run, tmp_path, capsys, args, message):
     small = tmp_path / "small.png"
@@ -234,8 +258,13 @@ def test_bad_input_gets_one_line(run, tmp_path, capsys, args, message):
     black = tmp_path / "black.png"
     Image.new("L", (28, 28)).save(black)
     argv = [a.format(run=run, tmp=tmp_path, small=small, black=black) for a in args]
+    kept = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.relative_to(run).parts[0] != "samples"}
     assert main([*argv, "--device", "cpu"]) == 2
-    assert_one_error_line(capsys.readouterr().err, message)
+    err = capsys.readouterr().err
+    assert_one_error_line(err, message.format(run=run))
+    assert ("--seed" in err) == ("--seed" in message)          # no advice about a flag that does not apply
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.relative_to(run).parts[0] != "samples"} \
+        == kept                                                 # the run's files as they were, none added
 
 
 def test_bad_input_through_the_real_entry_point(run):

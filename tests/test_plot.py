@@ -80,6 +80,12 @@ def test_plot_refuses_in_one_line_a_run_without_metrics_and_a_missing_extra(runs
     assert main(["plot", str(runs[0]), str(empty)]) == 2
     assert capsys.readouterr().err == (f"vaekit: error: {empty} has no metrics.jsonl lines yet: train it for an "
                                        "epoch first\n")
+    image = runs[0] / "images" / "image_at_epoch_0001.png"      # a run's own picture is never written over
+    before = image.read_bytes()
+    assert main(["plot", str(runs[0]), "--out", str(image)]) == 2
+    assert capsys.readouterr().err.startswith(f"vaekit: error: --out {image}, inside {runs[0] / 'images'}, is part "
+                                              f"of the run {runs[0]}, which no command writes over")
+    assert image.read_bytes() == before
     monkeypatch.setitem(sys.modules, "matplotlib", None)        # as if it were not installed
     with pytest.raises(ConfigError, match=r"pip install 'vaekit\[plot\]'"):
         plot_runs(runs)

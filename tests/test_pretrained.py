@@ -16,8 +16,10 @@ from test_cli import vaekit as run_vaekit
 from vaekit import Config, Run, load_model, load_splits
 from vaekit.cli import main
 from vaekit.data import preprocess
+from vaekit.errors import RunError
 from vaekit.evaluate import elbo_report
 from vaekit.pretrained import FOLDER
+from vaekit.train_prior import train_prior
 
 SHIPPED = FOLDER / "mnist"
 
@@ -70,6 +72,8 @@ def test_the_shipped_vq_model_samples_and_scores_with_its_prior(tmp_path, monkey
     from vaekit.loading import load_prior, open_for_inference
 
     shipped = FOLDER / "mnist-vq"
+    with pytest.raises(RunError, match="shipped with vaekit .* cannot be trained further"):
+        train_prior("pretrained:mnist-vq", epochs=1, log=print)      # and leaves the package as it was:
     assert sorted(p.name for p in (shipped / "prior").iterdir()) == ["metrics.jsonl", "model.safetensors", "stage.json"]
     recipe = Path(__file__).parent.parent / "configs" / "mnist-vq.json"
     assert Run.open("pretrained:mnist-vq").config() == Config.from_dict(json.loads(recipe.read_text()))

@@ -148,19 +148,29 @@ def test_what_commands_make_of_run_at_best_goes_under_run_best(reference, tmp_pa
     assert not (run / "eval.json").exists()
 
 
-@pytest.mark.parametrize("command", [["sample", "--out", "{file}/x.png"], ["gif"],
-                                     ["interpolate", "--out", "{file}/x.png"]])
-def test_an_unwritable_output_is_one_line(reference, tmp_path, command):
+@pytest.mark.parametrize("command, message", [
+    (["sample", "--out", "{file}/x.png"], "{file}: File exists"),
+    (["gif"], "{run}/training.gif: Is a directory"),        # (training.gif made a folder)
+    (["gif"], "{run}/images/image_at_epoch_0001.png is not a readable PNG (not an image); delete or replace it and "
+              "run again"),                             # (the epoch image made a text file)
+    (["interpolate", "--out", "{file}/x.png"], "{file}: File exists"),
+])
+def test_an_unwritable_output_or_an_unreadable_epoch_image_is_one_line(reference, tmp_path, command, message):
     run, _ = run_copy(reference, tmp_path)
     file = tmp_path / "a-file"
     file.write_text("not a folder")
-    if command == ["gif"]:
+    if "Is a directory" in message:
         (run / "training.gif").unlink()
         (run / "training.gif").mkdir()
+    if "not a readable PNG" in message:
+        (run / "images" / "image_at_epoch_0001.png").write_text("not a picture")
+    gif = (run / "training.gif").read_bytes() if (run / "training.gif").is_file() else None
     argv = [command[0], run, *[a.format(file=file) for a in command[1:]]]
     argv += [] if command == ["gif"] else ["--device", "cpu"]
     error = assert_one_line_error(vaekit(*argv))
-    assert (f"{file}: File exists" if command != ["gif"] else f"{run / 'training.gif'}: Is a directory") in error
+    assert message.format(file=file, run=run) in error
+    if gif is not None:
+        assert (run / "training.gif").read_bytes() == gif
 
 
 # --- input not yet validated ----------------------------------------------------------------

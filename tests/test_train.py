@@ -2,6 +2,7 @@
 import copy
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -59,12 +60,25 @@ def test_same_seed_same_metrics_and_resume_equals_uninterrupted(tmp_path):
     assert all(torch.equal(a[k], c[k]) for k in a)
 
 
-def test_resume_drops_metrics_written_after_the_checkpoint(tmp_path):
+def test_resume_drops_metrics_written_after_the_checkpoint_and_without_one_keeps_them_aside(tmp_path, capsys):
     run = train(sample_config(epochs=1), out=tmp_path / "run", log=quiet)
     run.append_metrics({"epoch": 2, "step": 999, "train_loss": 0.0, "test_elbo": 0.0})  # as a crash would leave
     train(resume=run.path, epochs=2, log=quiet)
     assert [m["epoch"] for m in run.metrics()] == [1, 2]
     assert run.metrics()[1]["step"] != 999
+    with pytest.raises(ConfigError, match="epochs must be >= 1, got 0: fix --epochs"):
+        train(resume=run.path, epochs=0, log=quiet)
+    # no checkpoint (deleted, or a run killed before its first): trained again from epoch 1, saying so
+    # in one line, the lines of the training before kept aside rather than dropped
+    before = run.metrics_path.read_text()
+    shutil.rmtree(run.checkpoints.path)
+    capsys.readouterr()
+    train(resume=run.path, epochs=1, log=quiet)
+    aside = run.path / "metrics.jsonl.before-restart"
+    assert (f"warning: {run.path} has no checkpoint to resume from: training it from epoch 1; its metrics.jsonl "
+            f"lines are kept in {aside}") in capsys.readouterr().err.splitlines()
+    assert aside.read_text() == before and [m["epoch"] for m in run.metrics()] == [1]
+    assert run.checkpoints.latest().name == "epoch_0001"
 
 
 def test_existing_run_directory_is_never_overwritten(tmp_path):

@@ -16,17 +16,17 @@ from .eval_workers import EvalWorkers, check_workers, threads, threads_per_worke
 from .evaluate import (RESUMABLE_FROM, decode_batch_for, likelihood_report, max_draws, paired_differences, protocol,
                        vq_eval_report)
 from .export import export_run
-from .generate import (INPAINT_METHODS, MASKS, PATHS, LatentPlane, apply_attribute, attribute_vector, check_index,
-                       code_prior_samples, inpaint, inpaint_refusal, inpainting_log_likelihood, inpainting_mask,
-                       interleave, interpolate, interpolate_codes, manifold, mean_image, most_active_dims,
-                       prior_samples, reconstruct, traverse)
+from .generate import (INPAINT_METHODS, MASKS, PATHS, LatentPlane, apply_attribute, attribute_vector, check_count,
+                       check_index, code_prior_samples, inpaint, inpaint_refusal, inpainting_log_likelihood,
+                       inpainting_mask, interleave, interpolate, interpolate_codes, manifold, mean_image,
+                       most_active_dims, prior_samples, reconstruct, traverse)
 from .likelihoods import Bernoulli
 from .loading import load_prior, open_for_inference
 from .models.code_prior import inpaint_codes
 from .objectives import mean_and_stderr
 from .plot import plot_runs
 from .files import load_tensors, sha256
-from .runs import PartialEval, Run, bounds_on_the_same_draws, eval_key
+from .runs import PartialEval, Run, bounds_on_the_same_draws, check_not_kept, eval_key
 from .train import train
 from .train_prior import train_prior
 from .viz import gif_from_pngs, grid_image, save_gif, save_grid, save_image, scatter_image
@@ -49,11 +49,26 @@ def _positive(name: str, value: int, most: int | None = None) -> None:
         raise ConfigError(f"--{name} {value} is over vaekit's limit of {most}; ask for at most {most}")
 
 
-def _grid_of(images: int, given: str) -> None:
-    """Refuses a picture of more than MAX_GRID_IMAGES images (`given`: the flags that ask for them)."""
+def _finite(name: str, value: float) -> None:
+    """Refuses a float flag's NaN or infinity (or a number beyond float32's, which the model computes
+    in): it would decode to a grey picture labelled "nan"."""
+    if not abs(value) <= (most := torch.finfo(torch.float32).max):
+        raise ConfigError(f"--{name} must be a finite number (within +-{most:.1e}), got {value}")
+
+
+def _grid_of(images: int, given: str, fewer: str) -> None:
+    """Refuses a picture of more than MAX_GRID_IMAGES images (`given`: the flags that ask for them;
+    `fewer`: how to ask for fewer, in the command's own flags)."""
     if images > MAX_GRID_IMAGES:
-        raise ConfigError(f"{given} make a grid of {images} images, over vaekit's limit of {MAX_GRID_IMAGES} in "
-                          "one picture; ask for fewer (several pictures: vary --seed)")
+        raise ConfigError(f"{given} makes a grid of {images} images, over vaekit's limit of {MAX_GRID_IMAGES} in "
+                          f"one picture; {fewer}")
+
+
+def _check_out(out: str | Path | None, *beside: str) -> None:
+    """Refuses an --out (and the files written beside it, `beside`: their suffixes, such as ".gif")
+    that is one of the files a run keeps (runs.check_not_kept)."""
+    if out is not None:
+        check_not_kept(out, *(Path(out).with_suffix(suffix) for suffix in beside))
 
 
 def _labels(config, split, rt):
@@ -71,7 +86,8 @@ def sample_to_png(run: str | Path, n: int = 100, seed: int = 0, out: str | Path 
     """A grid of `n` images decoded from prior draws (of class `label`, for a class-conditional
     model); returns the PNG's path."""
     _positive("n", n)
-    _grid_of(n, f"--n {n}")
+    _grid_of(n, f"--n {n}", f"ask for --n {MAX_GRID_IMAGES} or fewer (several pictures: vary --seed)")
+    _check_out(out)
     opened = open_for_inference(run, device, precision)
     model, config, rt = opened.model, opened.config, opened.runtime
     classes = config.model.num_classes
@@ -93,12 +109,12 @@ def reconstruct_to_png(run: str | Path, n: int = 16, seed: int = 0, out: str | P
                        data_dir: str | Path | None = None, device: str = "auto", precision: str = "auto") -> Path:
     """The first `n` test images beside their decodes (z ~ q(z|x)); returns the PNG's path."""
     _positive("n", n)
-    _grid_of(2 * n, f"--n {n} (each beside its decode)")
+    _grid_of(2 * n, f"--n {n} (each beside its decode)", f"ask for --n {MAX_GRID_IMAGES // 2} or fewer")
+    _check_out(out)
     opened = open_for_inference(run, device, precision)
     model, config, rt, splits = opened.model, opened.config, opened.runtime, opened.data(data_dir)
     test = splits.test
-    if n > len(test):
-        raise ConfigError(f"--n {n} is more than the {len(test)} test images")
+    check_count("--n", n, len(test))
     labels = _labels(config, test, rt)
     gen = rt.generator(seed)
     x = preprocess(test.images[:n].to(rt.device), config.data.binarization, gen)   # gen goes on to draw z
@@ -156,8 +172,8 @@ def eval_to_json(run: str | Path, k: int = 5000, binarization: str | None = None
     if binarization == "none" and mc.likelihood == "bernoulli" and not mc.allow_continuous_bernoulli:
         raise ConfigError(f"{run} has a bernoulli likelihood, for binary data: pass --binarization static or dynamic")
     test = splits.test
-    if n is not None and n > len(test):
-        raise ConfigError(f"--n {n} is more than the {len(test)} test images")
+    if n is not None:
+        check_count("--n", n, len(test))
     n = n or len(test)
     weights = {"data": opened.data_fingerprint, "weights_sha256": sha256(opened.weights)}
     if mc.family == "vq":
@@ -214,7 +230,9 @@ def interpolate_to_png(run: str | Path, index: tuple[int, int] = (0, 1), steps: 
     model has one path, linear in its continuous encoder output z_e, each point quantised to codes
     and decoded (piecewise constant: the codes jump), so labelled."""
     _positive("steps", steps)
-    _grid_of(2 * (steps + 2), f"--steps {steps} (two paths, framed by their ends)")
+    _grid_of(2 * (steps + 2), f"--steps {steps} (two paths, framed by their ends)",
+             f"ask for --steps {MAX_GRID_IMAGES // 2 - 2} or fewer")
+    _check_out(out, *([".gif"] if gif else []))
     opened = open_for_inference(run, device, precision, unconditional_task="interpolate")
     model, config, rt, splits = opened.model, opened.config, opened.runtime, opened.data(data_dir)
     for i in index:
@@ -242,7 +260,8 @@ def traverse_to_png(run: str | Path, index: int = 0, dims: int = 8, steps: int =
     with its dimension and rate (its KL in nats), and a GIF."""
     _positive("dims", dims)
     _positive("steps", steps)
-    _grid_of(dims * steps, f"--dims {dims} x --steps {steps}")
+    _grid_of(dims * steps, f"--dims {dims} x --steps {steps}", "ask for fewer --dims or --steps")
+    _check_out(out, ".gif")
     opened = open_for_inference(run, device, precision, unconditional_task="traverse", continuous_task="traverse")
     model, config, rt, splits = opened.model, opened.config, opened.runtime, opened.data(data_dir)
     check_index("--index", index, len(splits.test))
@@ -267,7 +286,9 @@ def attribute_to_png(run: str | Path, to: int, from_: int | None = None, n: int 
     set), s = 0..strength in `steps`. One row per image: the binary original, then the sweep."""
     _positive("n", n)
     _positive("steps", steps)
-    _grid_of(n * (steps + 1), f"--n {n} x (--steps {steps} + the original)")
+    _finite("strength", strength)
+    _grid_of(n * (steps + 1), f"--n {n} x (--steps {steps} + the original)", "ask for fewer --n or --steps")
+    _check_out(out)
     opened = open_for_inference(run, device, precision, unconditional_task="attribute", continuous_task="attribute")
     model, config, rt, splits = opened.model, opened.config, opened.runtime, opened.data(data_dir)
     labels = set(splits.train.labels.tolist())
@@ -313,13 +334,15 @@ def inpaint_to_png(run: str | Path, mask: str = "centre", n: int = 8, steps: int
     set's mean image (see generate.inpainting_log_likelihood)."""
     for flag, value, most in (("n", n, None), ("steps", steps, MAX_SAMPLER_STEPS), ("chains", chains, MAX_CHAINS)):
         _positive(flag, value, most)
-    _grid_of(3 * n, f"--n {n} (three rows)")
+    _grid_of(3 * n, f"--n {n} (three rows)", f"ask for --n {MAX_GRID_IMAGES // 3} or fewer")
+    _check_out(out)
     if score_n is not None:
         _positive("score-n", score_n)
     if method not in INPAINT_METHODS:
         raise ConfigError(f"--method must be one of {', '.join(INPAINT_METHODS)}; got {method!r}")
     opened = open_for_inference(run, device, precision, unconditional_task="inpaint")
     model, config, rt, splits = opened.model, opened.config, opened.runtime, opened.data(data_dir)
+    check_count("--n", n, len(splits.test))
     if config.model.family == "vq":
         return _inpaint_vq(opened, mask, n, chains, score_n, seed, out, splits)
     refusal = inpaint_refusal(config.model, method)
@@ -387,10 +410,11 @@ def latent_map_to_png(run: str | Path, n: int = 20, seed: int = 0, out: str | Pa
     """The test set's posterior means as a scatter coloured by label (a PCA projection beyond two
     dimensions); for a 2-D latent also the decoded manifold, n x n, beside it (`*_manifold.png`)."""
     _positive("n", n)
+    _check_out(out)
     opened = open_for_inference(run, device, precision, unconditional_task="latent", continuous_task="latent")
     model, config, rt, splits = opened.model, opened.config, opened.runtime, opened.data(data_dir)
     if model.latent_dim == 2:
-        _grid_of(n * n, f"--n {n} (an n x n manifold)")
+        _grid_of(n * n, f"--n {n} (an n x n manifold)", f"ask for --n {math.isqrt(MAX_GRID_IMAGES)} or fewer")
     x = preprocess(splits.test.images.to(rt.device), config.data.binarization, rt.generator(seed))
     codes = model.posterior(x)[0]                                            # [N,D]
     plane = LatentPlane.of(codes)

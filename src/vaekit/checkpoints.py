@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from .errors import RunError
-from .files import atomic_write_text, file_mode, fsync, load_tensors, sha256
+from .files import atomic_write_text, file_mode, fsync, load_tensors, move_aside, sha256
 
 CHECKPOINT_NAME = re.compile(r"(epoch_\d{4,}|step_\d{8,})")
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
@@ -149,12 +149,7 @@ class CheckpointStore:
         """Moves checkpoint `path` into checkpoints/set-aside/ (renamed, never deleted)."""
         aside = self.path / SET_ASIDE
         aside.mkdir(exist_ok=True)
-        target, n = aside / path.name, 1
-        while target.exists():
-            n += 1
-            target = aside / f"{path.name}.{n}"
-        os.rename(path, target)
-        return target
+        return move_aside(path, aside / path.name)
 
     def save_best(self, weights: dict[str, torch.Tensor], epoch: int, val_elbo: float) -> None:
         """Keeps `weights` as the best epoch's: the file first, then best.json naming it (atomic), then

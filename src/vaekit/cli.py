@@ -21,7 +21,7 @@ from . import api, pretrained
 from .config import COMPILE_MODES, DEVICES, FOLDER, FOLDER_SETTINGS, IDX_DATASETS, PRECISIONS, Config, DataConfig, check_seed
 from .errors import ConfigError, Interrupted, VaekitError
 from .evaluate import eval_table
-from .launch import launch, launched_by_torchrun
+from .launch import check_nproc, launch, launched_by_torchrun
 from .runs import Run, parse_run_name
 
 
@@ -95,8 +95,22 @@ class OneLineErrorParser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line naming the problem and where the fix is
     (subcommand parsers inherit this class)."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.commands: dict[str, argparse.ArgumentParser] = {}   # the top parser's: each command's, by name
+
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """argparse's, but a flag no parser knows is refused by its command's parser, which points at
+        that command's help (`vaekit sample --help`) rather than at the list of commands."""
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            handler = getattr(parsed, "handler", None)
+            parser = self.commands.get(handler.name, self) if handler else self
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return parsed
 
 
 # -- the config's fields as flags (train, data) ------------------------------------------------------
@@ -188,6 +202,11 @@ def _train(args) -> int | None:
     overrides = _config_overrides(args)
     if args.fall_back and not args.resume:
         raise ConfigError("--fall-back applies to --resume RUN only; leave it out")
+    if args.max_restarts < 0:
+        raise ConfigError(f"--max-restarts must be at least 0, got {args.max_restarts}")
+    if args.max_restarts and args.nproc == 1:
+        raise ConfigError("--max-restarts applies to --nproc N only (it restarts the processes --nproc starts); "
+                          "leave it out")
     if args.config and args.resume:
         raise ConfigError("--resume continues a run with its own config.json; leave --config out")
     if args.resume:
@@ -205,7 +224,9 @@ def _train(args) -> int | None:
         if launched_by_torchrun():
             raise ConfigError("--nproc starts torchrun itself; under torchrun, leave it out")
         # said here, once, rather than by every rank torchrun would start
-        (Run.open(args.resume).config() if args.resume else config).check_processes(args.nproc)
+        run_config = Run.open(args.resume).config() if args.resume else config
+        check_nproc(args.nproc, run_config.train.device)
+        run_config.check_processes(args.nproc)
         where = ["--resume", str(args.resume)] if args.resume else ["--out", str(out)]
         where += ["--fall-back"] if args.fall_back else []
         where += ["--config", str(args.config)] if args.config else []
@@ -370,6 +391,11 @@ def _inpaint_flags(p: argparse.ArgumentParser) -> None:
                    help="score the first N test images, or all of them with `all` (default 1000)")
 
 
+def _stderr(value: float | None) -> str:
+    """A standard error as printed: n/a where there is none (one image)."""
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def _inpaint(args) -> None:
     png, s = api.inpaint_to_png(args.run, mask=args.mask, n=args.n, steps=args.steps, chains=args.chains,
                                 method=args.method, score_n=args.score_n, seed=args.seed, out=args.out,
@@ -378,7 +404,7 @@ def _inpaint(args) -> None:
     chains = f", {s['chains']} chains x {s['steps']} steps" if "chains" in s else ""
     print(f"log p(true masked pixels), nats/image over {s['n']} test images, {s['masked_pixels']} masked pixels "
           f"each ({s['protocol']}; {s['method']}{chains}; +- one standard error): "
-          + ", ".join(f"{label} {s[key]:.2f} +- {s[key + '_stderr'] or float('nan'):.2f}" for label, key in
+          + ", ".join(f"{label} {s[key]:.2f} +- {_stderr(s[key + '_stderr'])}" for label, key in
                       (("inpainting", "inpainting"), ("mean-image baseline", "mean_image_baseline"), ("gain", "gain"))))
 
 
@@ -494,6 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(command.name, help=command.help)
         command.flags(p)
         p.set_defaults(handler=command)
+        parser.commands[command.name] = p
     return parser
 
 

@@ -126,7 +126,7 @@ class TrainConfig:
         _choice("kl", self.kl, KL_ESTIMATORS)
         for name in ("epochs", "batch_size", "eval_batch_size", "keep_checkpoints", "keep_every", "checkpoint_every",
                      "early_stop"):
-            minimum = 0 if name in ("epochs", "keep_every", "checkpoint_every", "early_stop") else 1
+            minimum = 0 if name in ("keep_every", "checkpoint_every", "early_stop") else 1
             if getattr(self, name) < minimum:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{name} must be >= {minimum}, got {getattr(self, name)}: fix {flag}")

@@ -53,13 +53,15 @@ class Runtime:
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model to train: DDP around it across ranks (it averages gradients), else itself.
-        Buffers are not broadcast from rank 0 each step: the only ones that change, the vq
-        family's codebook, are kept identical on every rank by summing their statistics
-        (models/vq_vae.py), and a broadcast would hide a rank that drifted."""
+        Buffers are not broadcast from rank 0 each step (forward_sync_buffers=False, torch 2.13's
+        name for broadcast_buffers=False): the only ones that change, the vq family's codebook,
+        are kept identical on every rank by summing their statistics (models/vq_vae.py), and a
+        broadcast would hide a rank that drifted. DDP still copies rank 0's buffers once, here,
+        where every rank holds the same ones already (the same seed, or the same checkpoint)."""
         if self.world_size == 1:
             return model
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
 
     def shard(self, n: int) -> slice:
         """This rank's rows of a global batch of `n`: contiguous, sizes differing by at most one."""

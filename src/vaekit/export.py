@@ -35,9 +35,11 @@ from torch import nn
 from .errors import ConfigError
 from .files import replacing_folder, sha256
 from .loading import open_for_inference
+from .runs import check_not_kept
 from .models.layers import ConvTranspose2d
 
 FILES = ("encoder.onnx", "decoder.onnx", "manifest.json")
+MANIFEST = FILES[2]      # a folder holding it is an earlier export, which a new one may replace
 
 FORMATS = ("onnx",)
 EXPORT_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
@@ -120,13 +122,19 @@ def _inputs(model: nn.Module, first: torch.Tensor, n: int) -> tuple[torch.Tensor
 
 
 def _check_out_dir(out_dir: Path) -> None:
-    """ConfigError unless `out_dir` is new, empty or an earlier export (it is replaced whole)."""
+    """ConfigError unless `out_dir` is new, empty or an earlier export, its manifest.json there (it
+    is replaced whole), and is none of the folders a run keeps (runs.check_not_kept)."""
+    check_not_kept(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"{out_dir} is a file; choose a folder for --out")
-    others = sorted(p.name for p in out_dir.iterdir() if p.name not in FILES) if out_dir.is_dir() else []
+    held = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    others = [name for name in held if name not in FILES]
     if others:
         raise ConfigError(f"{out_dir} holds other files than an export ({others[0]}, ...), and an export replaces "
                           "its folder whole; choose a new folder for --out")
+    if held and MANIFEST not in held:
+        raise ConfigError(f"{out_dir} holds {held[0]} but no {MANIFEST}, so it is not an earlier export, and an export "
+                          "replaces its folder whole; choose a new folder for --out (or move the file away)")
 
 
 def export_onnx(model: nn.Module, out_dir: str | Path, check_batch: int = 5, source: dict | None = None) -> dict:
@@ -148,8 +156,8 @@ def export_onnx(model: nn.Module, out_dir: str | Path, check_batch: int = 5, sou
         sums = {name: sha256(tmp / name) for name in FILES[:2]}
         codes = {"codes_differing": differing} if model.config.family == "vq" else {}
         manifest = {"files": sums, "source": source, "max_abs_diff": worst, **codes}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    return {"files": [out_dir / name for name in FILES[:2]], "manifest": out_dir / "manifest.json",
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return {"files": [out_dir / name for name in FILES[:2]], "manifest": out_dir / MANIFEST,
             "max_abs_diff": worst, **codes}
 
 

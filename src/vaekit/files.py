@@ -170,3 +170,14 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Writes `data` to `path` whole or not at all, durably."""
     with replacing(path) as tmp:
         tmp.write_bytes(data)
+
+
+def move_aside(path: Path, target: Path) -> Path:
+    """Renames `path` to `target`, or to target.2, target.3, ... when that is taken (what was set
+    aside before is never overwritten); returns where it went."""
+    free, n = target, 1
+    while free.exists():
+        n += 1
+        free = target.with_name(f"{target.name}.{n}")
+    os.rename(path, free)
+    return free

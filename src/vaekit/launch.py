@@ -18,13 +18,29 @@ import uuid
 from pathlib import Path
 
 from .cpu import usable_cores
-from .errors import die_with
+from .errors import ConfigError, die_with
 
 PEER_LOST = 75    # a rank's exit code when its communication with a lost rank failed
 
 
 def launched_by_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ
+
+
+def check_nproc(nproc: int, device: str) -> None:
+    """A one-line ConfigError unless this machine can run `nproc` ranks on `device` (one of
+    config.DEVICES): one GPU each on CUDA; on the CPU no more than the cores this process may use
+    (more would only take turns on them, each holding a copy of the model and its data)."""
+    from .distributed import resolve_device
+
+    if resolve_device(device).type == "cuda":
+        import torch
+
+        limit, what = torch.cuda.device_count(), "GPUs torch sees (one process each)"
+    else:
+        limit, what = usable_cores(), "cores this process may use"
+    if nproc > limit:
+        raise ConfigError(f"--nproc {nproc} is more than the {limit} {what}: pass at most {limit}")
 
 
 def _threads_per_process(nproc: int) -> tuple[int | None, str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .errors import ConfigError, RunError
 from .files import atomic_write_bytes
-from .runs import Run, parse_run_name
+from .runs import Run, check_not_kept, parse_run_name
 
 # (what a panel shows, its metrics.jsonl keys end with "_" + this; the prefix names the split:
 # test_elbo drawn solid, any other split's, such as a validation split's, dashed)
@@ -73,8 +73,9 @@ def plot_runs(runs: list[str | Path], out: str | Path | None = None) -> Path:
     """Test (and validation, where the metrics have it) ELBO, rate and distortion of each run,
     against epoch and against training time, the runs overlaid. Writes `out` (default:
     RUN/curves.png for one run, ./curves.png for several); returns its path."""
-    fig = curves_figure(runs)
     out = Path(out or (parse_run_name(runs[0]).out / "curves.png" if len(runs) == 1 else "curves.png"))
+    check_not_kept(out)
+    fig = curves_figure(runs)
     kind = out.suffix[1:].lower() or "png"
     if kind not in fig.canvas.get_supported_filetypes():
         raise ConfigError(f"--out {out}: matplotlib cannot write .{kind} files; end it in .png (or .svg, .pdf)")

@@ -20,6 +20,10 @@ RUN/
   prior/                       the vq family's code prior (`vaekit train-prior`): config-less, with its own
                                checkpoints/, metrics.jsonl, images/ and stage.json (the first stage's weights)
 
+No command's --out (a picture, the GIF beside it, an export) may be one of the files above that the
+run keeps (KEPT: all but samples/, and of best/ and epoch_NNNN/ their eval files) or lie inside one of
+its folders (check_not_kept); a file of one's own elsewhere in the run (RUN/samples/x.png) may.
+
 This module is also the one home of the RUN syntax every command takes (parse_run_name):
   RUN              the run directory: its newest intact checkpoint's weights
   RUN@best         its best validation epoch's weights (checkpoints/best/); commands write what they
@@ -52,7 +56,7 @@ from . import pretrained
 from .checkpoints import CheckpointStore
 from .config import Config
 from .errors import ConfigError, DataError, Interrupted, RunError, handling
-from .files import atomic_write_text, load_tensors, replacing
+from .files import atomic_write_text, load_tensors, move_aside, replacing
 
 BEST_SUFFIX = "@best"              # RUN@best: the run's best validation epoch
 BEST_OUT = "best"                  # where commands write what they make of RUN@best: RUN/best
@@ -69,6 +73,13 @@ PARTIAL_SAVE_SECONDS = 60.0        # how often an evaluation under way saves the
 PRIOR_FOLDER = "prior"             # the vq family's code prior, trained second (vaekit train-prior)
 STAGE_FILE = "stage.json"        # in RUN/prior/: which first-stage weights the prior was fitted to
 JOB_FILE = ".torchrun-job"         # the id of the torchrun job that made the run (Run.made_by)
+
+# What a run keeps (the layout above), by name in the run directory: no command's --out may take the
+# place of one of them or go inside one (check_not_kept). samples/, onnx/, curves.png are the commands' own.
+EVAL_FILES = (EVAL_FILE, EVAL_FILE + ".unreadable", EVAL_LOCK, PARTIAL_EVALS, EVAL_BOUNDS)  # also in best/, epoch_NNNN/
+KEPT = frozenset({"config.json", "metrics.jsonl", "fixed_z.safetensors", "data.json", "images", "training.gif",
+                  "checkpoints", ".lock", ".lock.pid", JOB_FILE, "tensorboard", PRIOR_FOLDER, *EVAL_FILES})
+OUT_FOLDER = re.compile(rf"{BEST_OUT}|epoch_\d{{4,}}")   # RunName.out's folders for RUN@best, RUN@epoch_N
 
 
 @dataclass(frozen=True)
@@ -113,6 +124,41 @@ def parse_run_name(text: str | Path) -> RunName:
                            "or a run directory")
         return RunName(text, pretrained.FOLDER / name, shipped=name)
     return RunName(text, Path(text))
+
+
+def holds_a_run(folder: Path) -> bool:
+    """Whether `folder` is a run directory `vaekit train` made (its config.json and checkpoints/), not
+    merely a folder with a config.json of something else's."""
+    return (folder / "config.json").is_file() and (folder / "checkpoints").is_dir()
+
+
+def kept_file(path: str | Path) -> tuple[Path, Path] | None:
+    """(the run directory, the kept file or folder) when `path` is one of the files a run keeps
+    (KEPT: its config.json, images/, training.gif, checkpoints/, eval.json, ...) or lies inside one
+    of its kept folders; None for any other path, a new file of one's own inside a run
+    (RUN/samples/x.png) among them."""
+    path = Path(os.path.abspath(path))
+    for run in path.parents:
+        if not holds_a_run(run):
+            continue
+        parts = path.relative_to(run).parts
+        if parts[0] in KEPT:
+            return run, run / parts[0]
+        if OUT_FOLDER.fullmatch(parts[0]) and len(parts) > 1 and parts[1] in EVAL_FILES:
+            return run, run / parts[0] / parts[1]
+    return None
+
+
+def check_not_kept(out: str | Path, *beside: Path) -> None:
+    """RunError unless the --out `out`, and each file a command writes `beside` it (a GIF), is none
+    of the files a run keeps (kept_file): a command's output never writes over a run's own."""
+    for path in (Path(out), *beside):
+        if found := kept_file(path):
+            run, kept = found
+            inside = "" if Path(os.path.abspath(path)) == kept else f", inside {kept},"
+            what = f"{inside} is" if path == Path(out) else f" would write {path} beside it{inside or ','}"
+            raise RunError(f"--out {out}{what} part of the run {run}, which no command writes over; choose another "
+                           f"--out, such as {Run(run).samples_path(Path(out).name)}")
 
 
 class Run:
@@ -170,7 +216,7 @@ class Run:
             raise RunError(f"{self.path} already holds a run: resume it with `vaekit train --resume {self.path}` "
                            "or choose another --out")
         for parent in self.path.absolute().parents:
-            if (parent / "config.json").is_file() and (parent / "checkpoints").is_dir():
+            if holds_a_run(parent):
                 raise RunError(f"{self.path} is inside the run {parent}; choose an --out outside it")
         if self.path.exists() and any(self.path.iterdir()):
             raise RunError(f"{self.path} already exists and is not empty; choose a new or empty folder for --out")
@@ -249,6 +295,10 @@ class Run:
         name = run if isinstance(run, RunName) else parse_run_name(run)
         run = cls(name.path, name)
         if not run.config_path.is_file():
+            before, at, after = name.text.rpartition("@")
+            if at and (Path(before) / "config.json").is_file():     # RUN@ a name that is no checkpoint's
+                raise RunError(f"'@{after}' is not a checkpoint name of the run {before}: pass {before} (its newest "
+                               f"weights), {before}{BEST_SUFFIX} or {before}@epoch_N")
             raise RunError(f"{run.path} is not a vaekit run directory (no config.json); "
                            "pass the folder `vaekit train` made")
         return run
@@ -374,7 +424,7 @@ class Run:
             if not isinstance(saved, dict):
                 raise ValueError("not a JSON object")
         except ValueError:
-            os.replace(path, path.with_name(path.name + ".unreadable"))
+            move_aside(path, path.with_name(path.name + ".unreadable"))   # an earlier one kept too
             return {}
         return {_stored_key(key, entry): entry for key, entry in saved.items()}
 

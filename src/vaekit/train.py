@@ -39,6 +39,7 @@ from .data import ImageData, Splits, check_data_fits, fingerprint, hold_out, pre
 from .distributed import Runtime, restartable_job, restarted, setup
 from .errors import ConfigError, Interrupted, RunError, handling
 from .evaluate import elbo_report, iwae_bounds, vq_report
+from .files import move_aside
 from .models import ModelConfig, build_model
 from .models.vq_vae import codebook_usage, update_codebook, vq_loss
 from .objectives import training_loss
@@ -91,7 +92,7 @@ def train(config: Config | None = None, out: str | Path | None = None, resume: s
         run = Run.open(resume)
         config = run.config()
         if epochs is not None:
-            config.train.epochs = epochs
+            config.train = replace(config.train, epochs=epochs)   # checked as the flag of a new run is
         if data_dir is not None:
             config.data = replace(config.data, data_dir=str(data_dir))
     else:
@@ -283,6 +284,8 @@ def _start(run: Run, config: Config, rt: Runtime, resuming: bool, fall_back: boo
         for path in damaged:                     # --fall-back: the damaged checkpoints go out of the way, kept
             warn(f"warning: set {path.name} aside as {run.checkpoints.set_aside(path)} (damaged); "
                  f"going on from {latest.name}")
+        if resuming and latest is None:
+            _start_again(run)
         run.truncate_metrics(at.epoch)
         if latest is None and config.model.family != "vq":
             fixed_z = torch.randn(NUM_EXAMPLES_TO_GENERATE, model.noise_dim,
@@ -476,6 +479,18 @@ def _restore(run: Run, model, optimizer, generators: dict[str, torch.Generator],
     if epochs < ckpt.progress.epoch:
         raise ConfigError(f"--epochs {epochs} is fewer than the {ckpt.progress.epoch} epochs {run.path} has done")
     return ckpt.progress, ckpt.step_losses, latest, damaged
+
+
+def _start_again(run: Run) -> None:
+    """A resume of a run with no checkpoint (killed before its first, or its checkpoints/ deleted)
+    trains it from epoch 1, as torchrun's restart of a new run does: said on stderr, and the
+    metrics lines of the training before, if any, moved to metrics.jsonl.before-restart (.2, .3,
+    ... when that is taken) rather than dropped."""
+    kept = ""
+    if run.metrics():
+        aside = move_aside(run.metrics_path, run.metrics_path.with_name(f"{run.metrics_path.name}.before-restart"))
+        kept = f"; its metrics.jsonl lines are kept in {aside}"
+    warn(f"warning: {run.path} has no checkpoint to resume from: training it from epoch 1{kept}")
 
 
 def _same_config(saved: Config, config: Config) -> bool:

@@ -49,13 +49,14 @@ def train_prior(run: str | Path, epochs: int | None = None, log=say) -> Run:
     epochs = epochs if epochs is not None else (record["epochs"] if record else tc.epochs)
     if epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {epochs}")
-    splits = opened.data()
-    train_images, _ = hold_out(splits.train, config.data.validation)
-    test_images = splits.test.images.to(rt.device)
-    stage.images.mkdir(parents=True, exist_ok=True)
-    stage.checkpoints.path.mkdir(exist_ok=True)
-    stage.lock()
+    stage.path.mkdir(exist_ok=True)
+    stage.lock()     # before anything is written: refuses a shipped model's prior and a second process
     try:
+        splits = opened.data()
+        train_images, _ = hold_out(splits.train, config.data.validation)
+        test_images = splits.test.images.to(rt.device)
+        stage.images.mkdir(exist_ok=True)
+        stage.checkpoints.path.mkdir(exist_ok=True)
         torch.manual_seed(tc.seed)
         prior = CodePrior(PriorConfig.for_model(vq)).to(rt.device)
         optimizer = torch.optim.Adam(prior.parameters(), lr=tc.lr)

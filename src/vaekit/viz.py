@@ -7,8 +7,9 @@ import math
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
+from .errors import RunError
 from .files import replacing
 
 # matplotlib's "tab10": ten colours that stay apart, one per class
@@ -93,9 +94,26 @@ def save_gif(frames: list[Image.Image], path: str | Path, duration_ms: int = 100
     return save_image(first, path, save_all=True, append_images=rest, duration=duration_ms, loop=0)
 
 
+def _read_frame(path: Path) -> Image.Image:
+    """The picture in `path`, read whole; RunError naming the file when it is not a readable image
+    (damaged, cut short, or another kind of file)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except PermissionError as e:
+        raise RunError(f"cannot read {path}: {e.strerror}; fix its permissions and run again") from None
+    except UnidentifiedImageError:
+        reason = "not an image"
+    except (OSError, ValueError) as e:       # cut short, or damaged inside
+        reason = getattr(e, "strerror", None) or str(e)
+    raise RunError(f"{path} is not a readable PNG ({reason}); delete or replace it and run again")
+
+
 def gif_from_pngs(pngs: list[Path], path: str | Path, duration_ms: int = 100) -> Path:
-    """`training.gif` from the epoch images, with the seed's frame choice."""
-    frames = [Image.open(p).copy() for p in seed_gif_frames(sorted(pngs))]
+    """`training.gif` from the epoch images, with the seed's frame choice; RunError naming an epoch
+    image that cannot be read."""
+    frames = [_read_frame(p) for p in seed_gif_frames(sorted(pngs))]
     if not frames:
         raise ValueError(f"no images to animate for {path}")
     return save_gif(frames, path, duration_ms)

@@ -61,28 +61,35 @@ class ModelConfig:
         for name, value, allowed in (("family", self.family, FAMILIES), ("likelihood", self.likelihood, LIKELIHOODS),
                                      ("objective", self.objective, OBJECTIVES), ("prior", self.prior, PRIORS)):
             if value not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
         for name in ("latent_dim", "image_channels", "iwae_k", "pseudo_inputs"):
             if getattr(self, name) < 1:
                 flag = "--" + name.replace("_", "-")
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}: pass {flag} 1 or more")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}: pass {flag} 1 or more")
         if self.image_size < 8 or self.image_size % 2:
-            raise ValueError(f"image_size must be even and at least 8, got {self.image_size}: fix --image-size")
-        if not self.beta > 0 or not self.fixed_scale > 0:
-            raise ValueError(f"beta and fixed_scale must be > 0, got {self.beta} and {self.fixed_scale}")
+            raise ConfigError(f"image_size must be even and at least 8, got {self.image_size}: fix --image-size")
+        for name in ("beta", "fixed_scale"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}: fix --{name.replace('_', '-')}")
         if self.objective == "iwae" and self.beta != 1:
-            raise ValueError("beta weights the elbo objective's rate; the iwae objective has none: drop --beta")
-        if self.num_classes < 0 or (self.num_classes and not self.conditional):
-            raise ValueError(f"num_classes {self.num_classes} is for conditional models: pass --conditional or drop it")
+            raise ConfigError("beta weights the elbo objective's rate; the iwae objective has none: drop --beta")
+        if self.num_classes < 0:
+            raise ConfigError(f"num_classes must be >= 0 (0: the data's), got {self.num_classes}: fix --num-classes")
+        if self.num_classes and not self.conditional:
+            raise ConfigError(f"num_classes {self.num_classes} is for conditional models: pass --conditional or "
+                              "drop --num-classes")
 
         if self.family == "spatial" and self.stochastic_layers:
             raise ConfigError("the spatial family's layers are --latent-groups at each scale, plus the top one: "
                               "drop --stochastic-layers")
-        if self.stochastic_layers < 0 or (self.stochastic_layers > 1 and self.family != "ladder"):
-            raise ValueError(f"stochastic_layers {self.stochastic_layers}: the {self.family} family has one layer of z; "
-                             "pass --family ladder for more")
+        if self.stochastic_layers < 0:
+            raise ConfigError(f"stochastic_layers must be >= 0 (0: the family's own), got {self.stochastic_layers}: "
+                              "fix --stochastic-layers")
+        if self.stochastic_layers > 1 and self.family != "ladder":
+            raise ConfigError(f"stochastic_layers {self.stochastic_layers}: the {self.family} family has one layer of "
+                              "z; pass --family ladder for more")
         if self.family == "ladder" and self.stochastic_layers == 1:
-            raise ValueError("the ladder family has 2 or more stochastic layers: pass --stochastic-layers 2 or more")
+            raise ConfigError("the ladder family has 2 or more stochastic layers: pass --stochastic-layers 2 or more")
         self._check_vq()
 
     def _check_vq(self) -> None:
@@ -92,12 +99,17 @@ class ModelConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}: pass --{name.replace('_', '-')} "
                                  "1 or more")
-        if self.hidden_channels % 2 or self.res_blocks < 0:
-            raise ConfigError(f"hidden_channels must be even and res_blocks >= 0, got {self.hidden_channels} and "
-                             f"{self.res_blocks}")
-        if not 0 <= self.ema_decay < 1 or not self.commitment >= 0 or self.prior_width % self.prior_heads:
-            raise ConfigError(f"ema_decay must be in [0, 1), commitment >= 0 and prior_heads must divide prior_width; "
-                             f"got {self.ema_decay}, {self.commitment}, {self.prior_heads} and {self.prior_width}")
+        if self.hidden_channels % 2:
+            raise ConfigError(f"hidden_channels must be even, got {self.hidden_channels}: fix --hidden-channels")
+        if self.res_blocks < 0:
+            raise ConfigError(f"res_blocks must be >= 0, got {self.res_blocks}: fix --res-blocks")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}: fix --ema-decay")
+        if not self.commitment >= 0:
+            raise ConfigError(f"commitment must be >= 0, got {self.commitment}: fix --commitment")
+        if self.prior_width % self.prior_heads:
+            raise ConfigError(f"prior_heads {self.prior_heads} does not divide prior_width {self.prior_width}: fix "
+                              "--prior-heads or --prior-width")
         if self.family != "vq":
             return
         if self.image_size % 4:
