@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from conftest import SAMPLE
 from real_runs import assert_one_line_error, assert_same_run, run_copy, vaekit
 from vaekit import Run, RunError, eval_to_json, sample_to_png
-from vaekit.runs import parse_run_name
+from vaekit.runs import kept_file, parse_run_name
 from vaekit.cli import main
 from vaekit.data import read_idx, write_idx
 from vaekit.data.sources import FILES
@@ -201,6 +201,18 @@ def test_a_new_run_inside_another_run_is_refused(reference, inside):
                                          "--out", reference / inside))
     assert f"is inside the run {reference.absolute()}; choose an --out outside it" in error
     assert sorted(p for p in reference.rglob("*")) == before
+
+
+def test_the_files_a_run_keeps_are_known_by_name_and_another_tools_project_is_no_run(reference, tmp_path):
+    for kept in ("metrics.jsonl.before-restart", "eval.json.unreadable.2", "images/x.png", "best/eval.json"):
+        assert kept_file(reference / kept) is not None, kept
+    for free in ("images.png", "samples/x.png", "best/x.png", "mine/training.gif"):
+        assert kept_file(reference / free) is None, free
+    project = tmp_path / "project"              # a config.json and checkpoints/ of another tool's
+    (project / "checkpoints").mkdir(parents=True)
+    (project / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 768}))
+    assert kept_file(project / "images" / "grid.png") is None
+    assert kept_file(project / "run" / "images" / "grid.png") is None
 
 
 def test_a_new_run_on_a_run_points_to_resume_and_on_other_files_does_not(reference, tmp_path):

@@ -187,8 +187,9 @@ def eval_to_json(run: str | Path, k: int = 5000, binarization: str | None = None
         opened.run.save_eval(result)
         return result
     if k > (most := max_draws(model, rt.device, max_memory_mb)):
-        raise ConfigError(f"--k {k}: one image's {k} draws would need {k * 4 * model.noise_dim / 2**20:,.0f} MB at "
-                          f"once, over the memory cap: ask for --k {most} or fewer, or raise --max-memory")
+        fewer = f"ask for --k {most} or fewer, or raise --max-memory" if most else "raise --max-memory"
+        raise ConfigError(f"--k {k}: one image's {k} draws would need {k * 4 * model.noise_dim / 2**20:,.1f} MB at "
+                          f"once, over the memory cap: {fewer}")
     labels = _labels(config, test, rt)
     with threads(threads_per_worker(workers)):     # tuned for the threads each worker will have
         decode_batch = decode_batch or decode_batch_for(model, rt.device, n * (k + 1), max_memory_mb)

@@ -122,6 +122,12 @@ class EvalWorkers:
         """Ends the workers: the tasks not started are dropped, the ones under way end first."""
         self.pool.shutdown(wait=True, cancel_futures=True)
 
+    def _kill_survivors(self) -> None:
+        """SIGKILL for the workers still alive once one died: the pool ends them with SIGTERM, which
+        they ignore (see _start), and would wait for their passes before the error is told."""
+        for process in list((getattr(self.pool, "_processes", None) or {}).values()):   # the pool's own record
+            process.kill()
+
     def iwae_bounds(self, x: torch.Tensor, k: int, seed: int = 0, decode_batch: int = 2000,
                     labels: torch.Tensor | None = None, progress=None, first: int = 0, on_pass=None) -> torch.Tensor:
         """evaluate.iwae_bounds of the workers' model: each pass's images a task, the bounds joined
@@ -144,6 +150,7 @@ class EvalWorkers:
                 if on_pass is not None:
                     on_pass(bounds[-1])
         except BrokenProcessPool:
+            self._kill_survivors()
             raise RunError("an evaluation worker died (killed, or out of memory?); the bounds scored so far are kept: "
                            "run the same command again with fewer --workers or a smaller --max-memory") from None
         finally:

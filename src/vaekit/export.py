@@ -35,13 +35,14 @@ from torch import nn
 from .errors import ConfigError
 from .files import replacing_folder, sha256
 from .loading import open_for_inference
-from .runs import check_not_kept
+from .runs import Run, check_not_kept
 from .models.layers import ConvTranspose2d
 
 FILES = ("encoder.onnx", "decoder.onnx", "manifest.json")
 MANIFEST = FILES[2]      # a folder holding it is an earlier export, which a new one may replace
 
 FORMATS = ("onnx",)
+EXPORT_FOLDER = "onnx"    # where `vaekit export RUN` writes by default: RUN/onnx
 EXPORT_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 
 
@@ -124,7 +125,7 @@ def _inputs(model: nn.Module, first: torch.Tensor, n: int) -> tuple[torch.Tensor
 def _check_out_dir(out_dir: Path) -> None:
     """ConfigError unless `out_dir` is new, empty or an earlier export, its manifest.json there (it
     is replaced whole), and is none of the folders a run keeps (runs.check_not_kept)."""
-    check_not_kept(out_dir)
+    check_not_kept(out_dir, instead=lambda run: Run(run).out / EXPORT_FOLDER)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"{out_dir} is a file; choose a folder for --out")
     held = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
@@ -215,4 +216,4 @@ def export_run(run: str | Path, format: str = "onnx", out: str | Path | None = N
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}; got {format!r}")
     opened = open_for_inference(run, "cpu", "fp32", prepared=False)
     source = {"run": str(run), "weights": str(opened.weights), "weights_sha256": sha256(opened.weights)}
-    return export_onnx(opened.model, out or opened.run.out / "onnx", source=source)
+    return export_onnx(opened.model, out or opened.run.out / EXPORT_FOLDER, source=source)

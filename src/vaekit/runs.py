@@ -3,6 +3,7 @@
 RUN/
   config.json                  the Config that made it
   metrics.jsonl                one JSON object per epoch
+  metrics.jsonl.before-restart the lines of a training resumed without a checkpoint (from epoch 1)
   fixed_z.safetensors          the 16 codes decoded into every progress grid
   data.json                    the data it was trained on: split sizes, SHA-256 (data.fingerprint)
   images/image_at_epoch_NNNN.png
@@ -77,8 +78,11 @@ JOB_FILE = ".torchrun-job"         # the id of the torchrun job that made the ru
 # What a run keeps (the layout above), by name in the run directory: no command's --out may take the
 # place of one of them or go inside one (check_not_kept). samples/, onnx/, curves.png are the commands' own.
 EVAL_FILES = (EVAL_FILE, EVAL_FILE + ".unreadable", EVAL_LOCK, PARTIAL_EVALS, EVAL_BOUNDS)  # also in best/, epoch_NNNN/
-KEPT = frozenset({"config.json", "metrics.jsonl", "fixed_z.safetensors", "data.json", "images", "training.gif",
-                  "checkpoints", ".lock", ".lock.pid", JOB_FILE, "tensorboard", PRIOR_FOLDER, *EVAL_FILES})
+METRICS_ASIDE = "metrics.jsonl.before-restart"   # a resume without a checkpoint keeps the old lines here
+KEPT = frozenset({"config.json", "metrics.jsonl", METRICS_ASIDE, "fixed_z.safetensors", "data.json", "images",
+                  "training.gif", "checkpoints", ".lock", ".lock.pid", JOB_FILE, "tensorboard", PRIOR_FOLDER,
+                  *EVAL_FILES})
+SET_ASIDE_COPY = re.compile(r"\.\d+$")   # files.move_aside's later copies: eval.json.unreadable.2, ...
 OUT_FOLDER = re.compile(rf"{BEST_OUT}|epoch_\d{{4,}}")   # RunName.out's folders for RUN@best, RUN@epoch_N
 
 
@@ -127,9 +131,15 @@ def parse_run_name(text: str | Path) -> RunName:
 
 
 def holds_a_run(folder: Path) -> bool:
-    """Whether `folder` is a run directory `vaekit train` made (its config.json and checkpoints/), not
-    merely a folder with a config.json of something else's."""
-    return (folder / "config.json").is_file() and (folder / "checkpoints").is_dir()
+    """Whether `folder` is a run directory `vaekit train` made: its checkpoints/ and a config.json of
+    vaekit's sections, not another tool's project folder that has a config.json and checkpoints/ too."""
+    if not (folder / "checkpoints").is_dir():
+        return False
+    try:
+        saved = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and {"data", "model", "train"} <= saved.keys()
 
 
 def kept_file(path: str | Path) -> tuple[Path, Path] | None:
@@ -142,23 +152,25 @@ def kept_file(path: str | Path) -> tuple[Path, Path] | None:
         if not holds_a_run(run):
             continue
         parts = path.relative_to(run).parts
-        if parts[0] in KEPT:
+        if SET_ASIDE_COPY.sub("", parts[0]) in KEPT:
             return run, run / parts[0]
-        if OUT_FOLDER.fullmatch(parts[0]) and len(parts) > 1 and parts[1] in EVAL_FILES:
+        if OUT_FOLDER.fullmatch(parts[0]) and len(parts) > 1 and SET_ASIDE_COPY.sub("", parts[1]) in EVAL_FILES:
             return run, run / parts[0] / parts[1]
     return None
 
 
-def check_not_kept(out: str | Path, *beside: Path) -> None:
+def check_not_kept(out: str | Path, *beside: Path, instead=None) -> None:
     """RunError unless the --out `out`, and each file a command writes `beside` it (a GIF), is none
-    of the files a run keeps (kept_file): a command's output never writes over a run's own."""
+    of the files a run keeps (kept_file): a command's output never writes over a run's own.
+    `instead(run)`: the place to suggest in that run (default: its samples/ folder)."""
     for path in (Path(out), *beside):
         if found := kept_file(path):
             run, kept = found
             inside = "" if Path(os.path.abspath(path)) == kept else f", inside {kept},"
             what = f"{inside} is" if path == Path(out) else f" would write {path} beside it{inside or ','}"
+            suggested = instead(run) if instead else Run(run).samples_path(Path(out).name)
             raise RunError(f"--out {out}{what} part of the run {run}, which no command writes over; choose another "
-                           f"--out, such as {Run(run).samples_path(Path(out).name)}")
+                           f"--out, such as {suggested}")
 
 
 class Run:
@@ -361,6 +373,12 @@ class Run:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+    def set_metrics_aside(self) -> Path | None:
+        """metrics.jsonl, when it has lines, moved to METRICS_ASIDE (.2, .3, ... when taken); where it went."""
+        if not self.metrics():
+            return None
+        return move_aside(self.metrics_path, self.path / METRICS_ASIDE)
 
     def truncate_metrics(self, last_epoch: int) -> None:
         """Drops lines written after the checkpoint being resumed (a crash can leave them)."""

@@ -39,7 +39,6 @@ from .data import ImageData, Splits, check_data_fits, fingerprint, hold_out, pre
 from .distributed import Runtime, restartable_job, restarted, setup
 from .errors import ConfigError, Interrupted, RunError, handling
 from .evaluate import elbo_report, iwae_bounds, vq_report
-from .files import move_aside
 from .models import ModelConfig, build_model
 from .models.vq_vae import codebook_usage, update_codebook, vq_loss
 from .objectives import training_loss
@@ -484,12 +483,9 @@ def _restore(run: Run, model, optimizer, generators: dict[str, torch.Generator],
 def _start_again(run: Run) -> None:
     """A resume of a run with no checkpoint (killed before its first, or its checkpoints/ deleted)
     trains it from epoch 1, as torchrun's restart of a new run does: said on stderr, and the
-    metrics lines of the training before, if any, moved to metrics.jsonl.before-restart (.2, .3,
-    ... when that is taken) rather than dropped."""
-    kept = ""
-    if run.metrics():
-        aside = move_aside(run.metrics_path, run.metrics_path.with_name(f"{run.metrics_path.name}.before-restart"))
-        kept = f"; its metrics.jsonl lines are kept in {aside}"
+    metrics lines of the training before, if any, set aside (Run.set_metrics_aside) rather than dropped."""
+    aside = run.set_metrics_aside()
+    kept = f"; its metrics.jsonl lines are kept in {aside}" if aside else ""
     warn(f"warning: {run.path} has no checkpoint to resume from: training it from epoch 1{kept}")
 
 
