@@ -242,6 +242,7 @@ def assert_one_error_line(err: str, message: str) -> None:
     (["attribute", "{run}", "--to", "3", "--strength", "nan"], "--strength must be a finite number (within "),
     (["attribute", "{run}", "--to", "3", "--strength", "inf"], "--strength must be a finite number (within "),
     (["inpaint", "{run}", "--n", "600"], "--n 600 is more than the 500 test images; ask for at most 500"),
+    (["attribute", "{run}", "--from", "1", "--to", "3", "--n", "300"], "--n 300 is more than the 67 test images labelled 1; ask for at most 67"),
     # each command's own advice on a grid over the limit: the seed picks the images of `sample` alone
     (["sample", "{run}", "--n", "3000"], "--n 3000 makes a grid of 3000 images, over vaekit's limit of 2500 in one "
      "picture; ask for --n 2500 or fewer (several pictures: vary --seed)"),

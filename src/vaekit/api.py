@@ -304,6 +304,8 @@ def attribute_to_png(run: str | Path, to: int, from_: int | None = None, n: int 
     train_codes = model.posterior(preprocess(splits.train.images.to(rt.device), b, gen))[0]
     vector = attribute_vector(train_codes, splits.train.labels.to(rt.device), to, from_)
     chosen = splits.test.labels == from_ if from_ is not None else splits.test.labels != to
+    check_count("--n", n, int(chosen.sum()), f"test images labelled {from_}" if from_ is not None
+                else f"test images not labelled {to}")
     x = preprocess(splits.test.images[chosen][:n].to(rt.device), b, gen)
     morphs = apply_attribute(model, model.posterior(x)[0], vector, torch.linspace(0, strength, steps))
     grid = torch.cat([x[:, None], morphs], dim=1).flatten(0, 1)

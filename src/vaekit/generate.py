@@ -142,10 +142,11 @@ def check_index(name: str, index: int, n: int) -> None:
         raise ConfigError(f"{name} {index} is out of range: the test set has {n} images (0..{n - 1})")
 
 
-def check_count(name: str, count: int, n: int) -> None:
-    """Refuses `count` (the setting `name`: --n) of the first test images when the test set has fewer, n."""
+def check_count(name: str, count: int, n: int, which: str = "test images") -> None:
+    """Refuses `count` (the setting `name`: --n) of the first test images when there are fewer, n
+    (`which`: what they are, e.g. "test images labelled 3")."""
     if count > n:
-        raise ConfigError(f"{name} {count} is more than the {n} test images; ask for at most {n}")
+        raise ConfigError(f"{name} {count} is more than the {n} {which}; ask for at most {n}")
 
 
 def region_mask(name: str, shape: tuple[int, int, int]) -> torch.Tensor:
